@@ -1,0 +1,1 @@
+"""Gradio demo (imported as vertical.app)."""

@@ -1,0 +1,1 @@
+"""Torch-free runtime and ONNX export of vertical bundles (imported as vertical.export)."""

@@ -1,0 +1,5 @@
+import sys
+
+from vertical.cli import main
+
+sys.exit(main())

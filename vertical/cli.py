@@ -1,0 +1,235 @@
+"""The `vertical` command line: a thin layer over the library API.
+
+User errors (VerticalError) print as one line on stderr with a non-zero exit code; `--debug`
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Optional, TypeVar
+
+import click
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import vertical  # noqa: F401 - sets the offline defaults before anything else is imported
+from vertical.errors import PackInvalid, VerticalError
+
+T = TypeVar("T")
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+app = typer.Typer(
+    name="vertical",
+    help="Turn a small general language model into a private, domain-specific model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+packs_app = typer.Typer(help="List, inspect, validate and create domain packs.", no_args_is_help=True)
+models_app = typer.Typer(help="Base models and embedders available offline.", no_args_is_help=True)
+app.add_typer(packs_app, name="packs")
+app.add_typer(models_app, name="models")
+
+
+@app.callback()
+def _global(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks and debug logs."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show info logs."),
+) -> None:
+    _state["debug"] = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=debug)])
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------- packs
+
+
+@packs_app.command("list")
+def packs_list() -> None:
+    """List the shipped packs."""
+    from vertical.pack import load_pack, shipped_pack_names
+
+    table = Table("name", "description", "base model", "folder")
+    for name in shipped_pack_names():
+        try:
+            pack = load_pack(name)
+            table.add_row(name, pack.config.description, pack.config.base_model, str(pack.root))
+        except PackInvalid as exc:
+            table.add_row(name, f"[red]invalid: {exc}[/red]", "-", "-")
+    console.print(table)
+
+
+@packs_app.command("show")
+def packs_show(pack: str = typer.Argument(..., help="Shipped pack name or pack folder.")) -> None:
+    """Show a pack's settings and how much data it holds."""
+    from vertical.pack import load_pack
+
+    loaded = load_pack(pack)
+    cfg = loaded.config
+    table = Table("field", "value", show_header=False)
+    table.add_row("name", cfg.name)
+    table.add_row("folder", str(loaded.root))
+    table.add_row("description", cfg.description)
+    table.add_row("language", cfg.language)
+    table.add_row("base model", cfg.base_model)
+    table.add_row("embedder", cfg.embedder)
+    table.add_row("system prompt", cfg.system_prompt.strip())
+    table.add_row("disclaimer", cfg.disclaimer.strip() or "-")
+    table.add_row("document files", str(len(loaded.document_files())))
+    for label, records in (("instruction examples", loaded.instructions), ("knowledge edits", loaded.edits),
+                           ("QA eval items", loaded.qa_eval), ("retrieval eval items", loaded.retrieval_eval)):
+        try:
+            table.add_row(label, str(len(records())))
+        except PackInvalid as exc:
+            table.add_row(label, f"[red]{len(exc.problems)} problems: run vertical packs validate[/red]")
+    table.add_row("stage settings", cfg.stages.model_dump_json(indent=1))
+    console.print(table)
+
+
+@packs_app.command("validate")
+def packs_validate(pack: str = typer.Argument(..., help="Shipped pack name or pack folder.")) -> None:
+    """Check pack.yaml and every data file; list every problem with its file and line."""
+    from vertical.pack import validate_pack
+
+    loaded, problems = validate_pack(pack)
+    if problems:
+        for problem in problems:
+            err_console.print(str(problem), markup=False, highlight=False, soft_wrap=True)
+        err_console.print(f"pack '{pack}': {len(problems)} problem(s)", style="red")
+        raise typer.Exit(1)
+    console.print(f"pack '{loaded.name}' is valid ({loaded.root})")
+
+
+@packs_app.command("init")
+def packs_init(
+    name: str = typer.Argument(..., help="Name of the new pack (lowercase, digits, - and _)."),
+    docs: Path = typer.Option(..., "--docs", help="Folder of documents to copy into the pack."),
+    from_pack: Optional[str] = typer.Option(None, "--from", help="Copy settings (prompt, disclaimer, stages) from this pack."),
+    dest: Optional[Path] = typer.Option(None, "--dir", help="Where to create the pack (default: ./NAME)."),
+) -> None:
+    """Make a new pack from a folder of documents, ready for `vertical build`."""
+    from vertical.pack import init_pack
+
+    path = init_pack(name, docs, from_pack, dest)
+    console.print(f"created pack {path}; build it with: vertical build {path}")
+
+
+# ---------------------------------------------------------------- build
+
+
+class RichReporter:
+    """Draws one progress line per stage, with a bar for stages that report their progress."""
+
+    def __init__(self, progress: Progress):
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+        self.current: str | None = None
+
+    def stage(self, name: str, status: str, detail: str = "") -> None:
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task(f"{name:<8} {detail}", total=None)
+        task = self.tasks[name]
+        if status == "running":
+            self.current = name
+            self.progress.update(task, description=f"[bold]{name:<8}[/bold] {detail}")
+        elif status in ("done", "skipped"):
+            self.progress.update(task, description=f"[green]{name:<8}[/green] {status} {detail}", total=1, completed=1)
+
+    def track(self, items: Iterable[T], total: int | None = None, description: str = "") -> Iterator[T]:
+        task = self.progress.add_task(f"  {description}", total=total)
+        for item in items:
+            yield item
+            self.progress.advance(task)
+        self.progress.remove_task(task)
+
+
+def _split(value: Optional[str]) -> list[str] | None:
+    return [part.strip() for part in value.split(",") if part.strip()] if value else None
+
+
+@app.command("build")
+def build_cmd(
+    pack: str = typer.Argument(..., help="Shipped pack name or pack folder."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Build folder (default: builds/<pack>)."),
+    steps: Optional[str] = typer.Option(None, "--steps", help="Comma-separated stages to run (their prerequisites are added)."),
+    force: Optional[str] = typer.Option(None, "--force", help="Comma-separated stages to rerun even if up to date."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="Registry name, HF model folder or .gguf file."),
+) -> None:
+    """Build a vertical model from a pack. Up-to-date stages are skipped; a killed build resumes."""
+    from vertical.pipeline import build
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=False) as progress:
+        results = build(pack, out=out, steps=_split(steps), force=_split(force), base_model=base_model,
+                        reporter=RichReporter(progress))
+    table = Table("stage", "status", "seconds", "metrics")
+    for result in results:
+        shown = ", ".join(f"{k}={v}" for k, v in result.metrics.items() if not isinstance(v, (dict, list)))
+        table.add_row(result.name, result.status, f"{result.seconds:.1f}", shown)
+    console.print(table)
+
+
+# ---------------------------------------------------------------- models
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show the known base models and embedders, whether they are installed, and where they are cached."""
+    from vertical.models import list_models
+    from vertical.paths import cache_dir
+
+    table = Table("name", "kind", "package", "installed", "location")
+    for row in list_models():
+        table.add_row(row["name"], row["kind"], row["package"], row["installed"], row["location"])
+    console.print(table)
+    console.print(f"cache: {cache_dir()} (set VERTICAL_CACHE to move it)")
+
+
+@models_app.command("pull")
+def models_pull(name: str = typer.Argument(..., help="Registry name, HF model folder or .gguf file.")) -> None:
+    """Prepare a base model for offline use (convert a GGUF once into the cache). Nothing is downloaded."""
+    from vertical.models import ensure_local, resolve_base_model
+
+    path = ensure_local(resolve_base_model(name))
+    console.print(f"{name}: ready at {path}")
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        code = app(args=args, prog_name="vertical", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        return 130
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except VerticalError as exc:
+        if _state["debug"]:
+            raise
+        err_console.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
+        return 2 if isinstance(exc, PackInvalid) else 1
+    return code if isinstance(code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Typed schema of a pack: pack.yaml and the records of its data files.
+
+Every model forbids unknown fields, so a misspelt key is reported instead of silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from vertical.models.registry import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER
+
+SUPPORTED_DOCUMENT_SUFFIXES = (".txt", ".md", ".html", ".htm", ".pdf", ".docx", ".jsonl")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------- pack.yaml
+
+
+class IndexSettings(Strict):
+    """Retrieval index: how documents are cut into chunks and how they are searched."""
+
+    chunk_tokens: int = Field(200, ge=32, le=512, description="chunk size in embedder tokens")
+    chunk_overlap: int = Field(32, ge=0, le=256, description="tokens shared by neighbouring chunks")
+    retrieval: Literal["auto", "dense", "bm25", "hybrid"] = Field(
+        "auto", description="search mode; auto keeps whichever scores best on the retrieval eval set")
+    top_k: int = Field(4, ge=1, le=20, description="chunks given to the model as sources")
+    batch_size: int = Field(64, ge=1, le=1024, description="embedding batch size")
+
+    @model_validator(mode="after")
+    def _overlap_smaller_than_chunk(self) -> "IndexSettings":
+        if self.chunk_overlap >= self.chunk_tokens:
+            raise ValueError("chunk_overlap must be smaller than chunk_tokens")
+        return self
+
+
+class StageSettings(Strict):
+    index: IndexSettings = IndexSettings()
+
+
+class DataFiles(Strict):
+    """Paths relative to the pack folder."""
+
+    documents: list[str] = Field(default_factory=lambda: ["documents"], description="folders or files of documents")
+    instructions: list[str] = Field(default_factory=list, description="instruction JSONL (alpaca or sharegpt)")
+    edits: list[str] = Field(default_factory=list, description="knowledge-edit JSONL (EasyEdit fields)")
+    qa_eval: list[str] = Field(default_factory=list, description="QA evaluation JSONL")
+    retrieval_eval: list[str] = Field(default_factory=list, description="retrieval evaluation JSONL (question, doc_id)")
+
+
+class PackConfig(Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="lowercase letters, digits, - and _")
+    description: str = Field(min_length=1)
+    language: str = "en"
+    base_model: str = DEFAULT_BASE_MODEL
+    embedder: str = DEFAULT_EMBEDDER
+    system_prompt: str = Field(min_length=1)
+    disclaimer: str = ""
+    example_questions: list[str] = Field(default_factory=list)
+    data: DataFiles = DataFiles()
+    stages: StageSettings = StageSettings()
+
+
+# ---------------------------------------------------------------- data records
+
+
+class Message(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class AlpacaExample(Strict):
+    instruction: str = Field(min_length=1)
+    input: str = ""
+    output: str = Field(min_length=1)
+    system: str | None = None
+    history: list[tuple[str, str]] = Field(default_factory=list)
+
+    def to_messages(self) -> list[Message]:
+        messages = [Message(role="system", content=self.system)] if self.system else []
+        for user, assistant in self.history:
+            messages += [Message(role="user", content=user), Message(role="assistant", content=assistant)]
+        prompt = f"{self.instruction}\n\n{self.input}" if self.input else self.instruction
+        return messages + [Message(role="user", content=prompt), Message(role="assistant", content=self.output)]
+
+
+class ShareGPTTurn(Strict):
+    from_: Literal["system", "human", "user", "gpt", "assistant"] = Field(alias="from")
+    value: str
+
+
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class ShareGPTExample(Strict):
+    conversations: list[ShareGPTTurn] = Field(min_length=2)
+    system: str | None = None
+
+    @model_validator(mode="after")
+    def _ends_with_assistant(self) -> "ShareGPTExample":
+        if _SHAREGPT_ROLES[self.conversations[-1].from_] != "assistant":
+            raise ValueError("the last turn of `conversations` must be from gpt/assistant")
+        return self
+
+    def to_messages(self) -> list[Message]:
+        messages = [Message(role="system", content=self.system)] if self.system else []
+        return messages + [Message(role=_SHAREGPT_ROLES[t.from_], content=t.value) for t in self.conversations]
+
+
+class LocalityPrompt(Strict):
+    prompt: str = Field(min_length=1)
+    target: str = Field(min_length=1)
+
+
+class EditRequest(Strict):
+    """One knowledge edit, EasyEdit field names: `prompt` + `target_new` is the new fact."""
+
+    id: str | None = None
+    prompt: str = Field(min_length=1)
+    subject: str = Field(min_length=1)
+    target_new: str = Field(min_length=1)
+    target_true: str | None = None
+    rephrase: list[str] = Field(default_factory=list)
+    locality: list[LocalityPrompt] = Field(default_factory=list)
+
+    @field_validator("rephrase", mode="before")
+    @classmethod
+    def _one_rephrase_is_a_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _subject_in_prompt(self) -> "EditRequest":
+        if self.subject not in self.prompt:
+            raise ValueError(f"subject {self.subject!r} does not occur in prompt {self.prompt!r}")
+        return self
+
+
+class QAItem(Strict):
+    """A question with a short answer, or a multiple-choice question (`label` is a choice or its index)."""
+
+    id: str | None = None
+    question: str = Field(min_length=1)
+    answer: str | None = None
+    choices: list[str] | None = None
+    label: str | int | None = None
+    context: str | None = None
+    doc_id: str | None = None
+
+    @model_validator(mode="after")
+    def _answer_or_choices(self) -> "QAItem":
+        if self.choices is None:
+            if not self.answer:
+                raise ValueError("give `answer`, or `choices` and `label`")
+            return self
+        if self.label is None:
+            raise ValueError("`choices` needs a `label` (one of the choices or its index)")
+        if isinstance(self.label, int):
+            if not 0 <= self.label < len(self.choices):
+                raise ValueError(f"label index {self.label} is outside choices (0..{len(self.choices) - 1})")
+        elif self.label not in self.choices:
+            raise ValueError(f"label {self.label!r} is not one of choices {self.choices}")
+        return self
+
+    @property
+    def gold(self) -> str:
+        if self.choices is None:
+            return self.answer or ""
+        return self.choices[self.label] if isinstance(self.label, int) else str(self.label)
+
+
+class RetrievalItem(Strict):
+    question: str = Field(min_length=1)
+    doc_id: str = Field(min_length=1)
+    id: str | None = None
+    answer: str | None = None
+
+
+class DocumentRecord(Strict):
+    """One document in a documents .jsonl file."""
+
+    id: str = Field(min_length=1)
+    text: str = Field(min_length=1)
+    title: str | None = None
+    source: str | None = None
+    metadata: dict = Field(default_factory=dict)

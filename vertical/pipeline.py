@@ -1,0 +1,209 @@
+"""The build: run a pack's stages in order, skip what is up to date, resume what was killed.
+
+    builds/<pack>/
+        manifest.json        per stage: input fingerprint, output file hashes, timing, metrics
+        base/ index/ ...     one folder per stage, each with metrics.json
+
+A stage writes into a temporary folder that is renamed into place when it succeeds, then the
+manifest is rewritten atomically. A stage is skipped when its inputs (pack files, settings,
+upstream outputs, stage code version) hash the same as last time and its recorded output files
+are intact; a corrupt or half-present output is rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from vertical import __version__
+from vertical.errors import PackInvalid, VerticalError
+from vertical.io import atomic_dir, atomic_write_json, clean_stale_tmp, exclusive_lock, hash_tree, read_json, sha256_json
+from vertical.pack import Pack, load_pack
+from vertical.paths import default_builds_dir
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the build. `run` and `inputs` are "module:function" names, imported only when
+    the stage runs, so light commands never import torch."""
+
+    name: str
+    description: str
+    needs: tuple[str, ...]
+    run: str  # (ctx, out_dir) -> metrics dict; writes its artifacts into out_dir
+    inputs: str  # (ctx) -> JSON-able dict of everything the stage reads besides upstream outputs
+    version: int = 1  # bump when the stage's code changes what it produces
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("base", "resolve the base model into a local safetensors folder", (), "vertical.base:run", "vertical.base:inputs"),
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+
+
+def _load(ref: str) -> Callable:
+    module, func = ref.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+class Reporter:
+    """How a build reports progress. The CLI swaps in one that draws progress bars."""
+
+    def stage(self, name: str, status: str, detail: str = "") -> None:
+        log.info("stage %-8s %s %s", name, status, detail)
+
+    def track(self, items: Iterable[T], total: int | None = None, description: str = "") -> Iterator[T]:
+        yield from items
+
+
+@dataclass
+class BuildContext:
+    pack: Pack
+    build_dir: Path
+    base_model: str
+    reporter: Reporter = field(default_factory=Reporter)
+
+    def stage_dir(self, name: str) -> Path:
+        """The finished output folder of an upstream stage."""
+        path = self.build_dir / name
+        if not path.is_dir():
+            raise VerticalError(f"{path} is missing; run `vertical build {self.pack.name} --steps {name}`")
+        return path
+
+    def work_dir(self, name: str) -> Path:
+        """A scratch folder that survives a kill (for checkpoints); removed when the stage succeeds."""
+        path = self.build_dir / ".work" / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+@dataclass
+class StageResult:
+    name: str
+    status: str  # "ran" | "skipped"
+    seconds: float
+    metrics: dict[str, Any]
+
+
+def load_manifest(build_dir: Path) -> dict[str, Any]:
+    path = build_dir / MANIFEST
+    if not path.is_file():
+        return {"stages": {}}
+    try:
+        manifest = read_json(path)
+    except ValueError:
+        log.warning("%s is corrupt; every stage will be checked again", path)
+        return {"stages": {}}
+    manifest.setdefault("stages", {})
+    return manifest
+
+
+def _outputs_intact(build_dir: Path, entry: dict[str, Any], name: str) -> bool:
+    out = build_dir / name
+    recorded = entry.get("files")
+    if not out.is_dir() or not recorded:
+        return False
+    return hash_tree(out) == recorded
+
+
+def _select(steps: list[str] | None, force: list[str]) -> list[Stage]:
+    for name in [*(steps or []), *force]:
+        if name not in STAGE_NAMES:
+            raise VerticalError(f"unknown stage '{name}': stages are {', '.join(STAGE_NAMES)}")
+    wanted = set(steps or STAGE_NAMES)
+    # A requested stage pulls in the stages it needs; they are skipped when already up to date.
+    changed = True
+    while changed:
+        changed = False
+        for stage in STAGES:
+            if stage.name in wanted:
+                for need in stage.needs:
+                    if need not in wanted:
+                        wanted.add(need)
+                        changed = True
+    return [stage for stage in STAGES if stage.name in wanted]
+
+
+def build(
+    pack_ref: str | Path,
+    out: Path | None = None,
+    steps: list[str] | None = None,
+    force: list[str] | None = None,
+    base_model: str | None = None,
+    reporter: Reporter | None = None,
+) -> list[StageResult]:
+    """Run the pack's stages into `out` (default builds/<pack>) and return what each stage did."""
+    pack = load_pack(pack_ref)
+    problems = pack.problems()
+    if problems:
+        raise PackInvalid(pack.name, problems)
+    force = force or []
+    selected = _select(steps, force)
+    build_dir = (out or default_builds_dir() / pack.name).resolve()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    reporter = reporter or Reporter()
+    ctx = BuildContext(pack=pack, build_dir=build_dir, base_model=base_model or pack.config.base_model, reporter=reporter)
+
+    results = []
+    with exclusive_lock(build_dir / ".lock", f"build folder {build_dir}"):
+        clean_stale_tmp(build_dir)
+        manifest = load_manifest(build_dir)
+        if manifest.get("pack") not in (None, pack.name):
+            raise VerticalError(f"{build_dir} holds a build of pack '{manifest['pack']}', not '{pack.name}'; use --out")
+        manifest.update(pack=pack.name, pack_dir=str(pack.root), vertical_version=__version__)
+        for stage in selected:
+            results.append(_run_stage(ctx, stage, manifest, forced=stage.name in force))
+    return results
+
+
+def _run_stage(ctx: BuildContext, stage: Stage, manifest: dict[str, Any], forced: bool) -> StageResult:
+    entries = manifest["stages"]
+    upstream = {}
+    for need in stage.needs:
+        if need not in entries:
+            raise VerticalError(f"stage '{stage.name}' needs '{need}', which has not been built")
+        upstream[need] = entries[need]["outputs_hash"]
+    inputs = {"stage_version": stage.version, "upstream": upstream, **_load(stage.inputs)(ctx)}
+    inputs_hash = sha256_json(inputs)
+
+    previous = entries.get(stage.name)
+    if previous and not forced and previous.get("inputs_hash") == inputs_hash:
+        if _outputs_intact(ctx.build_dir, previous, stage.name):
+            ctx.reporter.stage(stage.name, "skipped", "inputs unchanged")
+            return StageResult(stage.name, "skipped", 0.0, previous.get("metrics", {}))
+        log.warning("stage %s: output files are missing or corrupt; rebuilding", stage.name)
+
+    ctx.reporter.stage(stage.name, "running", stage.description)
+    started = time.time()
+    final_dir = ctx.build_dir / stage.name
+    with atomic_dir(final_dir) as tmp:
+        metrics = _load(stage.run)(ctx, tmp) or {}
+        atomic_write_json(tmp / "metrics.json", metrics)
+        files = hash_tree(tmp)
+    seconds = round(time.time() - started, 2)
+    entries[stage.name] = {
+        "inputs": inputs,
+        "inputs_hash": inputs_hash,
+        "files": files,
+        "outputs_hash": sha256_json(files),
+        "seconds": seconds,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "metrics": metrics,
+    }
+    # Downstream entries were built from the old output; they stay recorded but their inputs
+    # hash no longer matches, so they rerun.
+    atomic_write_json(ctx.build_dir / MANIFEST, manifest)
+    shutil.rmtree(ctx.build_dir / ".work" / stage.name, ignore_errors=True)
+    ctx.reporter.stage(stage.name, "done", f"{seconds:.1f}s")
+    return StageResult(stage.name, "ran", seconds, metrics)
