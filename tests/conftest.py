@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny randomly initialised Llama-shaped model (no download) and a tiny pack.
+
+The tiny model has a real byte-level BPE tokenizer trained here on the fixture pack's text and a
+ChatML chat template like SmolLM2's, so the code paths match the real default model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory, monkeypatch):
+    """Every test gets its own model cache and builds folder; nothing touches ~/.cache."""
+    root = tmp_path_factory.mktemp("env")
+    monkeypatch.setenv("VERTICAL_CACHE", str(root / "cache"))
+    monkeypatch.setenv("VERTICAL_BUILDS", str(root / "builds"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def make_tiny_model(out: Path, layers: int = 2, hidden: int = 64) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    corpus = [p.read_text(encoding="utf-8") for p in sorted((DATA / "tiny_pack").rglob("*")) if p.is_file()]
+    corpus += ["The quick brown fox jumps over the lazy dog. " * 3, "0123456789 []().,:;!?"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture
+def tiny_pack(tmp_path) -> Path:
+    """A writable copy of the tiny pack."""
+    return Path(shutil.copytree(DATA / "tiny_pack", tmp_path / "tiny_pack"))
+
+
+@pytest.fixture
+def cli():
+    """Run the CLI in-process: returns (exit code, stdout + stderr)."""
+    from vertical import cli as cli_module
+
+    def run(*args: str, capsys=None) -> tuple[int, str]:
+        import io
+        from contextlib import redirect_stderr, redirect_stdout
+
+        from rich.console import Console
+
+        buffer = io.StringIO()
+        old = cli_module.console, cli_module.err_console
+        cli_module.console = cli_module.err_console = Console(file=buffer, width=200, no_color=True)
+        try:
+            with redirect_stdout(buffer), redirect_stderr(buffer):
+                code = cli_module.main([str(a) for a in args])
+        finally:
+            cli_module.console, cli_module.err_console = old
+        return code, buffer.getvalue()
+
+    return run
