@@ -36,8 +36,10 @@ app = typer.Typer(
 )
 packs_app = typer.Typer(help="List, inspect, validate and create domain packs.", no_args_is_help=True)
 models_app = typer.Typer(help="Base models and embedders available offline.", no_args_is_help=True)
+index_app = typer.Typer(help="Update a build's retrieval index without retraining.", no_args_is_help=True)
 app.add_typer(packs_app, name="packs")
 app.add_typer(models_app, name="models")
+app.add_typer(index_app, name="index")
 
 
 @app.callback()
@@ -48,8 +50,13 @@ def _global(
     _state["debug"] = debug
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=debug)])
-    for noisy in ("httpx", "urllib3", "filelock"):
+    for noisy in ("httpx", "urllib3", "filelock", "bm25s", "sentence_transformers", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not (debug or verbose):
+        # "Loading weights" bars on every model load are noise; long steps draw their own bars.
+        import os
+
+        os.environ.setdefault("VERTICAL_QUIET_LOADS", "1")
 
 
 # ---------------------------------------------------------------- packs
@@ -178,6 +185,124 @@ def build_cmd(
         shown = ", ".join(f"{k}={v}" for k, v in result.metrics.items() if not isinstance(v, (dict, list)))
         table.add_row(result.name, result.status, f"{result.seconds:.1f}", shown)
     console.print(table)
+
+
+# ---------------------------------------------------------------- retrieval and answers
+
+
+def _build_dir(path: Path) -> Path:
+    if not (path / "manifest.json").is_file():
+        raise VerticalError(f"{path} is not a build folder (no manifest.json); give builds/<pack> or the --out of a build")
+    return path
+
+
+@app.command("search")
+def search_cmd(
+    build: Path = typer.Argument(..., help="Build folder (builds/<pack>)."),
+    query: str = typer.Argument(..., help="What to look for."),
+    k: int = typer.Option(5, "--k", min=1, max=100, help="How many chunks to return."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="dense, bm25 or hybrid (default: the build's best)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Search a build's document index: ranked chunks with scores and sources."""
+    import json
+
+    from vertical.index import open_index
+
+    if mode not in (None, "dense", "bm25", "hybrid"):
+        raise VerticalError(f"--mode {mode}: use dense, bm25 or hybrid")
+    index, embedder = open_index(_build_dir(build))
+    hits = index.search(query, embedder.encode_query, k=k, mode=mode)
+    if as_json:
+        rows = [{"rank": h.rank + 1, "score": round(h.score, 4), "similarity": None if h.dense is None else round(h.dense, 4),
+                 "doc_id": h.chunk.doc_id, "chunk_id": h.chunk.id, "title": h.chunk.title, "source": h.chunk.source,
+                 "span": [h.chunk.start, h.chunk.end], "text": h.chunk.text} for h in hits]
+        print(json.dumps({"query": query, "mode": mode or index.meta.get("mode"), "results": rows}, indent=2, ensure_ascii=False))
+        return
+    table = Table("#", "score", "title", "source", "span", "text")
+    for h in hits:
+        table.add_row(str(h.rank + 1), f"{h.score:.4f}", h.chunk.title, h.chunk.source, f"{h.chunk.start}-{h.chunk.end}",
+                      h.chunk.text[:160].replace("\n", " ") + ("…" if len(h.chunk.text) > 160 else ""))
+    console.print(table)
+
+
+def _print_citations(answer) -> None:
+    for s in answer.citations():
+        console.print(f"[{s.number}] {s.title} — {s.source}, characters {s.start}-{s.end}", markup=False, highlight=False)
+
+
+@app.command("ask")
+def ask_cmd(
+    build: Path = typer.Argument(..., help="Build folder (builds/<pack>)."),
+    question: str = typer.Argument(..., help="The question."),
+    k: Optional[int] = typer.Option(None, "--k", min=1, max=20, help="Sources to retrieve (default: the pack's top_k)."),
+    max_tokens: int = typer.Option(200, "--max-tokens", min=1, max=2048, help="Longest answer, in tokens."),
+) -> None:
+    """Answer one question from the build's documents, with numbered citations."""
+    from vertical.answer import Assistant
+
+    assistant = Assistant(_build_dir(build))
+    answer, pieces = assistant.stream(question, k, max_tokens)
+    for piece in pieces:
+        console.print(piece, end="", markup=False, highlight=False)
+    console.print()
+    _print_citations(answer)
+    if assistant.pack.config.disclaimer:
+        console.print(assistant.pack.config.disclaimer, style="dim", markup=False)
+
+
+@app.command("chat")
+def chat_cmd(
+    build: Path = typer.Argument(..., help="Build folder (builds/<pack>)."),
+    max_tokens: int = typer.Option(200, "--max-tokens", min=1, max=2048, help="Longest answer, in tokens."),
+) -> None:
+    """Chat in the terminal; each question is answered from the documents. Empty line or Ctrl-D ends."""
+    from vertical.answer import Assistant
+
+    assistant = Assistant(_build_dir(build))
+    if assistant.pack.config.disclaimer:
+        console.print(assistant.pack.config.disclaimer, style="dim", markup=False)
+    while True:
+        try:
+            question = console.input("[bold]you>[/bold] ").strip()
+        except EOFError:
+            break
+        if not question:
+            break
+        answer, pieces = assistant.stream(question, None, max_tokens)
+        for piece in pieces:
+            console.print(piece, end="", markup=False, highlight=False)
+        console.print()
+        _print_citations(answer)
+
+
+@index_app.command("add")
+def index_add(
+    build: Path = typer.Argument(..., help="Build folder (builds/<pack>)."),
+    paths: list[Path] = typer.Argument(..., help="Document files or folders to add or replace (matched by id)."),
+) -> None:
+    """Add or replace documents in a built index; unchanged documents are not re-embedded."""
+    from vertical.index import add_documents
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  console=err_console, transient=True) as progress:
+        note = add_documents(_build_dir(build), paths, track=RichReporter(progress).track)
+    console.print(f"added {len(note['added'])}, replaced {len(note['replaced'])}, unchanged {note['unchanged']} "
+                  f"({note['embedded_chunks']} chunks embedded); skipped {len(note['skipped_files'])} file(s)")
+    for skipped in note["skipped_files"]:
+        err_console.print(f"skipped: {skipped}", markup=False)
+
+
+@index_app.command("remove")
+def index_remove(
+    build: Path = typer.Argument(..., help="Build folder (builds/<pack>)."),
+    doc_ids: list[str] = typer.Argument(..., help="Document ids to delete from the index."),
+) -> None:
+    """Delete documents from a built index."""
+    from vertical.index import remove_documents
+
+    remove_documents(_build_dir(build), doc_ids)
+    console.print(f"removed {len(doc_ids)} document(s)")
 
 
 # ---------------------------------------------------------------- models

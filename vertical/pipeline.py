@@ -48,6 +48,7 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("base", "resolve the base model into a local safetensors folder", (), "vertical.base:run", "vertical.base:inputs"),
+    Stage("index", "chunk, embed and index the pack's documents; measure retrieval", (), "vertical.index:run", "vertical.index:inputs"),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 

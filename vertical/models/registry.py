@@ -204,7 +204,9 @@ def ensure_local(model: ResolvedModel) -> Path:
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.enable_progress_bar()  # the one long load a user should see progress for
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -218,9 +220,20 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def quiet_loads() -> None:
+    """Hide transformers' per-load progress bars when the CLI runs without --verbose."""
+    import os
+
+    if os.environ.get("VERTICAL_QUIET_LOADS"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
+    quiet_loads()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -231,6 +244,7 @@ def load_causal_lm(path: Path, dtype: Any = None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    quiet_loads()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     model.eval()
     return model

@@ -1,0 +1,199 @@
+"""Document ingestion: .txt .md .html .pdf .docx .jsonl files into plain-text documents.
+
+Each document keeps the character offsets of its blocks (paragraphs, headings) so chunks can cut
+on block boundaries and cite the exact span they came from. Files that cannot be read (encrypted
+or broken PDFs, binary data behind a text extension, empty files, duplicate ids) are reported by
+name and skipped; the rest of the corpus is still indexed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vertical.errors import Problem
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".txt", ".md", ".html", ".htm", ".pdf", ".docx", ".jsonl")
+
+
+@dataclass
+class Document:
+    id: str
+    title: str
+    text: str
+    source: str  # path (relative to the pack or as given) or the record's own source
+    heading_starts: list[int] = field(default_factory=list)  # char offsets where a heading line starts
+
+    @property
+    def content_hash(self) -> str:
+        return hashlib.sha256(f"{self.title}\n{self.text}".encode()).hexdigest()
+
+
+class SkipDocument(Exception):
+    """This file cannot be used; the message says why."""
+
+
+def _looks_binary(data: bytes) -> bool:
+    return b"\x00" in data[:8192]
+
+
+def _decode(path: Path, data: bytes) -> str:
+    if _looks_binary(data):
+        raise SkipDocument("binary data in a text file; convert it to text or remove it")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise SkipDocument(f"line {line}: not UTF-8; save the file as UTF-8") from None
+
+
+_MD_HEADING = re.compile(r"^#{1,6}\s+(.*)$", re.MULTILINE)
+
+
+def _markdown(path: Path, text: str) -> tuple[str, str, list[int]]:
+    headings = list(_MD_HEADING.finditer(text))
+    title = headings[0].group(1).strip() if headings else path.stem.replace("-", " ").replace("_", " ")
+    return title, text, [m.start() for m in headings]
+
+
+def _html(path: Path, data: bytes) -> tuple[str, str, list[int]]:
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(_decode(path, data), "html.parser")
+    for tag in soup(["script", "style", "noscript", "template"]):
+        tag.decompose()
+    title_tag = soup.find("title") or soup.find("h1")
+    title = title_tag.get_text(" ", strip=True) if title_tag else path.stem
+    parts, heading_starts, offset = [], [], 0
+    blocks = soup.find_all(["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "td", "blockquote"])
+    for block in blocks:
+        if block.find(["p", "li", "pre", "td", "blockquote"]):  # a container; its children are blocks too
+            continue
+        text = block.get_text(" ", strip=True)
+        if not text:
+            continue
+        if block.name.startswith("h"):
+            heading_starts.append(offset)
+        parts.append(text)
+        offset += len(text) + 2
+    if not parts:
+        body = soup.get_text("\n", strip=True)
+        parts = [body] if body else []
+    return title, "\n\n".join(parts), heading_starts
+
+
+def _pdf(path: Path) -> tuple[str, str, list[int]]:
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    try:
+        reader = PdfReader(path)
+        if reader.is_encrypted:
+            try:
+                if not reader.decrypt(""):
+                    raise SkipDocument("encrypted PDF; remove the password and add it again")
+            except (NotImplementedError, PdfReadError) as exc:
+                raise SkipDocument(f"encrypted PDF ({exc}); remove the password and add it again") from None
+        pages = [(page.extract_text() or "").strip() for page in reader.pages]
+        meta_title = (reader.metadata.title if reader.metadata else None) or ""
+    except SkipDocument:
+        raise
+    except Exception as exc:  # pypdf raises many types for damaged files
+        raise SkipDocument(f"unreadable PDF ({type(exc).__name__}: {exc})") from None
+    text = "\n\n".join(p for p in pages if p)
+    first_line = text.strip().splitlines()[0].strip() if text.strip() else ""
+    return (meta_title.strip() or first_line[:120] or path.stem), text, []
+
+
+def _docx(path: Path) -> tuple[str, str, list[int]]:
+    import docx
+
+    try:
+        document = docx.Document(str(path))
+    except Exception as exc:  # python-docx raises zipfile/KeyError/ValueError for broken files
+        raise SkipDocument(f"unreadable DOCX ({type(exc).__name__}: {exc})") from None
+    parts, heading_starts, offset, title = [], [], 0, document.core_properties.title or ""
+    for paragraph in document.paragraphs:
+        text = paragraph.text.strip()
+        if not text:
+            continue
+        style = (paragraph.style.name or "").lower() if paragraph.style is not None else ""
+        if style.startswith("heading") or style == "title":
+            heading_starts.append(offset)
+            title = title or text
+        parts.append(text)
+        offset += len(text) + 2
+    for table in document.tables:
+        for row in table.rows:
+            text = " | ".join(cell.text.strip() for cell in row.cells if cell.text.strip())
+            if text:
+                parts.append(text)
+                offset += len(text) + 2
+    return (title or path.stem), "\n\n".join(parts), heading_starts
+
+
+def read_file(path: Path, source: str) -> list[Document]:
+    """Parse one file into documents (a .jsonl file holds one document per line)."""
+    suffix = path.suffix.lower()
+    data = path.read_bytes()
+    if not data.strip():
+        raise SkipDocument("empty file")
+    if suffix == ".jsonl":
+        docs = []
+        for number, line in enumerate(_decode(path, data).split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                text = record["text"]
+                doc_id = str(record["id"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise SkipDocument(f"line {number}: needs a JSON object with 'id' and 'text' ({exc})") from None
+            title = record.get("title") or doc_id
+            docs.append(Document(id=doc_id, title=title, text=text, source=record.get("source") or f"{source}#{doc_id}"))
+        return docs
+    if suffix in (".md", ".txt"):
+        title, text, headings = _markdown(path, _decode(path, data))
+    elif suffix in (".html", ".htm"):
+        title, text, headings = _html(path, data)
+    elif suffix == ".pdf":
+        title, text, headings = _pdf(path)
+    elif suffix == ".docx":
+        title, text, headings = _docx(path)
+    else:
+        raise SkipDocument(f"unsupported file type {suffix}; use one of {' '.join(SUFFIXES)}")
+    if not text.strip():
+        raise SkipDocument("no text could be extracted")
+    return [Document(id=path.stem, title=title, text=text, source=source, heading_starts=headings)]
+
+
+def load_documents(files: list[Path], root: Path | None = None) -> tuple[list[Document], list[Problem]]:
+    """Parse every file; skip (and report) the ones that cannot be used and duplicate ids."""
+    documents: list[Document] = []
+    problems: list[Problem] = []
+    seen: dict[str, str] = {}
+    for path in files:
+        source = str(path.relative_to(root)) if root and path.is_relative_to(root) else str(path)
+        try:
+            parsed = read_file(path, source)
+        except SkipDocument as exc:
+            problems.append(Problem(path, f"skipped: {exc}"))
+            continue
+        except OSError as exc:
+            problems.append(Problem(path, f"skipped: cannot read ({exc.strerror})"))
+            continue
+        for doc in parsed:
+            if doc.id in seen:
+                problems.append(Problem(path, f"skipped document {doc.id!r}: the id is already used by {seen[doc.id]}"))
+                continue
+            seen[doc.id] = doc.source
+            documents.append(doc)
+    for problem in problems:
+        log.warning("%s", problem)
+    return documents, problems
