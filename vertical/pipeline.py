@@ -49,6 +49,7 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("base", "resolve the base model into a local safetensors folder", (), "vertical.base:run", "vertical.base:inputs"),
     Stage("index", "chunk, embed and index the pack's documents; measure retrieval", (), "vertical.index:run", "vertical.index:inputs"),
+    Stage("tune", "LoRA fine-tuning on the pack's instructions, retrieval-aware", ("base", "index"), "vertical.tune:run", "vertical.tune:inputs"),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
@@ -74,6 +75,7 @@ class BuildContext:
     build_dir: Path
     base_model: str
     reporter: Reporter = field(default_factory=Reporter)
+    inputs_hash: str = ""  # of the stage now running; keys its scratch folder
 
     def stage_dir(self, name: str) -> Path:
         """The finished output folder of an upstream stage."""
@@ -83,8 +85,14 @@ class BuildContext:
         return path
 
     def work_dir(self, name: str) -> Path:
-        """A scratch folder that survives a kill (for checkpoints); removed when the stage succeeds."""
-        path = self.build_dir / ".work" / name
+        """A scratch folder that survives a kill (for checkpoints), keyed by the stage's inputs so a
+        changed input never resumes from stale checkpoints; removed when the stage succeeds."""
+        root = self.build_dir / ".work" / name
+        path = root / self.inputs_hash[:16]
+        if root.is_dir():
+            for stale in root.iterdir():
+                if stale != path:
+                    shutil.rmtree(stale, ignore_errors=True)
         path.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -186,6 +194,7 @@ def _run_stage(ctx: BuildContext, stage: Stage, manifest: dict[str, Any], forced
         log.warning("stage %s: output files are missing or corrupt; rebuilding", stage.name)
 
     ctx.reporter.stage(stage.name, "running", stage.description)
+    ctx.inputs_hash = inputs_hash
     started = time.time()
     final_dir = ctx.build_dir / stage.name
     with atomic_dir(final_dir) as tmp:

@@ -38,8 +38,31 @@ class IndexSettings(Strict):
         return self
 
 
+class TuneSettings(Strict):
+    """LoRA fine-tuning. Values left out (null) are chosen from the base model's size."""
+
+    lora_rank: int | None = Field(None, ge=1, le=256)
+    lora_alpha: int | None = Field(None, ge=1, le=512)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    learning_rate: float | None = Field(None, gt=0, lt=1)
+    epochs: float = Field(1.0, gt=0, le=20)
+    max_length: int = Field(512, ge=32, le=32768, description="tokens; longer examples are truncated")
+    batch_size: int = Field(4, ge=1, le=512)
+    gradient_accumulation: int = Field(2, ge=1, le=512)
+    max_examples: int | None = Field(320, ge=1, description="cap on training examples (null: all); CPU-friendly default")
+    rag_fraction: float = Field(0.5, ge=0, le=1, description="share of examples given retrieved sources")
+    no_answer_fraction: float = Field(0.1, ge=0, le=1, description="share of extra examples with unrelated sources")
+    rag_sources: int = Field(3, ge=1, le=10)
+    eval_holdout: int = Field(24, ge=0, description="instruction examples held out for eval loss")
+    eval_questions: int = Field(60, ge=0, description="QA items scored for base vs tuned (0: none)")
+    save_steps: int = Field(20, ge=1, description="checkpoint every N optimizer steps (resume after a kill)")
+    seed: int = 0
+
+
 class StageSettings(Strict):
     index: IndexSettings = IndexSettings()
+    tune: TuneSettings = TuneSettings()
 
 
 class DataFiles(Strict):

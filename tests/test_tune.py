@@ -1,0 +1,138 @@
+"""Tune stage: assistant-only labels, retrieval-aware examples, LoRA outputs, resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vertical import pipeline
+from vertical.pack.schema import TuneSettings
+from vertical.tune import _verdict, hyperparameters
+from vertical.tune.data import IGNORE, build_examples, tokenize
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from vertical.models import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
+def test_labels_cover_only_assistant_turns(tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Colour of Zorblat?"},
+                {"role": "assistant", "content": "Purple."}, {"role": "user", "content": "And Quentar?"},
+                {"role": "assistant", "content": "Cold valley."}]
+    feature, truncated = tokenize(tokenizer, messages, 512)
+    assert not truncated
+    learned = tokenizer.decode([t for t, label in zip(feature["input_ids"], feature["labels"]) if label != IGNORE])
+    assert learned == "Purple.<|im_end|>\nCold valley.<|im_end|>\n"
+    assert len(feature["input_ids"]) == len(feature["labels"]) == len(feature["attention_mask"])
+
+
+def test_truncation_is_reported_and_empty_answers_dropped(tokenizer):
+    messages = [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "Answer."}]
+    feature, truncated = tokenize(tokenizer, messages, 64)
+    assert feature is None and truncated
+    feature, truncated = tokenize(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "long " * 100}], 64)
+    assert truncated and len(feature["input_ids"]) == 64
+
+
+def _with_tune(pack: Path, **settings) -> None:
+    config = yaml.safe_load((pack / "pack.yaml").read_text())
+    config["stages"]["tune"] = settings
+    (pack / "pack.yaml").write_text(yaml.safe_dump(config))
+
+
+def test_retrieval_aware_examples_cite_and_refuse(tiny_pack, tmp_path):
+    from vertical.index import open_index
+    from vertical.pack import load_pack
+
+    out = tmp_path / "b"
+    pipeline.build(tiny_pack, out=out, steps=["index"])
+    index, embedder = open_index(out)
+    pack = load_pack(tiny_pack)
+    settings = TuneSettings(rag_fraction=1.0, no_answer_fraction=1.0, rag_sources=2)
+    examples = build_examples(pack.instructions(), pack.config.system_prompt, index, embedder, settings, seed=0)
+    rag = [e for e in examples if e.kind == "rag"]
+    assert rag, [e.kind for e in examples]
+    for example in rag:
+        user, answer = example.messages[1]["content"], example.messages[-1]["content"]
+        assert "<sources>" in user and "[1]" in user and "[2]" in user
+        cited = int(answer.rsplit("[", 1)[1].rstrip("]"))
+        assert 1 <= cited <= 3
+    assert any(e.kind == "given-sources" for e in examples)  # the hand-written one with [1] is kept as is
+    assert all(e.messages[0]["role"] == "system" for e in examples)
+
+
+def test_tune_stage_outputs_and_learns(tiny_pack, tmp_path, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _with_tune(tiny_pack, epochs=12, learning_rate=3e-2, batch_size=2, gradient_accumulation=1, eval_holdout=0,
+               lora_rank=4, save_steps=100)
+    out = tmp_path / "b"
+    results = pipeline.build(tiny_pack, out=out, steps=["tune"], base_model=str(tiny_model_dir))
+    assert [r.name for r in results] == ["base", "index", "tune"]
+    metrics = json.loads((out / "tune" / "metrics.json").read_text())
+    for key in ("accuracy_base", "accuracy_tuned", "train_tokens_per_s", "train_loss", "verdict", "lora_rank"):
+        assert key in metrics
+    assert metrics["lora_rank"] == 4 and metrics["train_tokens"] > 0
+    base = AutoModelForCausalLM.from_pretrained(out / "base" / "model")
+    adapted = PeftModel.from_pretrained(base, out / "tune" / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(out / "tune" / "merged")
+    import torch
+
+    ids = torch.tensor([[1, 5, 9, 30, 42]])
+    fresh_base = AutoModelForCausalLM.from_pretrained(out / "base" / "model")
+    with torch.no_grad():
+        assert torch.allclose(adapted(ids).logits, merged(ids).logits, atol=1e-4)
+        assert not torch.allclose(fresh_base(ids).logits, merged(ids).logits, atol=1e-4)
+    # it learned: the training loss fell well below where it started (~ln(vocab) for a random model)
+    curve = metrics["train_loss_curve"]
+    assert len(curve) >= 4 and curve[-1] < curve[0] - 0.5, curve
+    assert pipeline.build(tiny_pack, out=out, steps=["tune"], base_model=str(tiny_model_dir))[-1].status == "skipped"
+
+
+def test_verdict_says_worse_loudly(caplog):
+    worse = _verdict({"eval_loss_base": 1.0, "eval_loss_tuned": 1.2, "accuracy_base": 0.6, "accuracy_tuned": 0.5})
+    assert worse.startswith("TUNED MODEL IS WORSE THAN THE BASE") and "0.6 -> 0.5" in worse
+    assert "WORSE" in caplog.text
+    assert "at least as good" in _verdict({"eval_loss_base": 1.0, "eval_loss_tuned": 0.8, "accuracy_base": 0.5, "accuracy_tuned": 0.5})
+
+
+def test_defaults_by_model_size():
+    settings = TuneSettings()
+    assert hyperparameters(settings, 135_000_000)["learning_rate"] == 3e-4
+    assert hyperparameters(settings, 7_000_000_000)["learning_rate"] == 1e-4
+    assert hyperparameters(TuneSettings(lora_rank=4), 135_000_000) == {"lora_rank": 4, "lora_alpha": 8, "learning_rate": 3e-4}
+
+
+def test_tune_resumes_after_kill(tiny_pack, tmp_path, tiny_model_dir):
+    _with_tune(tiny_pack, epochs=20, batch_size=1, gradient_accumulation=1, eval_holdout=0, eval_questions=0,
+               save_steps=5, lora_rank=4)
+    out = tmp_path / "b"
+    pipeline.build(tiny_pack, out=out, steps=["index"], base_model=str(tiny_model_dir))
+    command = [sys.executable, "-m", "vertical", "build", str(tiny_pack), "--out", str(out), "--steps", "tune",
+               "--base-model", str(tiny_model_dir)]
+    proc = subprocess.Popen(command, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list((out / ".work").glob("tune/*/checkpoints/checkpoint-*")):
+        time.sleep(0.2)
+    assert list((out / ".work").glob("tune/*/checkpoints/checkpoint-*")), "no checkpoint was written"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "tune").exists()
+    done = subprocess.run(command, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    metrics = json.loads((out / "tune" / "metrics.json").read_text())
+    assert metrics["resumed"] is True
+    assert not (out / ".work" / "tune").exists() or not any((out / ".work" / "tune").iterdir())

@@ -1,0 +1,197 @@
+"""Stage `tune`: LoRA supervised fine-tuning on the pack's instructions, measured against the base.
+
+    instructions -> examples (some with retrieved sources, some "I don't know") -> chat template,
+    loss on assistant tokens -> transformers Trainer + PEFT LoRA -> tune/adapter/, tune/merged/
+
+Training runs on transformers' Trainer, so checkpoints, resume after a kill (from the build's
+scratch folder), gradient accumulation and devices are Trainer's. Before and after training the
+stage measures the loss on held-out examples and QA accuracy with retrieval, and says loudly
+when the tuned model is worse than the base.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from vertical.errors import VerticalError
+from vertical.io import sha256_text
+
+log = logging.getLogger(__name__)
+
+
+def inputs(ctx) -> dict[str, Any]:
+    pack = ctx.pack
+    return {
+        "instructions": pack.fingerprint("instructions"),
+        "qa_eval": pack.fingerprint("qa_eval"),
+        "system_prompt": sha256_text(pack.config.system_prompt),
+        "settings": pack.config.stages.tune.model_dump(),
+    }
+
+
+def hyperparameters(settings, n_params: int) -> dict[str, Any]:
+    """Fill in what the pack left open, by model size: small models take a larger rank and rate."""
+    if n_params < 1_000_000_000:
+        rank, rate = 16, 3e-4
+    elif n_params < 10_000_000_000:
+        rank, rate = 16, 1e-4
+    else:
+        rank, rate = 8, 5e-5
+    rank = settings.lora_rank or rank
+    return {"lora_rank": rank, "lora_alpha": settings.lora_alpha or 2 * rank,
+            "learning_rate": settings.learning_rate or rate}
+
+
+def _features(tokenizer, examples, max_length: int) -> tuple[list[dict], int, int]:
+    from vertical.tune.data import tokenize
+
+    features, truncated, dropped = [], 0, 0
+    for example in examples:
+        feature, was_truncated = tokenize(tokenizer, example.messages, max_length)
+        truncated += was_truncated
+        if feature is None:
+            dropped += 1
+        else:
+            features.append(feature)
+    return features, truncated, dropped
+
+
+def run(ctx, out: Path) -> dict[str, Any]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from vertical.answer import retrieve
+    from vertical.base import count_parameters
+    from vertical.evaluate.qa import evaluate_qa, mean_loss
+    from vertical.index import open_index
+    from vertical.models import load_causal_lm, load_tokenizer
+    from vertical.tune.data import build_examples
+
+    settings = ctx.pack.config.stages.tune
+    system_prompt = ctx.pack.config.system_prompt
+    base_dir = ctx.stage_dir("base") / "model"
+    tokenizer = load_tokenizer(base_dir)
+    if not tokenizer.chat_template:
+        raise VerticalError(f"base model {base_dir} has no chat template; tune needs an instruct/chat model")
+    index, embedder = open_index(ctx.build_dir)
+
+    conversations = ctx.pack.instructions()
+    if not conversations:
+        raise VerticalError(f"pack '{ctx.pack.name}' has no instruction data (data.instructions in pack.yaml)")
+    rng = random.Random(settings.seed)
+    rng.shuffle(conversations)
+    holdout_n = min(settings.eval_holdout, len(conversations) // 5)
+    held_out, train = conversations[:holdout_n], conversations[holdout_n:]
+    if settings.max_examples and len(train) > settings.max_examples:
+        train = train[: settings.max_examples]
+
+    train_examples = build_examples(train, system_prompt, index, embedder, settings, settings.seed)
+    eval_examples = build_examples(held_out, system_prompt, index, embedder, settings, settings.seed + 1)
+    train_features, truncated, dropped = _features(tokenizer, train_examples, settings.max_length)
+    eval_features, _, _ = _features(tokenizer, eval_examples, settings.max_length)
+    if truncated or dropped:
+        log.warning("tune: %d of %d examples longer than max_length=%d were truncated; %d had no answer tokens left "
+                    "and were dropped", truncated, len(train_examples), settings.max_length, dropped)
+    if not train_features:
+        raise VerticalError("tune: no training example left after truncation; raise stages.tune.max_length")
+    kinds = {kind: sum(e.kind == kind for e in train_examples) for kind in ("plain", "rag", "no-answer", "given-sources")}
+
+    qa_items = ctx.pack.qa_eval()
+    random.Random(settings.seed).shuffle(qa_items)
+    qa_items = qa_items[: settings.eval_questions]
+    retriever = lambda question: retrieve(index, embedder.encode, question)[0]  # noqa: E731
+
+    model = load_causal_lm(base_dir)
+    hp = hyperparameters(settings, count_parameters(base_dir))
+    metrics: dict[str, Any] = {"examples": len(train_features), "examples_by_kind": kinds, "examples_truncated": truncated,
+                               "examples_dropped": dropped, "eval_examples": len(eval_features), **hp}
+    metrics["eval_loss_base"] = round(mean_loss(model, eval_features), 4) if eval_features else None
+    if qa_items:
+        base_qa = evaluate_qa(model, tokenizer, qa_items, system_prompt, retriever, ctx.reporter.track)
+        metrics["accuracy_base"] = base_qa["accuracy"]
+
+    lora = LoraConfig(r=hp["lora_rank"], lora_alpha=hp["lora_alpha"], lora_dropout=settings.lora_dropout,
+                      target_modules=settings.target_modules, task_type="CAUSAL_LM")
+    model.train()
+    model = get_peft_model(model, lora)
+    work = ctx.work_dir("tune")
+    use_gpu = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(work / "checkpoints"),
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation,
+        num_train_epochs=settings.epochs,
+        learning_rate=hp["learning_rate"],
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, int(0.05 * len(train_features) / (settings.batch_size * settings.gradient_accumulation))),
+        logging_steps=1 if len(train_features) < 200 else 5,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        report_to=[],
+        seed=settings.seed,
+        train_sampling_strategy="group_by_length",  # fewer padding tokens per batch
+        dataloader_num_workers=0,
+        bf16=use_gpu and torch.cuda.is_bf16_supported(),
+        use_cpu=not use_gpu,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=False,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train_features,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    resume = any((work / "checkpoints").glob("checkpoint-*")) if (work / "checkpoints").is_dir() else False
+    if resume:
+        log.info("tune: resuming from the last checkpoint in %s", work / "checkpoints")
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    seconds = time.perf_counter() - started
+    tokens_seen = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+    curve = [round(float(entry["loss"]), 4) for entry in trainer.state.log_history if "loss" in entry]
+    metrics["train_loss_curve"] = curve  # every `logging_steps` optimizer steps
+    metrics.update(train_loss=round(result.training_loss, 4), train_seconds=round(seconds, 1),
+                   train_tokens=tokens_seen, resumed=resume,
+                   train_tokens_per_s=round(tokens_seen / seconds, 1) if seconds and not resume else None)
+
+    model.eval()
+    model.save_pretrained(out / "adapter")
+    tokenizer.save_pretrained(out / "adapter")
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out / "merged", safe_serialization=True)
+    tokenizer.save_pretrained(out / "merged")
+    metrics["eval_loss_tuned"] = round(mean_loss(merged, eval_features), 4) if eval_features else None
+    if qa_items:
+        tuned_qa = evaluate_qa(merged, tokenizer, qa_items, system_prompt, retriever, ctx.reporter.track)
+        metrics["accuracy_tuned"] = tuned_qa["accuracy"]
+        metrics["qa_questions"] = len(qa_items)
+        _write_predictions(out / "qa_predictions.jsonl", base_qa["items"], tuned_qa["items"])
+    metrics["verdict"] = _verdict(metrics)
+    return metrics
+
+
+def _write_predictions(path: Path, base: list[dict], tuned: list[dict]) -> None:
+    import json
+
+    with open(path, "w", encoding="utf-8") as handle:
+        for b, t in zip(base, tuned):
+            row = {"question": b["question"], "gold": b["gold"], "base": b["prediction"], "base_correct": b["correct"],
+                   "tuned": t["prediction"], "tuned_correct": t["correct"]}
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _verdict(metrics: dict[str, Any]) -> str:
+    """One line that says whether tuning helped; a regression is logged as an error, not hidden."""
+    worse = []
+    if metrics.get("eval_loss_base") is not None and metrics["eval_loss_tuned"] > metrics["eval_loss_base"]:
+        worse.append(f"held-out loss rose {metrics['eval_loss_base']} -> {metrics['eval_loss_tuned']}")
+    if metrics.get("accuracy_base") is not None and metrics["accuracy_tuned"] < metrics["accuracy_base"]:
+        worse.append(f"QA accuracy fell {metrics['accuracy_base']} -> {metrics['accuracy_tuned']}")
+    if worse:
+        message = "TUNED MODEL IS WORSE THAN THE BASE: " + "; ".join(worse)
+        log.error(message)
+        return message
+    return "tuned model is at least as good as the base on held-out loss and QA accuracy"

@@ -1,0 +1,124 @@
+"""Training examples for the tune stage: the pack's instructions, some made retrieval-aware, and
+tokenised with the loss on the assistant's tokens only.
+
+Retrieval-aware examples put the top chunks retrieved for the question (plus a distractor) in
+the prompt, in the same format `vertical ask` and the runtime use, and append the number of the
+source that supports the answer, so the model learns to answer from sources and cite them. A few
+examples get only unrelated sources and the answer "I don't know", so it learns to refuse.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import numpy as np
+
+from vertical.prompting import NO_ANSWER, Source, build_messages
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # label id that the loss skips
+
+
+@dataclass
+class Example:
+    messages: list[dict[str, str]]
+    kind: str  # "plain" | "rag" | "no-answer" | "given-sources"
+
+
+def _source(number: int, chunk) -> Source:
+    return Source(number=number, title=chunk.title, source=chunk.source, start=chunk.start, end=chunk.end,
+                  text=chunk.text, doc_id=chunk.doc_id)
+
+
+def build_examples(conversations, system_prompt: str, index, embedder, settings, seed: int) -> list[Example]:
+    """Turn the pack's conversations into training examples (see module docstring)."""
+    rng = random.Random(seed)
+    examples: list[Example] = []
+    candidates: list[tuple[int, str, str]] = []  # (position, question, answer) of single-turn examples
+    for messages in conversations:
+        plain = [{"role": m.role, "content": m.content} for m in messages]
+        if plain[0]["role"] != "system":
+            plain.insert(0, {"role": "system", "content": system_prompt.strip()})
+        user_turns = [m for m in plain if m["role"] == "user"]
+        if len(user_turns) == 1 and "[1]" in user_turns[0]["content"]:
+            examples.append(Example(plain, "given-sources"))  # written with sources already
+            continue
+        examples.append(Example(plain, "plain"))
+        if len(user_turns) == 1 and index is not None:
+            candidates.append((len(examples) - 1, user_turns[0]["content"], plain[-1]["content"]))
+
+    if not candidates or (settings.rag_fraction == 0 and settings.no_answer_fraction == 0):
+        return examples
+    rng.shuffle(candidates)
+    n_rag = round(len(candidates) * settings.rag_fraction)
+    n_none = round(len(candidates) * settings.no_answer_fraction)
+    rag, none = candidates[:n_rag], candidates[n_rag:n_rag + n_none]
+    row_of = {chunk.id: row for row, chunk in enumerate(index.chunks)}
+    threshold = float(index.meta.get("threshold", 0.0))
+
+    if rag:
+        questions = embedder.encode([q for _, q, _ in rag])
+        answers = embedder.encode([a for _, _, a in rag])
+    made = 0
+    for (position, question, answer), qvec, avec in zip(rag, questions if rag else [], answers if rag else []):
+        hits = index.search(question, lambda _texts, v=qvec: v[None, :], k=settings.rag_sources - 1)
+        chunks = [h.chunk for h in hits]
+        used = {c.doc_id for c in chunks}
+        others = [row for row in rng.sample(range(len(index.chunks)), min(len(index.chunks), 32))
+                  if index.chunks[row].doc_id not in used]
+        if others:  # one distractor from another document, so citing is a choice
+            chunks.append(index.chunks[others[0]])
+        rng.shuffle(chunks)  # the supporting source is not always [1]
+        support = [float(index.embeddings[row_of[c.id]] @ avec) for c in chunks]
+        best = int(np.argmax(support))
+        if support[best] < threshold:
+            continue  # the sources do not back this answer; keep it as a plain example only
+        sources = [_source(i + 1, c) for i, c in enumerate(chunks)]
+        target = f"{answer.rstrip()} [{best + 1}]"
+        messages = build_messages(system_prompt, question, sources) + [{"role": "assistant", "content": target}]
+        examples[position] = Example(messages, "rag")
+        made += 1
+
+    refused = 0
+    for position, question, _ in none:
+        qvec = embedder.encode([question])[0]
+        pool = rng.sample(range(len(index.chunks)), min(len(index.chunks), 64))
+        pool.sort(key=lambda row: float(index.embeddings[row] @ qvec))  # least related first
+        chunks = [index.chunks[row] for row in pool[: settings.rag_sources]]
+        if float(index.embeddings[pool[0]] @ qvec) >= threshold:
+            continue
+        sources = [_source(i + 1, c) for i, c in enumerate(chunks)]
+        messages = build_messages(system_prompt, question, sources) + [{"role": "assistant", "content": NO_ANSWER}]
+        examples.append(Example(messages, "no-answer"))
+        refused += 1
+    log.info("tune data: %d retrieval-aware, %d no-answer examples added", made, refused)
+    return examples
+
+
+def tokenize(tokenizer, messages: list[dict[str, str]], max_length: int) -> tuple[dict | None, bool]:
+    """input_ids and labels with every non-assistant token masked.
+
+    Assistant spans are found by rendering the chat template on growing prefixes of the
+    conversation, so this works with any template without generation markers. Returns
+    (None, False) when no assistant token survives truncation; the flag says it was truncated.
+    """
+    def render(upto: int, generation_prompt: bool) -> list[int]:
+        return tokenizer.apply_chat_template(messages[:upto], add_generation_prompt=generation_prompt, tokenize=True,
+                                             return_dict=True)["input_ids"]
+
+    full = render(len(messages), False)
+    labels = [IGNORE] * len(full)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(render(i, True))
+        end = len(render(i + 1, False))
+        labels[start:end] = full[start:end]
+    truncated = len(full) > max_length
+    full, labels = full[:max_length], labels[:max_length]
+    if all(label == IGNORE for label in labels):
+        return None, truncated
+    return {"input_ids": full, "attention_mask": [1] * len(full), "labels": labels}, truncated
