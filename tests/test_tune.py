@@ -110,9 +110,9 @@ def test_verdict_says_worse_loudly(caplog):
 
 def test_defaults_by_model_size():
     settings = TuneSettings()
-    assert hyperparameters(settings, 135_000_000)["learning_rate"] == 3e-4
+    assert hyperparameters(settings, 135_000_000)["learning_rate"] == 1e-3
     assert hyperparameters(settings, 7_000_000_000)["learning_rate"] == 1e-4
-    assert hyperparameters(TuneSettings(lora_rank=4), 135_000_000) == {"lora_rank": 4, "lora_alpha": 8, "learning_rate": 3e-4}
+    assert hyperparameters(TuneSettings(lora_rank=4), 135_000_000) == {"lora_rank": 4, "lora_alpha": 8, "learning_rate": 1e-3}
 
 
 def test_tune_resumes_after_kill(tiny_pack, tmp_path, tiny_model_dir):
@@ -136,3 +136,20 @@ def test_tune_resumes_after_kill(tiny_pack, tmp_path, tiny_model_dir):
     metrics = json.loads((out / "tune" / "metrics.json").read_text())
     assert metrics["resumed"] is True
     assert not (out / ".work" / "tune").exists() or not any((out / ".work" / "tune").iterdir())
+
+
+def test_tune_under_torchrun_two_processes(tiny_pack, tmp_path, tiny_model_dir):
+    """`torchrun -m vertical build` trains on every rank (DDP over gloo here); rank 0 writes the build."""
+    _with_tune(tiny_pack, epochs=2, batch_size=1, gradient_accumulation=1, eval_holdout=0, eval_questions=0, lora_rank=4)
+    out = tmp_path / "b"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "vertical", "build", str(tiny_pack),
+               "--out", str(out), "--steps", "tune", "--base-model", str(tiny_model_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    metrics = json.loads((out / "tune" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"base", "index", "tune"}
+    assert (out / "tune" / "merged" / "model.safetensors").is_file()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -44,12 +45,14 @@ class Stage:
     run: str  # (ctx, out_dir) -> metrics dict; writes its artifacts into out_dir
     inputs: str  # (ctx) -> JSON-able dict of everything the stage reads besides upstream outputs
     version: int = 1  # bump when the stage's code changes what it produces
+    distributed: bool = False  # every rank runs it under torchrun / accelerate launch (training)
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("base", "resolve the base model into a local safetensors folder", (), "vertical.base:run", "vertical.base:inputs"),
     Stage("index", "chunk, embed and index the pack's documents; measure retrieval", (), "vertical.index:run", "vertical.index:inputs"),
-    Stage("tune", "LoRA fine-tuning on the pack's instructions, retrieval-aware", ("base", "index"), "vertical.tune:run", "vertical.tune:inputs"),
+    Stage("tune", "LoRA fine-tuning on the pack's instructions, retrieval-aware", ("base", "index"), "vertical.tune:run",
+          "vertical.tune:inputs", distributed=True),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
@@ -89,12 +92,58 @@ class BuildContext:
         changed input never resumes from stale checkpoints; removed when the stage succeeds."""
         root = self.build_dir / ".work" / name
         path = root / self.inputs_hash[:16]
-        if root.is_dir():
+        if root.is_dir() and os.environ.get("RANK", "0") == "0":
             for stale in root.iterdir():
                 if stale != path:
                     shutil.rmtree(stale, ignore_errors=True)
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+class Ranks:
+    """The processes of a `torchrun` / `accelerate launch` run (one process, rank 0, otherwise).
+
+    Rank 0 owns the build folder: it decides what runs, runs every stage and writes every
+    artifact. The other ranks join only the stages marked `distributed` (training), and wait for
+    rank 0 at the end of every stage.
+    """
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self._group = None
+        if self.world > 1:
+            import datetime
+
+            import torch
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
+                                        timeout=datetime.timedelta(hours=2))
+            # rank 0 may index documents for a long time while the others wait: a gloo group with
+            # a long timeout carries the coordination, whatever backend training uses
+            self._group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=24))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's value, on every rank."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self._group)
+        return box[0]
+
+    def wait(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier(group=self._group)
 
 
 @dataclass
@@ -164,7 +213,12 @@ def build(
     reporter = reporter or Reporter()
     ctx = BuildContext(pack=pack, build_dir=build_dir, base_model=base_model or pack.config.base_model, reporter=reporter)
 
+    ranks = Ranks()
     results = []
+    if not ranks.main:  # workers: follow rank 0's plan, join the training stages
+        for stage in selected:
+            results.append(_follow_stage(ctx, stage, ranks))
+        return results
     with exclusive_lock(build_dir / ".lock", f"build folder {build_dir}"):
         clean_stale_tmp(build_dir)
         manifest = load_manifest(build_dir)
@@ -172,11 +226,26 @@ def build(
             raise VerticalError(f"{build_dir} holds a build of pack '{manifest['pack']}', not '{pack.name}'; use --out")
         manifest.update(pack=pack.name, pack_dir=str(pack.root), vertical_version=__version__)
         for stage in selected:
-            results.append(_run_stage(ctx, stage, manifest, forced=stage.name in force))
+            results.append(_run_stage(ctx, stage, manifest, forced=stage.name in force, ranks=ranks))
     return results
 
 
-def _run_stage(ctx: BuildContext, stage: Stage, manifest: dict[str, Any], forced: bool) -> StageResult:
+def _follow_stage(ctx: BuildContext, stage: Stage, ranks: Ranks) -> StageResult:
+    inputs_hash, skip = ranks.share(None)
+    if skip:
+        return StageResult(stage.name, "skipped", 0.0, {})
+    started = time.time()
+    if stage.distributed:
+        import tempfile
+
+        ctx.inputs_hash = inputs_hash
+        with tempfile.TemporaryDirectory(prefix=f"vertical-{stage.name}-rank{ranks.rank}-") as scratch:
+            _load(stage.run)(ctx, Path(scratch))  # rank 0 writes the artifacts; this copy is discarded
+    ranks.wait()
+    return StageResult(stage.name, f"ran on rank {ranks.rank}", round(time.time() - started, 2), {})
+
+
+def _run_stage(ctx: BuildContext, stage: Stage, manifest: dict[str, Any], forced: bool, ranks: Ranks) -> StageResult:
     entries = manifest["stages"]
     upstream = {}
     for need in stage.needs:
@@ -187,11 +256,15 @@ def _run_stage(ctx: BuildContext, stage: Stage, manifest: dict[str, Any], forced
     inputs_hash = sha256_json(inputs)
 
     previous = entries.get(stage.name)
+    skip = False
     if previous and not forced and previous.get("inputs_hash") == inputs_hash:
-        if _outputs_intact(ctx.build_dir, previous, stage.name):
-            ctx.reporter.stage(stage.name, "skipped", "inputs unchanged")
-            return StageResult(stage.name, "skipped", 0.0, previous.get("metrics", {}))
-        log.warning("stage %s: output files are missing or corrupt; rebuilding", stage.name)
+        skip = _outputs_intact(ctx.build_dir, previous, stage.name)
+        if not skip:
+            log.warning("stage %s: output files are missing or corrupt; rebuilding", stage.name)
+    ranks.share((inputs_hash, skip))
+    if skip:
+        ctx.reporter.stage(stage.name, "skipped", "inputs unchanged")
+        return StageResult(stage.name, "skipped", 0.0, previous.get("metrics", {}))
 
     ctx.reporter.stage(stage.name, "running", stage.description)
     ctx.inputs_hash = inputs_hash
@@ -215,5 +288,6 @@ def _run_stage(ctx: BuildContext, stage: Stage, manifest: dict[str, Any], forced
     # hash no longer matches, so they rerun.
     atomic_write_json(ctx.build_dir / MANIFEST, manifest)
     shutil.rmtree(ctx.build_dir / ".work" / stage.name, ignore_errors=True)
+    ranks.wait()
     ctx.reporter.stage(stage.name, "done", f"{seconds:.1f}s")
     return StageResult(stage.name, "ran", seconds, metrics)

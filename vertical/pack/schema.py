@@ -47,15 +47,15 @@ class TuneSettings(Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     learning_rate: float | None = Field(None, gt=0, lt=1)
     epochs: float = Field(1.0, gt=0, le=20)
-    max_length: int = Field(512, ge=32, le=32768, description="tokens; longer examples are truncated")
+    max_length: int = Field(512, ge=32, le=32768, description="tokens; retrieved sources are shortened to fit, other long examples truncated")
     batch_size: int = Field(4, ge=1, le=512)
     gradient_accumulation: int = Field(2, ge=1, le=512)
-    max_examples: int | None = Field(320, ge=1, description="cap on training examples (null: all); CPU-friendly default")
+    max_examples: int | None = Field(96, ge=1, description="cap on training examples (null: all); sized for ~10 min on 2 CPU cores")
     rag_fraction: float = Field(0.5, ge=0, le=1, description="share of examples given retrieved sources")
     no_answer_fraction: float = Field(0.1, ge=0, le=1, description="share of extra examples with unrelated sources")
     rag_sources: int = Field(3, ge=1, le=10)
-    eval_holdout: int = Field(24, ge=0, description="instruction examples held out for eval loss")
-    eval_questions: int = Field(60, ge=0, description="QA items scored for base vs tuned (0: none)")
+    eval_holdout: int = Field(16, ge=0, description="instruction examples held out for eval loss")
+    eval_questions: int = Field(40, ge=0, description="QA items scored for base vs tuned (0: none)")
     save_steps: int = Field(20, ge=1, description="checkpoint every N optimizer steps (resume after a kill)")
     seed: int = 0
 

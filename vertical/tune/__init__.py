@@ -12,6 +12,7 @@ when the tuned model is worse than the base.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ def inputs(ctx) -> dict[str, Any]:
 def hyperparameters(settings, n_params: int) -> dict[str, Any]:
     """Fill in what the pack left open, by model size: small models take a larger rank and rate."""
     if n_params < 1_000_000_000:
-        rank, rate = 16, 3e-4
+        rank, rate = 16, 1e-3  # few steps on CPU: a small model's adapters need a brisk rate
     elif n_params < 10_000_000_000:
         rank, rate = 16, 1e-4
     else:
@@ -44,6 +45,44 @@ def hyperparameters(settings, n_params: int) -> dict[str, Any]:
     rank = settings.lora_rank or rank
     return {"lora_rank": rank, "lora_alpha": settings.lora_alpha or 2 * rank,
             "learning_rate": settings.learning_rate or rate}
+
+
+def lora_config(settings, hp: dict[str, Any]):
+    from peft import LoraConfig
+
+    return LoraConfig(r=hp["lora_rank"], lora_alpha=hp["lora_alpha"], lora_dropout=settings.lora_dropout,
+                      target_modules=settings.target_modules, task_type="CAUSAL_LM")
+
+
+def make_trainer(model, tokenizer, features: list[dict], settings, hp: dict[str, Any], output_dir: Path, **overrides):
+    """The stage's Trainer (also used by benchmarks/tune.py, so both measure the same thing)."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    use_gpu = torch.cuda.is_available()
+    options = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation,
+        num_train_epochs=settings.epochs,
+        learning_rate=hp["learning_rate"],
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, int(0.05 * len(features) / (settings.batch_size * settings.gradient_accumulation))),
+        logging_steps=1 if len(features) < 200 else 5,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        report_to=[],
+        seed=settings.seed,
+        train_sampling_strategy="group_by_length",  # fewer padding tokens per batch
+        dataloader_num_workers=0,
+        bf16=use_gpu and torch.cuda.is_bf16_supported(),
+        use_cpu=not use_gpu,
+        include_num_input_tokens_seen="non_padding",
+    )
+    options.update(overrides)
+    return Trainer(model=model, args=TrainingArguments(**options), train_dataset=features,
+                   data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
 
 
 def _features(tokenizer, examples, max_length: int) -> tuple[list[dict], int, int]:
@@ -61,9 +100,7 @@ def _features(tokenizer, examples, max_length: int) -> tuple[list[dict], int, in
 
 
 def run(ctx, out: Path) -> dict[str, Any]:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from peft import get_peft_model
 
     from vertical.answer import retrieve
     from vertical.base import count_parameters
@@ -90,8 +127,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
     if settings.max_examples and len(train) > settings.max_examples:
         train = train[: settings.max_examples]
 
-    train_examples = build_examples(train, system_prompt, index, embedder, settings, settings.seed)
-    eval_examples = build_examples(held_out, system_prompt, index, embedder, settings, settings.seed + 1)
+    train_examples = build_examples(train, system_prompt, index, embedder, settings, settings.seed, tokenizer)
+    eval_examples = build_examples(held_out, system_prompt, index, embedder, settings, settings.seed + 1, tokenizer)
     train_features, truncated, dropped = _features(tokenizer, train_examples, settings.max_length)
     eval_features, _, _ = _features(tokenizer, eval_examples, settings.max_length)
     if truncated or dropped:
@@ -106,44 +143,21 @@ def run(ctx, out: Path) -> dict[str, Any]:
     qa_items = qa_items[: settings.eval_questions]
     retriever = lambda question: retrieve(index, embedder.encode, question)[0]  # noqa: E731
 
+    # Under torchrun / accelerate launch every rank trains; only rank 0 measures and saves.
+    main = int(os.environ.get("RANK", "0")) == 0
     model = load_causal_lm(base_dir)
     hp = hyperparameters(settings, count_parameters(base_dir))
     metrics: dict[str, Any] = {"examples": len(train_features), "examples_by_kind": kinds, "examples_truncated": truncated,
                                "examples_dropped": dropped, "eval_examples": len(eval_features), **hp}
-    metrics["eval_loss_base"] = round(mean_loss(model, eval_features), 4) if eval_features else None
-    if qa_items:
+    metrics["eval_loss_base"] = round(mean_loss(model, eval_features), 4) if eval_features and main else None
+    if qa_items and main:
         base_qa = evaluate_qa(model, tokenizer, qa_items, system_prompt, retriever, ctx.reporter.track)
         metrics["accuracy_base"] = base_qa["accuracy"]
 
-    lora = LoraConfig(r=hp["lora_rank"], lora_alpha=hp["lora_alpha"], lora_dropout=settings.lora_dropout,
-                      target_modules=settings.target_modules, task_type="CAUSAL_LM")
     model.train()
-    model = get_peft_model(model, lora)
+    model = get_peft_model(model, lora_config(settings, hp))
     work = ctx.work_dir("tune")
-    use_gpu = torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=str(work / "checkpoints"),
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation,
-        num_train_epochs=settings.epochs,
-        learning_rate=hp["learning_rate"],
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, int(0.05 * len(train_features) / (settings.batch_size * settings.gradient_accumulation))),
-        logging_steps=1 if len(train_features) < 200 else 5,
-        save_strategy="steps",
-        save_steps=settings.save_steps,
-        save_total_limit=2,
-        report_to=[],
-        seed=settings.seed,
-        train_sampling_strategy="group_by_length",  # fewer padding tokens per batch
-        dataloader_num_workers=0,
-        bf16=use_gpu and torch.cuda.is_bf16_supported(),
-        use_cpu=not use_gpu,
-        include_num_input_tokens_seen="non_padding",
-        disable_tqdm=False,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=train_features,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    trainer = make_trainer(model, tokenizer, train_features, settings, hp, work / "checkpoints")
     resume = any((work / "checkpoints").glob("checkpoint-*")) if (work / "checkpoints").is_dir() else False
     if resume:
         log.info("tune: resuming from the last checkpoint in %s", work / "checkpoints")
@@ -154,8 +168,10 @@ def run(ctx, out: Path) -> dict[str, Any]:
     curve = [round(float(entry["loss"]), 4) for entry in trainer.state.log_history if "loss" in entry]
     metrics["train_loss_curve"] = curve  # every `logging_steps` optimizer steps
     metrics.update(train_loss=round(result.training_loss, 4), train_seconds=round(seconds, 1),
-                   train_tokens=tokens_seen, resumed=resume,
+                   train_tokens=tokens_seen, resumed=resume, world_size=trainer.args.world_size,
                    train_tokens_per_s=round(tokens_seen / seconds, 1) if seconds and not resume else None)
+    if not main:
+        return metrics
 
     model.eval()
     model.save_pretrained(out / "adapter")

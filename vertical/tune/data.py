@@ -33,8 +33,30 @@ def _source(number: int, chunk) -> Source:
                   text=chunk.text, doc_id=chunk.doc_id)
 
 
-def build_examples(conversations, system_prompt: str, index, embedder, settings, seed: int) -> list[Example]:
-    """Turn the pack's conversations into training examples (see module docstring)."""
+def _fit(messages: list[dict[str, str]], sources: list[Source], tokenizer, max_length: int, rebuild) -> list[dict[str, str]]:
+    """Shorten the sources (evenly, at word boundaries) until the example fits in max_length tokens,
+    so a long retrieval prompt is trimmed instead of the example being cut off before its answer."""
+    if tokenizer is None:
+        return messages
+    length = len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+    excess = length - max_length + 8
+    if excess <= 0:
+        return messages
+    source_tokens = [len(tokenizer(s.text, add_special_tokens=False)["input_ids"]) for s in sources]
+    keep = max(16, (sum(source_tokens) - excess) // max(len(sources), 1))
+    trimmed = []
+    for s, n in zip(sources, source_tokens):
+        if n > keep:
+            words = s.text.split(" ")
+            s = Source(**{**s.__dict__, "text": " ".join(words[: max(1, len(words) * keep // n)]) + " …"})
+        trimmed.append(s)
+    return rebuild(trimmed)
+
+
+def build_examples(conversations, system_prompt: str, index, embedder, settings, seed: int,
+                   tokenizer=None) -> list[Example]:
+    """Turn the pack's conversations into training examples (see module docstring). With the
+    model's tokenizer, retrieved sources are shortened to fit `settings.max_length`."""
     rng = random.Random(seed)
     examples: list[Example] = []
     candidates: list[tuple[int, str, str]] = []  # (position, question, answer) of single-turn examples
@@ -78,7 +100,9 @@ def build_examples(conversations, system_prompt: str, index, embedder, settings,
             continue  # the sources do not back this answer; keep it as a plain example only
         sources = [_source(i + 1, c) for i, c in enumerate(chunks)]
         target = f"{answer.rstrip()} [{best + 1}]"
-        messages = build_messages(system_prompt, question, sources) + [{"role": "assistant", "content": target}]
+        rebuild = lambda found, q=question, t=target: build_messages(system_prompt, q, found) + [  # noqa: E731
+            {"role": "assistant", "content": t}]
+        messages = _fit(rebuild(sources), sources, tokenizer, settings.max_length, rebuild)
         examples[position] = Example(messages, "rag")
         made += 1
 
@@ -91,7 +115,9 @@ def build_examples(conversations, system_prompt: str, index, embedder, settings,
         if float(index.embeddings[pool[0]] @ qvec) >= threshold:
             continue
         sources = [_source(i + 1, c) for i, c in enumerate(chunks)]
-        messages = build_messages(system_prompt, question, sources) + [{"role": "assistant", "content": NO_ANSWER}]
+        rebuild = lambda found, q=question: build_messages(system_prompt, q, found) + [  # noqa: E731
+            {"role": "assistant", "content": NO_ANSWER}]
+        messages = _fit(rebuild(sources), sources, tokenizer, settings.max_length, rebuild)
         examples.append(Example(messages, "no-answer"))
         refused += 1
     log.info("tune data: %d retrieval-aware, %d no-answer examples added", made, refused)

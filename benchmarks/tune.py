@@ -1,0 +1,97 @@
+"""Tune benchmark: training tokens/s of the tune stage's Trainer beside a minimal hand-written PEFT
+loop on the same model, data and batch shape, and the share of this machine's matmul throughput
+that training reaches. Both run in this one process, one after the other.
+
+    python benchmarks/tune.py [--model PATH] [--steps 8] [--batch 4] [--seq 512]
+
+--model defaults to the converted default base model (run `vertical models pull smollm2-135m-instruct`
+first). Every batch is exactly --batch x --seq tokens (no padding), so both sides do the same work.
+FLOPs per trained token are counted as 4 x parameters for LoRA (forward 2N, backward through the
+frozen weights 2N; the adapters' own share is negligible), the usual 6N minus the frozen weight
+gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.matmul(a, b)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        torch.matmul(a, b)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def main() -> None:
+    import torch
+    from peft import get_peft_model
+
+    from vertical.models import ensure_local, load_causal_lm, load_tokenizer, resolve_base_model
+    from vertical.pack.schema import TuneSettings
+    from vertical.tune import hyperparameters, lora_config, make_trainer
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    args = parser.parse_args()
+    model_dir = Path(args.model) if args.model else ensure_local(resolve_base_model("smollm2-135m-instruct"))
+    tokenizer = load_tokenizer(model_dir)
+    n_params = sum(p.numel() for p in load_causal_lm(model_dir).parameters())
+
+    torch.manual_seed(0)
+    n = args.steps * args.batch
+    features = [{"input_ids": ids, "attention_mask": [1] * args.seq, "labels": ids}
+                for ids in torch.randint(100, tokenizer.vocab_size - 1, (n, args.seq)).tolist()]
+    settings = TuneSettings(batch_size=args.batch, gradient_accumulation=1, epochs=1)
+    hp = hyperparameters(settings, n_params)
+    tokens = n * args.seq
+
+    # 1. the stage's Trainer
+    model = get_peft_model(load_causal_lm(model_dir).train(), lora_config(settings, hp))
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(model, tokenizer, features, settings, hp, Path(tmp), save_strategy="no",
+                               train_sampling_strategy="sequential", disable_tqdm=True, logging_steps=1000,
+                               warmup_steps=0)
+        started = time.perf_counter()
+        trainer.train()
+        stage_seconds = time.perf_counter() - started
+
+    # 2. a minimal PEFT loop: same model, adapters, batches, optimizer and learning rate
+    model = get_peft_model(load_causal_lm(model_dir).train(), lora_config(settings, hp))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=hp["learning_rate"])
+    started = time.perf_counter()
+    for step in range(args.steps):
+        batch = features[step * args.batch:(step + 1) * args.batch]
+        ids = torch.tensor([f["input_ids"] for f in batch])
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    plain_seconds = time.perf_counter() - started
+
+    gflops = matmul_gflops()
+    stage_tps, plain_tps = tokens / stage_seconds, tokens / plain_seconds
+    reached = 4 * n_params * stage_tps / 1e9
+    print(f"model {model_dir.name}: {n_params / 1e6:.1f}M parameters, {args.steps} steps of {args.batch}x{args.seq} tokens")
+    print(f"tune stage (Trainer)  {stage_tps:10.1f} tokens/s")
+    print(f"plain PEFT loop       {plain_tps:10.1f} tokens/s")
+    print(f"ratio stage/plain     {stage_tps / plain_tps:10.2f}   (goal: >= 0.90)")
+    print(f"matmul throughput     {gflops:10.1f} GFLOP/s (fp32 2048x2048)")
+    print(f"training reaches      {reached:10.1f} GFLOP/s = {reached / gflops:.1%} of matmul throughput")
+
+
+if __name__ == "__main__":
+    main()
