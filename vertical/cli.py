@@ -305,6 +305,62 @@ def index_remove(
     console.print(f"removed {len(doc_ids)} document(s)")
 
 
+# ---------------------------------------------------------------- knowledge editing
+
+
+def _print_edit_metrics(metrics: dict) -> None:
+    table = Table("metric", "before", "after")
+    for key in ("efficacy", "generalization", "locality", "fluency"):
+        table.add_row(key, str(metrics["before"].get(key)), str(metrics["after"].get(key)))
+    console.print(table)
+    console.print(f"{metrics['edits']} edit(s) with {metrics['method']} on layer(s) {metrics['layers']}; "
+                  f"{metrics['seconds_per_edit']} s per edit")
+
+
+@app.command("edit", context_settings={"help_option_names": ["--help", "-h"]})
+def edit_cmd(
+    args: list[str] = typer.Argument(..., metavar="BUILD | rollback BUILD [EDIT_ID]",
+                                     help="`BUILD` to apply --requests; `rollback BUILD [EDIT_ID]` to undo the last "
+                                          "edit, or EDIT_ID and every edit after it."),
+    requests: Optional[Path] = typer.Option(None, "--requests", help="Edit requests JSONL (EasyEdit fields)."),
+    method: Optional[str] = typer.Option(None, "--method", help="rome, memit or ft (default: the pack's)."),
+) -> None:
+    """Edit facts in the build's FFN weights and measure the edits, or roll edits back."""
+    from vertical.edit import edit_build, rollback
+
+    if args[0] == "rollback":
+        if len(args) not in (2, 3):
+            raise VerticalError("usage: vertical edit rollback BUILD [EDIT_ID]")
+        undone = rollback(_build_dir(Path(args[1])), args[2] if len(args) == 3 else None)
+        console.print(f"rolled back {', '.join(undone)}; the weights are as they were before {undone[0]}")
+        return
+    if len(args) != 1:
+        raise VerticalError("usage: vertical edit BUILD --requests FILE [--method rome|memit|ft]")
+    if requests is None:
+        raise VerticalError("--requests FILE is required: a JSONL of edits (prompt, subject, target_new, ...)")
+    if method not in (None, "rome", "memit", "ft"):
+        raise VerticalError(f"--method {method}: use rome, memit or ft")
+    _print_edit_metrics(edit_build(_build_dir(Path(args[0])), requests, method))
+
+
+@app.command("trace")
+def trace_cmd(
+    build: Path = typer.Argument(..., help="Build folder (builds/<pack>)."),
+    prompt: str = typer.Option(..., "--prompt", help="A prompt the fact completes, e.g. 'The Eiffel Tower is in'."),
+    subject: str = typer.Option(..., "--subject", help="The subject, as it occurs in the prompt."),
+    kind: str = typer.Option("mlp", "--kind", help="Which states to restore: mlp, hidden or attn."),
+    out: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default: BUILD/trace/<subject>-<kind>.png)."),
+) -> None:
+    """Causal tracing: which layers carry the fact? Writes a heatmap PNG."""
+    from vertical.edit.trace import trace_build
+
+    if kind not in ("mlp", "hidden", "attn"):
+        raise VerticalError(f"--kind {kind}: use mlp, hidden or attn")
+    png, result = trace_build(_build_dir(build), prompt, subject, kind, out)
+    console.print(f"answer {result.answer!r}: p={result.p_clean:.3f} clean, {result.p_corrupt:.3f} with the subject corrupted")
+    console.print(f"heatmap: {png}")
+
+
 # ---------------------------------------------------------------- models
 
 

@@ -46,6 +46,7 @@ class Stage:
     inputs: str  # (ctx) -> JSON-able dict of everything the stage reads besides upstream outputs
     version: int = 1  # bump when the stage's code changes what it produces
     distributed: bool = False  # every rank runs it under torchrun / accelerate launch (training)
+    uses: tuple[str, ...] = ()  # upstream stages used when they exist (not pulled in when missing)
 
 
 STAGES: tuple[Stage, ...] = (
@@ -53,6 +54,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("index", "chunk, embed and index the pack's documents; measure retrieval", (), "vertical.index:run", "vertical.index:inputs"),
     Stage("tune", "LoRA fine-tuning on the pack's instructions, retrieval-aware", ("base", "index"), "vertical.tune:run",
           "vertical.tune:inputs", distributed=True),
+    Stage("edit", "write the pack's knowledge edits into the FFN weights (ROME / MEMIT)", ("base",), "vertical.edit:run",
+          "vertical.edit:inputs", uses=("tune",)),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
@@ -167,6 +170,19 @@ def load_manifest(build_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+def record_outputs(build_dir: Path, name: str, metrics: dict[str, Any]) -> None:
+    """After a command changed a stage's folder outside `vertical build` (index add, edit,
+    rollback), record its new files so the next build keeps them instead of calling them corrupt.
+    Call it with the build lock held."""
+    manifest = load_manifest(build_dir)
+    entry = manifest["stages"].get(name)
+    if entry is None:
+        return
+    files = hash_tree(build_dir / name)
+    entry.update(files=files, outputs_hash=sha256_json(files), metrics=metrics)
+    atomic_write_json(build_dir / MANIFEST, manifest)
+
+
 def _outputs_intact(build_dir: Path, entry: dict[str, Any], name: str) -> bool:
     out = build_dir / name
     recorded = entry.get("files")
@@ -252,6 +268,9 @@ def _run_stage(ctx: BuildContext, stage: Stage, manifest: dict[str, Any], forced
         if need not in entries:
             raise VerticalError(f"stage '{stage.name}' needs '{need}', which has not been built")
         upstream[need] = entries[need]["outputs_hash"]
+    for use in stage.uses:
+        if use in entries and (ctx.build_dir / use).is_dir():
+            upstream[use] = entries[use]["outputs_hash"]
     inputs = {"stage_version": stage.version, "upstream": upstream, **_load(stage.inputs)(ctx)}
     inputs_hash = sha256_json(inputs)
 

@@ -167,8 +167,8 @@ def open_index(build_dir: Path):
 def _rewrite_index(build_dir: Path, index: RetrievalIndex, note: dict[str, Any]) -> None:
     """Save the updated index atomically and record its new file hashes in the build manifest,
     so the next `vertical build` keeps it instead of treating it as corrupt."""
-    from vertical.io import exclusive_lock, hash_tree
-    from vertical.pipeline import MANIFEST, load_manifest
+    from vertical.io import exclusive_lock
+    from vertical.pipeline import record_outputs
 
     folder = Path(build_dir) / "index"
     with exclusive_lock(Path(build_dir) / ".lock", f"build folder {build_dir}"):
@@ -178,12 +178,7 @@ def _rewrite_index(build_dir: Path, index: RetrievalIndex, note: dict[str, Any])
         with atomic_dir(folder) as tmp:
             index.save(tmp)
             atomic_write_json(tmp / "metrics.json", metrics)
-            files = hash_tree(tmp)
-        manifest = load_manifest(Path(build_dir))
-        entry = manifest["stages"].get("index")
-        if entry:
-            entry.update(files=files, outputs_hash=sha256_json(files), metrics=metrics)
-            atomic_write_json(Path(build_dir) / MANIFEST, manifest)
+        record_outputs(Path(build_dir), "index", metrics)
 
 
 def add_documents(build_dir: Path, paths: list[Path], track=None) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from vertical.edit.hparams import EditHyperParams
 from vertical.models.registry import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER
 
 SUPPORTED_DOCUMENT_SUFFIXES = (".txt", ".md", ".html", ".htm", ".pdf", ".docx", ".jsonl")
@@ -60,9 +61,17 @@ class TuneSettings(Strict):
     seed: int = 0
 
 
+class EditSettings(Strict):
+    """Knowledge editing of the pack's edits; `hparams` overrides the model's tuned values."""
+
+    method: Literal["rome", "memit", "ft"] = "rome"
+    hparams: EditHyperParams = Field(default_factory=EditHyperParams)
+
+
 class StageSettings(Strict):
     index: IndexSettings = IndexSettings()
     tune: TuneSettings = TuneSettings()
+    edit: EditSettings = EditSettings()
 
 
 class DataFiles(Strict):

@@ -1,0 +1,165 @@
+"""Edit stage: ROME / MEMIT / FT mechanics on the tiny model, the log, bit-exact rollback, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from vertical import pipeline
+from vertical.errors import PackInvalid, VerticalError
+
+
+def _with_edit(pack: Path, **edit) -> None:
+    config = yaml.safe_load((pack / "pack.yaml").read_text())
+    config["stages"]["edit"] = edit
+    (pack / "pack.yaml").write_text(yaml.safe_dump(config))
+
+
+FAST = {"layer": 1, "layers": [0, 1], "context_templates": 2, "context_tokens": 4, "v_steps": 10, "mom2_tokens": 1000}
+
+
+@pytest.fixture
+def edited_build(tiny_pack, tmp_path, tiny_model_dir):
+    _with_edit(tiny_pack, method="rome", hparams=FAST)
+    out = tmp_path / "b"
+    pipeline.build(tiny_pack, out=out, steps=["edit"], base_model=str(tiny_model_dir))
+    return out
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    return state
+
+
+def test_edit_stage_changes_only_the_logged_layer(edited_build):
+    before, after = _weights(edited_build / "base" / "model"), _weights(edited_build / "edit" / "model")
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert changed == ["model.layers.1.mlp.down_proj.weight"]
+    entries = [json.loads(line) for line in (edited_build / "edit" / "log.jsonl").read_text().splitlines()]
+    assert entries[0]["id"] == "edit-0001" and entries[0]["weights"] == changed and entries[0]["method"] == "rome"
+    deltas = load_file(str(edited_build / "edit" / entries[0]["file"]))
+    name = changed[0]
+    assert torch.equal(deltas[f"before.{name}"], before[name])
+    assert torch.equal(deltas[f"before.{name}"] + deltas[f"delta.{name}"], after[name])
+    # ROME's update is rank one
+    assert torch.linalg.matrix_rank(deltas[f"delta.{name}"].double(), rtol=1e-6) == 1
+    metrics = json.loads((edited_build / "edit" / "metrics.json").read_text())
+    for key in ("efficacy", "generalization", "locality", "fluency", "seconds_per_edit", "before", "after"):
+        assert key in metrics
+
+
+def test_cli_edit_then_rollback_is_bit_exact(edited_build, cli, tmp_path, tiny_model_dir):
+    requests = tmp_path / "more.jsonl"
+    requests.write_text(json.dumps({"prompt": "The Siln river flows into", "subject": "Siln", "target_new": "Lake Vor",
+                                    "target_true": "the sea", "rephrase": ["The Siln flows into"]}) + "\n")
+    original = _weights(edited_build / "edit" / "model")
+    code, output = cli("edit", edited_build, "--requests", requests, "--method", "memit")
+    assert code == 0, output
+    assert "efficacy" in output
+    log = (edited_build / "edit" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in log] == ["edit-0001", "edit-0002"]
+    assert json.loads(log[1])["layers"] == [0, 1]
+    assert not all(torch.equal(original[k], v) for k, v in _weights(edited_build / "edit" / "model").items())
+
+    code, output = cli("edit", "rollback", edited_build)
+    assert code == 0 and "edit-0002" in output
+    restored = _weights(edited_build / "edit" / "model")
+    assert all(torch.equal(original[k], restored[k]) for k in original)
+
+    code, output = cli("edit", "rollback", edited_build, "edit-0001")
+    assert code == 0
+    base = _weights(edited_build / "base" / "model")
+    assert all(torch.equal(base[k], v) for k, v in _weights(edited_build / "edit" / "model").items())
+    code, output = cli("edit", "rollback", edited_build)
+    assert code != 0 and "no applied edits" in output
+    # the manifest knows the new files: the next build keeps the rolled-back state
+    pack_dir = json.loads((edited_build / "manifest.json").read_text())["pack_dir"]
+    assert pipeline.build(pack_dir, out=edited_build, steps=["edit"], base_model=str(tiny_model_dir))[-1].status == "skipped"
+
+
+def test_edits_can_be_reapplied_to_a_copy(edited_build):
+    from vertical.edit import apply_deltas, read_log
+    from vertical.models import load_causal_lm
+
+    copy = load_causal_lm(edited_build / "base" / "model")
+    apply_deltas(copy, read_log(edited_build / "edit"), edited_build / "edit")
+    edited = _weights(edited_build / "edit" / "model")
+    params = dict(copy.named_parameters())
+    assert torch.equal(params["model.layers.1.mlp.down_proj.weight"], edited["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_ft_baseline_respects_its_constraint(tiny_pack, tmp_path, tiny_model_dir):
+    _with_edit(tiny_pack, method="ft", hparams={**FAST, "ft_norm_constraint": 1e-3})
+    out = tmp_path / "b"
+    pipeline.build(tiny_pack, out=out, steps=["edit"], base_model=str(tiny_model_dir))
+    name = "model.layers.1.mlp.down_proj.weight"
+    change = _weights(out / "edit" / "model")[name] - _weights(out / "base" / "model")[name]
+    assert 0 < change.abs().max() <= 1e-3 + 1e-7
+
+
+@pytest.mark.parametrize("bad,expected", [
+    ({"prompt": "The mayor is", "subject": "Quentar", "target_new": "X"}, "does not occur in prompt"),
+    ({"prompt": "Quentar is", "subject": "Quentar", "target_new": ""}, "target_new"),
+])
+def test_bad_requests_are_refused(edited_build, cli, tmp_path, bad, expected):
+    requests = tmp_path / "bad.jsonl"
+    requests.write_text(json.dumps(bad) + "\n")
+    before = (edited_build / "edit" / "log.jsonl").read_text()
+    code, output = cli("edit", edited_build, "--requests", requests)
+    assert code != 0 and expected in output and "Traceback" not in output
+    assert (edited_build / "edit" / "log.jsonl").read_text() == before
+
+
+def test_whitespace_target_and_bad_layer_leave_model_untouched(edited_build, cli, tmp_path):
+    requests = tmp_path / "r.jsonl"
+    requests.write_text(json.dumps({"prompt": "Quentar is", "subject": "Quentar", "target_new": "   "}) + "\n")
+    before = _weights(edited_build / "edit" / "model")
+    code, output = cli("edit", edited_build, "--requests", requests)
+    assert code != 0 and "tokenizes to nothing" in output
+    assert all(torch.equal(before[k], v) for k, v in _weights(edited_build / "edit" / "model").items())
+
+
+def test_nan_during_optimisation_is_refused_and_nothing_changes(tiny_pack, tmp_path, tiny_model_dir):
+    from vertical.models import load_causal_lm, load_tokenizer
+
+    poisoned = tmp_path / "poisoned"
+    model = load_causal_lm(tiny_model_dir)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight[0, 0] = float("nan")  # NaN appears mid-network
+    model.save_pretrained(poisoned)
+    load_tokenizer(tiny_model_dir).save_pretrained(poisoned)
+    _with_edit(tiny_pack, method="rome", hparams={**FAST, "mom2": "identity", "context_templates": 0})
+    out = tmp_path / "b"
+    with pytest.raises(VerticalError, match="not finite"):
+        pipeline.build(tiny_pack, out=out, steps=["edit"], base_model=str(poisoned))
+    assert not (out / "edit").exists()
+
+
+def test_unknown_model_family_is_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from vertical.edit.layout import ffn_layout
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(VerticalError, match="no known FFN layout"):
+        ffn_layout(model)
+
+
+def test_edit_layer_out_of_range(tiny_pack, tmp_path, tiny_model_dir):
+    _with_edit(tiny_pack, method="rome", hparams={**FAST, "layer": 7})
+    with pytest.raises(VerticalError, match="edit layer 7 does not exist"):
+        pipeline.build(tiny_pack, out=tmp_path / "b", steps=["edit"], base_model=str(tiny_model_dir))
+
+
+def test_edit_requests_file_must_exist(edited_build, cli, tmp_path):
+    code, output = cli("edit", edited_build, "--requests", tmp_path / "none.jsonl")
+    assert code != 0 and "does not exist" in output
+    code, output = cli("edit", edited_build)
+    assert code != 0 and "--requests FILE is required" in output

@@ -1,0 +1,351 @@
+"""Stage `edit`: write the pack's knowledge edits directly into the FFN weights, and undo them.
+
+    source model (tune/merged, else base/model) -> trace -> ROME | MEMIT | FT -> edit/
+        model/          the edited model (plain Hugging Face folder)
+        log.jsonl       every applied edit: requests, method, layers, time, its weights file
+        deltas/<id>.safetensors   per changed weight: `before.<name>` and `delta.<name>`
+        metrics.json    efficacy, generalization, locality, fluency before and after; s/edit
+
+Every edit is reversible bit-for-bit (`rollback` writes back the stored `before` tensors), and
+the deltas can be added to another copy of the same model (`apply_deltas`). The model on disk
+is only ever replaced whole, after all edits of a run succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vertical.errors import VerticalError
+from vertical.io import sha256_text
+
+log = logging.getLogger(__name__)
+
+LOG_FILE = "log.jsonl"
+
+
+def inputs(ctx) -> dict[str, Any]:
+    settings = ctx.pack.config.stages.edit
+    return {"edits": ctx.pack.fingerprint("edits"), "settings": settings.model_dump(),
+            "documents": ctx.pack.fingerprint("documents") if settings.hparams.mom2 == "stats" else None,
+            "hparams_files": sha256_text("".join(p.read_text() for p in sorted(Path(__file__).with_name("hparams").glob("*.yaml"))))}
+
+
+def source_model_dir(build_dir: Path) -> Path:
+    """What the edit stage starts from: the tuned model if the build has one, else the base."""
+    for rel in ("tune/merged", "base/model"):
+        if (Path(build_dir) / rel / "config.json").is_file():
+            return Path(build_dir) / rel
+    raise VerticalError(f"{build_dir} has no model to edit; run `vertical build PACK --steps base` first")
+
+
+@dataclass
+class Editor:
+    """A loaded model ready to be edited: its layout, hyperparameters and statistics."""
+
+    model: Any
+    tokenizer: Any
+    layout: Any
+    hp: Any
+    model_name: str
+    documents: list[str]
+
+    @classmethod
+    def load(cls, model_dir: Path, model_name: str, overrides: dict | None, documents: list[str]) -> "Editor":
+        from vertical.edit.hparams import load_hparams
+        from vertical.edit.layout import ffn_layout
+        from vertical.models import load_causal_lm, load_tokenizer
+
+        model = load_causal_lm(model_dir)
+        return cls(model, load_tokenizer(model_dir), ffn_layout(model), load_hparams(model_name, overrides),
+                   model_name, documents)
+
+    def moments(self, layers: list[int]):
+        from vertical.edit.stats import second_moment, stats_texts
+
+        return second_moment(self.model, self.tokenizer, self.layout, layers, stats_texts(self.documents),
+                             self.hp.mom2_tokens)
+
+    def templates(self) -> list[str]:
+        from vertical.edit.compute import context_templates
+
+        if not hasattr(self, "_templates"):
+            self._templates = context_templates(self.model, self.tokenizer, self.hp.context_templates,
+                                                self.hp.context_tokens, self.hp.seed)
+        return self._templates
+
+    def edit_layer(self, requests) -> int:
+        """The configured layer, or the one a causal trace of these edits points to."""
+        if self.hp.layer != "auto":
+            return self._valid(self.hp.layer)
+        from vertical.edit.trace import best_layer, causal_trace
+
+        traces = [causal_trace(self.model, self.tokenizer, r.prompt, r.subject, kind="mlp", samples=3)
+                  for r in requests[:4]]
+        layer = best_layer(traces)
+        log.info("edit layer %d chosen by causal tracing of %d prompts", layer, len(traces))
+        return layer
+
+    def memit_layers(self, requests) -> list[int]:
+        if self.hp.layers != "auto":
+            return [self._valid(layer) for layer in self.hp.layers]
+        centre = self.edit_layer(requests)
+        span = self.hp.memit_span
+        start = max(0, min(centre - span // 2, self.layout.num_layers - span))
+        return list(range(start, min(start + span, self.layout.num_layers)))
+
+    def _valid(self, layer: int) -> int:
+        if not 0 <= layer < self.layout.num_layers:
+            raise VerticalError(f"edit layer {layer} does not exist: the model has layers 0..{self.layout.num_layers - 1}")
+        return layer
+
+    def apply(self, requests, method: str) -> list[tuple[dict, dict]]:
+        """Apply the requests in memory. Returns (log entry, tensors) per applied edit; on any
+        failure every weight touched so far is restored before the error propagates."""
+        import torch
+
+        from vertical.edit.methods import constrained_ft, memit, rome
+
+        applied: list[tuple[dict, dict]] = []
+        originals: dict[str, torch.Tensor] = {}
+
+        def run(batch, layers, call):
+            names = {layer: self.layout.weight_name(self.model, layer) for layer in layers}
+            before = {layer: self.layout.down_proj(layer).weight.detach().clone() for layer in layers}
+            for layer, name in names.items():
+                originals.setdefault(name, before[layer])
+            started = time.perf_counter()
+            call()
+            seconds = time.perf_counter() - started
+            tensors = {}
+            for layer, name in names.items():
+                after = self.layout.down_proj(layer).weight.detach()
+                tensors[f"before.{name}"] = before[layer]
+                tensors[f"delta.{name}"] = after - before[layer]
+            entry = {"method": method, "layers": layers, "weights": list(names.values()),
+                     "requests": [r.model_dump(exclude_none=True) for r in batch], "seconds": round(seconds, 3)}
+            applied.append((entry, tensors))
+
+        try:
+            if method == "memit":
+                layers = self.memit_layers(requests)
+                moments = self.moments
+                run(requests, layers, lambda: memit(self.model, self.tokenizer, self.layout, requests, layers, self.hp,
+                                                    self.templates(), moments))
+            else:
+                layer = self.edit_layer(requests)
+                for request in requests:
+                    if method == "rome":
+                        call = lambda r=request: rome(self.model, self.tokenizer, self.layout, r, layer, self.hp,  # noqa: E731
+                                                      self.templates(), self.moments)
+                    elif method == "ft":
+                        call = lambda r=request: constrained_ft(self.model, self.tokenizer, self.layout, r, layer, self.hp)  # noqa: E731
+                    else:
+                        raise VerticalError(f"unknown edit method '{method}': use rome, memit or ft")
+                    run([request], [layer], call)
+        except BaseException:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, tensor in originals.items():
+                    params[name].copy_(tensor)
+            raise
+        return applied
+
+
+def measure(editor: Editor, requests, true_targets: list[str]) -> dict[str, Any]:
+    from vertical.edit.metrics import fluency, score
+
+    result = score(editor.model, editor.tokenizer, requests, true_targets)
+    result["fluency"] = fluency(editor.model, editor.tokenizer, [f"{r.subject} is" for r in requests[:5]])
+    return result
+
+
+def _true_targets(editor: Editor, requests) -> list[str]:
+    from vertical.edit.metrics import greedy_target
+
+    return [r.target_true or greedy_target(editor.model, editor.tokenizer, r.prompt) for r in requests]
+
+
+def _write(out: Path, editor: Editor, previous: list[dict], applied: list[tuple[dict, dict]], previous_dir: Path | None) -> list[dict]:
+    """Write model/, log.jsonl and deltas/ into `out` (a temporary folder the caller renames)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    editor.model.save_pretrained(out / "model", safe_serialization=True)
+    editor.tokenizer.save_pretrained(out / "model")
+    (out / "deltas").mkdir(parents=True, exist_ok=True)
+    if previous_dir is not None:
+        for entry in previous:
+            shutil.copy2(previous_dir / entry["file"], out / entry["file"])
+    entries = list(previous)
+    for entry, tensors in applied:
+        entry = {**entry, "id": f"edit-{len(entries) + 1:04d}", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        entry["file"] = f"deltas/{entry['id']}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / entry["file"]))
+        entries.append(entry)
+    with open(out / LOG_FILE, "w", encoding="utf-8") as handle:
+        for entry in entries:
+            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    return entries
+
+
+def read_log(edit_dir: Path) -> list[dict]:
+    path = Path(edit_dir) / LOG_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _run_edits(editor: Editor, requests, method: str) -> tuple[dict[str, Any], list[tuple[dict, dict]]]:
+    true_targets = _true_targets(editor, requests)
+    before = measure(editor, requests, true_targets)
+    started = time.perf_counter()
+    applied = editor.apply(requests, method)
+    seconds = time.perf_counter() - started
+    after = measure(editor, requests, true_targets)
+    metrics = {"method": method, "edits": len(requests), "layers": sorted({l for e, _ in applied for l in e["layers"]}),
+               "seconds_per_edit": round(seconds / max(len(requests), 1), 3), "before": before, "after": after,
+               **{k: after[k] for k in ("efficacy", "generalization", "locality", "fluency")}}
+    return metrics, applied
+
+
+def run(ctx, out: Path) -> dict[str, Any]:
+    requests = ctx.pack.edits()
+    source = source_model_dir(ctx.build_dir)
+    if not requests:
+        log.info("pack '%s' has no knowledge edits; the edit stage copies the model unchanged", ctx.pack.name)
+    settings = ctx.pack.config.stages.edit
+    editor = Editor.load(source, _model_name(ctx.build_dir), settings.hparams.model_dump(exclude_unset=True),
+                         _document_texts(ctx.pack) if settings.hparams.mom2 == "stats" else [])
+    if not requests:
+        _write(out, editor, [], [], None)
+        return {"method": settings.method, "edits": 0, "source": str(source.relative_to(ctx.build_dir))}
+    metrics, applied = _run_edits(editor, requests, settings.method)
+    _write(out, editor, [], applied, None)
+    metrics["source"] = str(source.relative_to(ctx.build_dir))
+    return metrics
+
+
+def _model_name(build_dir: Path) -> str:
+    info = Path(build_dir) / "base" / "model.json"
+    return json.loads(info.read_text())["spec"] if info.is_file() else ""
+
+
+def _document_texts(pack, limit_chars: int = 400_000) -> list[str]:
+    """Plain text of the pack's documents, for the key statistics."""
+    from vertical.index.documents import load_documents
+
+    documents, _ = load_documents(pack.document_files(), pack.root)
+    texts, total = [], 0
+    for doc in documents:
+        texts.append(doc.text)
+        total += len(doc.text)
+        if total > limit_chars:
+            break
+    return texts
+
+
+# ---------------------------------------------------------------- commands on a built model
+
+
+def edit_build(build_dir: Path, requests_file: Path, method: str | None = None) -> dict[str, Any]:
+    """`vertical edit BUILD --requests FILE`: apply and measure more edits on the build's model."""
+    from vertical.errors import PackInvalid
+    from vertical.io import atomic_dir, atomic_write_json, exclusive_lock
+    from vertical.pack import load_pack, read_jsonl
+    from vertical.pack.schema import EditRequest
+    from vertical.pipeline import load_manifest, record_outputs
+
+    build_dir = Path(build_dir)
+    if not requests_file.is_file():
+        raise VerticalError(f"--requests {requests_file} does not exist")
+    requests, problems = read_jsonl(requests_file, EditRequest.model_validate)
+    if problems:
+        raise PackInvalid(str(requests_file), problems)
+    manifest = load_manifest(build_dir)
+    pack = load_pack(manifest.get("pack_dir") or manifest["pack"])
+    settings = pack.config.stages.edit
+    method = method or settings.method
+    edit_dir = build_dir / "edit"
+    with exclusive_lock(build_dir / ".lock", f"build folder {build_dir}"):
+        source = edit_dir / "model" if (edit_dir / "model" / "config.json").is_file() else source_model_dir(build_dir)
+        previous = read_log(edit_dir) if source.parent == edit_dir else []
+        editor = Editor.load(source, _model_name(build_dir), settings.hparams.model_dump(exclude_unset=True),
+                             _document_texts(pack) if settings.hparams.mom2 == "stats" else [])
+        metrics, applied = _run_edits(editor, requests, method)
+        metrics["requests_file"] = str(requests_file)
+        with atomic_dir(edit_dir) as tmp:
+            _write(tmp, editor, previous, applied, edit_dir if previous else None)
+            history = json.loads((edit_dir / "metrics.json").read_text()) if (edit_dir / "metrics.json").is_file() else {}
+            atomic_write_json(tmp / "metrics.json", {**history, "last_command": metrics})
+        record_outputs(build_dir, "edit", json.loads((edit_dir / "metrics.json").read_text()))
+    return metrics
+
+
+def rollback(build_dir: Path, edit_id: str | None = None) -> list[str]:
+    """Undo the last edit, or `edit_id` and every edit after it, restoring the weights bit-for-bit."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from vertical.io import atomic_dir, atomic_write_json, exclusive_lock
+    from vertical.pipeline import record_outputs
+
+    build_dir = Path(build_dir)
+    edit_dir = build_dir / "edit"
+    with exclusive_lock(build_dir / ".lock", f"build folder {build_dir}"):
+        entries = read_log(edit_dir)
+        if not entries:
+            raise VerticalError(f"{build_dir} has no applied edits to roll back")
+        ids = [e["id"] for e in entries]
+        if edit_id is not None and edit_id not in ids:
+            raise VerticalError(f"no edit {edit_id!r} in {edit_dir / LOG_FILE}; applied edits: {', '.join(ids)}")
+        cut = ids.index(edit_id) if edit_id else len(ids) - 1
+        undone = entries[cut:]
+        weights_files = sorted((edit_dir / "model").glob("*.safetensors"))
+        with atomic_dir(edit_dir) as tmp:
+            shutil.copytree(edit_dir / "model", tmp / "model")
+            for weights in weights_files:
+                state = load_file(str(weights))
+                touched = False
+                for entry in reversed(undone):
+                    saved = load_file(str(edit_dir / entry["file"]))
+                    for name in entry["weights"]:
+                        if name in state:
+                            state[name] = saved[f"before.{name}"]
+                            touched = True
+                if touched:
+                    (tmp / "model" / weights.name).unlink()
+                    save_file(state, str(tmp / "model" / weights.name), metadata={"format": "pt"})
+            (tmp / "deltas").mkdir()
+            for entry in entries[:cut]:
+                shutil.copy2(edit_dir / entry["file"], tmp / entry["file"])
+            with open(tmp / LOG_FILE, "w", encoding="utf-8") as handle:
+                for entry in entries[:cut]:
+                    handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            metrics = json.loads((edit_dir / "metrics.json").read_text()) if (edit_dir / "metrics.json").is_file() else {}
+            metrics["rolled_back"] = metrics.get("rolled_back", []) + [e["id"] for e in undone]
+            atomic_write_json(tmp / "metrics.json", metrics)
+        record_outputs(build_dir, "edit", metrics)
+    return [e["id"] for e in undone]
+
+
+def apply_deltas(model, entries: list[dict], edit_dir: Path) -> None:
+    """Add logged deltas to another copy of the same model (same parameter names and shapes)."""
+    import torch
+    from safetensors.torch import load_file
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for entry in entries:
+            saved = load_file(str(Path(edit_dir) / entry["file"]))
+            for name in entry["weights"]:
+                if name not in params or params[name].shape != saved[f"delta.{name}"].shape:
+                    raise VerticalError(f"{entry['id']}: the model has no weight {name} of the edited shape; "
+                                        "re-run the edit requests on it instead")
+                params[name] += saved[f"delta.{name}"].to(params[name].dtype)

@@ -1,0 +1,171 @@
+"""What ROME and MEMIT share: the FFN keys of a subject and the target vector of an edit.
+
+key  k*: the input of layer l's down projection at the subject's last token, averaged over the
+          prompt preceded by several short random contexts (so the edit holds in other contexts).
+value v*: found by gradient descent on a vector `delta` added to a module's output at that token,
+          until the model completes the prompt with the new target; a KL term on "<subject> is a"
+          keeps what else the model says about the subject, and a norm clamp keeps it small.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from vertical.edit.layout import FFNLayout
+from vertical.edit.tokens import encode, subject_span, target_ids
+from vertical.errors import VerticalError
+from vertical.pack.schema import EditRequest
+
+log = logging.getLogger(__name__)
+
+
+class EditFailed(VerticalError):
+    """An edit could not be computed (for example a NaN during optimisation); nothing was written."""
+
+
+def context_templates(model, tokenizer, count: int, length: int, seed: int) -> list[str]:
+    """"{}" plus `count` short prefixes the model itself generates, as ROME does."""
+    if count == 0:
+        return ["{}"]
+    starts = ["The", "Therefore", "Because", "I", "You", "It", "In", "However", "When", "This"]
+    generator = torch.Generator().manual_seed(seed)
+    templates = ["{}"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and encode(tokenizer, "a")[0] == tokenizer.bos_token_id else []
+    with torch.inference_mode():
+        for i in range(count):
+            ids = torch.tensor([bos + tokenizer(starts[i % len(starts)], add_special_tokens=False)["input_ids"]])
+            for _ in range(length):
+                logits = model(ids).logits[0, -1].float()
+                if not torch.isfinite(logits).all():
+                    raise EditFailed("the model produces non-finite values (NaN/inf); it cannot be edited")
+                top = torch.topk(logits, 5)
+                choice = top.indices[torch.multinomial(top.values.softmax(-1), 1, generator=generator)]
+                ids = torch.cat([ids, choice.view(1, 1)], dim=1)
+            text = tokenizer.decode(ids[0][len(bos):], skip_special_tokens=True).replace("{", "").replace("}", "")
+            templates.append(text.strip() + ". {}")
+    return templates
+
+
+@dataclass
+class Batch:
+    """Tokenised prompts, right-padded, with the positions the methods read and write."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    lookup: list[int]  # last subject token of each row
+
+
+def batch_prompts(tokenizer, texts: list[str], subjects: list[str]) -> Batch:
+    rows = [encode(tokenizer, text) for text in texts]
+    lookup = [subject_span(tokenizer, text, subject)[1] - 1 for text, subject in zip(texts, subjects)]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id or 0
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return Batch(ids, mask, lookup)
+
+
+@contextlib.contextmanager
+def capture_keys(layout: FFNLayout, layers: list[int]):
+    """Record the input of each listed layer's down projection (the FFN keys) during a forward."""
+    seen: dict[int, torch.Tensor] = {}
+    handles = []
+    for layer in layers:
+        def hook(module, args, layer=layer):
+            seen[layer] = args[0].detach()
+        handles.append(layout.down_proj(layer).register_forward_pre_hook(hook))
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def keys_at(model, tokenizer, layout: FFNLayout, layers: list[int], request: EditRequest, templates: list[str],
+            per_context: bool = False) -> dict[int, torch.Tensor]:
+    """k* for each layer: [m] averaged over contexts, or [contexts, m] with per_context."""
+    texts = [t.format(request.prompt) for t in templates]
+    batch = batch_prompts(tokenizer, texts, [request.subject] * len(texts))
+    with torch.inference_mode(), capture_keys(layout, layers) as seen:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    rows = torch.arange(len(texts))
+    keys = {layer: seen[layer][rows, batch.lookup].float() for layer in layers}
+    return keys if per_context else {layer: k.mean(0) for layer, k in keys.items()}
+
+
+def _output_tensor(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def target_delta(model, tokenizer, layout: FFNLayout, request: EditRequest, layer: int, where: str,
+                 templates: list[str], hp) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimise the vector added at the subject's last token to `where` ("mlp": layer l's FFN
+    output, for ROME; "block": layer l's residual output, for MEMIT). Returns (delta, init), with
+    init the module's original output there (averaged over contexts)."""
+    new_ids = target_ids(tokenizer, request.target_new)
+    rewrite = [t.format(request.prompt) for t in templates]
+    kl_prompt = f"{request.subject} is a"
+    rows = [encode(tokenizer, text) + new_ids[:-1] for text in rewrite] + [encode(tokenizer, kl_prompt)]
+    prompt_lengths = [len(encode(tokenizer, text)) for text in rewrite]
+    lookup = [subject_span(tokenizer, text, request.subject)[1] - 1 for text in rewrite]
+    lookup.append(subject_span(tokenizer, kl_prompt, request.subject)[1] - 1)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id or 0
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = torch.full_like(input_ids, -100)
+    for i, start in enumerate(prompt_lengths):
+        labels[i, start - 1:start - 1 + len(new_ids)] = torch.tensor(new_ids)
+
+    module = layout.mlp(layer) if where == "mlp" else layout.layers[layer]
+    hidden = model.config.hidden_size
+    delta = torch.zeros(hidden, requires_grad=True)
+    state = {"init": None}
+    row_index = torch.arange(len(rows))
+
+    def add_delta(_module, _args, output):
+        tensor = _output_tensor(output)
+        if state["init"] is None:
+            state["init"] = tensor[row_index[:-1], lookup[:-1]].detach().float().mean(0)
+        tensor = tensor.clone()
+        tensor[row_index, lookup] = tensor[row_index, lookup] + delta.to(tensor.dtype)
+        return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
+
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
+    handle = module.register_forward_hook(add_delta)
+    kl_start = None
+    try:
+        for step in range(hp.v_steps):
+            optimizer.zero_grad()
+            logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+            kl_logp = logits[-1, lookup[-1]].log_softmax(-1)
+            if kl_start is None:
+                kl_start = kl_logp.detach()
+            logp = logits[:-1].log_softmax(-1)
+            mask = labels[:-1] != -100
+            token_logp = logp.gather(-1, labels[:-1].clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+            nll = -(token_logp.sum(1) / mask.sum(1)).mean()
+            kl = torch.nn.functional.kl_div(kl_logp, kl_start, log_target=True, reduction="sum")
+            decay = hp.v_weight_decay * delta.norm() ** 2 / state["init"].norm() ** 2
+            loss = nll + hp.kl_factor * kl + decay
+            if not torch.isfinite(loss):
+                raise EditFailed(f"edit {request.prompt!r} -> {request.target_new!r}: the optimisation diverged "
+                                 "(loss is not finite); nothing was changed. Try a smaller stages.edit v_lr")
+            if nll.item() < 0.05:
+                break
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():  # keep the change in proportion to what the module normally writes
+                limit = hp.clamp_norm_factor * state["init"].norm()
+                if delta.norm() > limit:
+                    delta.mul_(limit / delta.norm())
+    finally:
+        handle.remove()
+    log.debug("target for %r at layer %d: nll %.3f after %d steps", request.target_new, layer, nll.item(), step + 1)
+    return delta.detach(), state["init"]

@@ -1,0 +1,48 @@
+"""Typed hyperparameters of the editing methods, with one YAML of tuned values per known model
+(vertical/edit/hparams/<model>.yaml); any other model gets the defaults and a traced layer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+HPARAMS_DIR = Path(__file__).with_name("hparams")
+
+
+class EditHyperParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # where: ROME edits `layer`; MEMIT spreads a batch over `layers`; "auto" = from a causal trace
+    layer: int | Literal["auto"] = "auto"
+    layers: list[int] | Literal["auto"] = "auto"
+    memit_span: int = Field(5, ge=1, description="layers MEMIT uses around the traced layer when layers is auto")
+    # the target vector: gradient steps on a delta added at the last subject token
+    v_steps: int = Field(25, ge=1, le=500)
+    v_lr: float = Field(0.5, gt=0)
+    v_weight_decay: float = Field(0.5, ge=0)
+    kl_factor: float = Field(0.0625, ge=0)
+    clamp_norm_factor: float = Field(4.0, gt=0)
+    context_templates: int = Field(10, ge=0, le=50, description="random prefixes the edit must hold under")
+    context_tokens: int = Field(10, ge=2, le=40)
+    # protecting other knowledge: second moment of FFN keys, from pack documents + generic text
+    mom2: Literal["stats", "identity"] = "stats"
+    mom2_tokens: int = Field(20000, ge=1000, description="tokens of text for the key statistics")
+    mom2_update_weight: float = Field(15000.0, gt=0, description="MEMIT's lambda on the key covariance")
+    # fine-tuning baseline
+    ft_steps: int = Field(25, ge=1)
+    ft_lr: float = Field(5e-4, gt=0)
+    ft_norm_constraint: float = Field(5e-4, ge=0, description="max change of any weight entry (L-inf)")
+    seed: int = 0
+
+
+def load_hparams(model_name: str, overrides: dict | None = None) -> EditHyperParams:
+    """Defaults, then the model's YAML if there is one, then the pack's settings."""
+    values: dict = {}
+    path = HPARAMS_DIR / f"{model_name}.yaml"
+    if path.is_file():
+        values.update(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return EditHyperParams(**values)

@@ -1,0 +1,144 @@
+"""The three ways to write a fact into the weights.
+
+ROME  one edit, one layer: a rank-one update of the down projection W of layer l such that the
+      subject's key k* now maps to v* = W k* + delta, while keys of other text (second moment C)
+      are disturbed as little as possible:   W += delta (C^-1 k*)^T / ((C^-1 k*)^T k*)
+MEMIT many edits at once, spread over layers L: the residual target z of each edit at the top of
+      L is reached in steps; at each layer, with keys K and the remaining residual R divided over
+      the layers left,                      W += R K^T (lambda C + K K^T)^-1
+FT    baseline: gradient descent on the same layer's down projection only, each entry kept within
+      a small L-infinity distance of its original value (Zhu et al., constrained fine-tuning).
+
+Each returns the weights it changed, before and after, so edits can be logged and rolled back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from vertical.edit.compute import EditFailed, keys_at, target_delta
+from vertical.edit.layout import FFNLayout
+from vertical.edit.tokens import encode, target_ids
+from vertical.pack.schema import EditRequest
+
+log = logging.getLogger(__name__)
+
+Moments = Callable[[list[int]], dict[int, torch.Tensor]]  # layer -> C, [m, m]
+
+
+def _solve(moment: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """C^-1 rhs, with a tiny ridge so a rank-deficient C from little text still solves."""
+    ridge = 1e-6 * moment.diagonal().mean().clamp(min=1e-12)
+    eye = torch.eye(moment.shape[0], dtype=moment.dtype)
+    return torch.linalg.solve(moment.double() + ridge * eye, rhs.double()).float()
+
+
+def _check(update: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(update).all():
+        raise EditFailed(f"{what}: the weight update is not finite; nothing was changed")
+
+
+def rome(model, tokenizer, layout: FFNLayout, request: EditRequest, layer: int, hp, templates: list[str],
+         moments: Moments) -> dict[int, torch.Tensor]:
+    """Apply one ROME edit in place; returns {layer: delta W}."""
+    key = keys_at(model, tokenizer, layout, [layer], request, templates)[layer]
+    delta, _ = target_delta(model, tokenizer, layout, request, layer, "mlp", templates, hp)
+    if hp.mom2 == "identity":
+        left = key.clone()
+    else:
+        left = _solve(moments([layer])[layer], key)
+    update = torch.outer(delta, left) / torch.dot(left, key)
+    _check(update, f"ROME edit {request.prompt!r}")
+    weight = layout.down_proj(layer).weight
+    with torch.no_grad():
+        weight += update.to(weight.dtype)
+    return {layer: update}
+
+
+def memit(model, tokenizer, layout: FFNLayout, requests: list[EditRequest], layers: list[int], hp,
+          templates: list[str], moments: Moments) -> dict[int, torch.Tensor]:
+    """Apply a batch of edits over `layers` in place; returns {layer: delta W}."""
+    top = layers[-1]
+    # target residual at the top layer for every edit (one delta per edit, all contexts)
+    targets = []
+    for request in requests:
+        delta, _ = target_delta(model, tokenizer, layout, request, top, "block", templates, hp)
+        targets.append(delta)
+    start = {r.prompt: _residual_at(model, tokenizer, layout, top, r, templates) for r in requests}
+    goal = [start[r.prompt] + d for r, d in zip(requests, targets)]  # [contexts, d] each
+    cov = moments(layers) if hp.mom2 == "stats" else {}
+    updates: dict[int, torch.Tensor] = {}
+    for i, layer in enumerate(layers):
+        keys, residuals = [], []
+        for request, target in zip(requests, goal):
+            k = keys_at(model, tokenizer, layout, [layer], request, templates, per_context=True)[layer]  # [c, m]
+            now = _residual_at(model, tokenizer, layout, top, request, templates)  # [c, d]
+            keys.append(k)
+            residuals.append((target - now) / (len(layers) - i))
+        K = torch.cat(keys).T.double()  # [m, n*c]
+        R = torch.cat(residuals).T.double()  # [d, n*c]
+        C = cov[layer].double() if layer in cov else torch.eye(K.shape[0], dtype=torch.float64)
+        A = hp.mom2_update_weight * C + K @ K.T
+        update = torch.linalg.solve(A, (R @ K.T).T).T.float()  # R K^T A^-1 (A symmetric)
+        _check(update, f"MEMIT batch at layer {layer}")
+        weight = layout.down_proj(layer).weight
+        with torch.no_grad():
+            weight += update.to(weight.dtype)
+        updates[layer] = update
+    return updates
+
+
+def _residual_at(model, tokenizer, layout: FFNLayout, layer: int, request: EditRequest, templates: list[str]):
+    """Layer `layer`'s residual output at the subject's last token, one row per context."""
+    from vertical.edit.compute import batch_prompts
+
+    texts = [t.format(request.prompt) for t in templates]
+    batch = batch_prompts(tokenizer, texts, [request.subject] * len(texts))
+    seen = {}
+
+    def hook(_module, _args, output):
+        seen["h"] = (output[0] if isinstance(output, tuple) else output).detach()
+
+    handle = layout.layers[layer].register_forward_hook(hook)
+    try:
+        with torch.inference_mode():
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    finally:
+        handle.remove()
+    return seen["h"][torch.arange(len(texts)), batch.lookup].float()
+
+
+def constrained_ft(model, tokenizer, layout: FFNLayout, request: EditRequest, layer: int, hp) -> dict[int, torch.Tensor]:
+    """Fine-tune layer `layer`'s down projection on the new fact, within an L-inf ball."""
+    weight = layout.down_proj(layer).weight
+    original = weight.detach().clone()
+    new_ids = target_ids(tokenizer, request.target_new)
+    prompt_ids = encode(tokenizer, request.prompt)
+    ids = torch.tensor([prompt_ids + new_ids])
+    labels = torch.full_like(ids, -100)
+    labels[0, len(prompt_ids):] = torch.tensor(new_ids)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    weight.requires_grad_(True)
+    optimizer = torch.optim.Adam([weight], lr=hp.ft_lr)
+    try:
+        for _ in range(hp.ft_steps):
+            optimizer.zero_grad()
+            loss = model(input_ids=ids, labels=labels).loss
+            if not torch.isfinite(loss):
+                with torch.no_grad():
+                    weight.copy_(original)
+                raise EditFailed(f"FT edit {request.prompt!r}: loss is not finite; the layer was restored")
+            if loss.item() < 0.05:
+                break
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                eps = hp.ft_norm_constraint
+                weight.copy_(torch.clamp(weight, original - eps, original + eps))
+    finally:
+        weight.requires_grad_(False)
+    return {layer: (weight.detach() - original)}

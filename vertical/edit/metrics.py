@@ -1,0 +1,74 @@
+"""Editing metrics as CounterFact defines them, on the raw prompts (no chat template).
+
+efficacy        P(target_new) > P(target_true) on the edit's prompt
+generalization  the same on its rephrases
+locality        P(locality target) > P(target_new) on the locality prompts (facts that must stay)
+fluency         n-gram entropy of free generations about the subjects (lower = repetitive)
+P(text) is the mean per-token probability of the target tokens after the prompt (log space).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+
+from vertical.edit.tokens import encode, target_ids
+from vertical.pack.schema import EditRequest
+
+
+def target_logprob(model, tokenizer, prompt: str, target: str) -> float:
+    prompt_ids, ids = encode(tokenizer, prompt), target_ids(tokenizer, target)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt_ids + ids])).logits[0].float()
+    logp = logits[len(prompt_ids) - 1:-1].log_softmax(-1)
+    return float(logp[torch.arange(len(ids)), torch.tensor(ids)].mean())
+
+
+def greedy_target(model, tokenizer, prompt: str, tokens: int = 3) -> str:
+    """The model's own continuation: the "true" target when a request gives none."""
+    ids = torch.tensor([encode(tokenizer, prompt)])
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0][ids.shape[1]:], skip_special_tokens=True).strip() or "the"
+
+
+def score(model, tokenizer, requests: list[EditRequest], true_targets: list[str]) -> dict[str, float | int]:
+    eff, gen, loc = [], [], []
+    for request, true in zip(requests, true_targets):
+        eff.append(target_logprob(model, tokenizer, request.prompt, request.target_new)
+                   > target_logprob(model, tokenizer, request.prompt, true))
+        for rephrase in request.rephrase:
+            gen.append(target_logprob(model, tokenizer, rephrase, request.target_new)
+                       > target_logprob(model, tokenizer, rephrase, true))
+        for item in request.locality:
+            loc.append(target_logprob(model, tokenizer, item.prompt, item.target)
+                       > target_logprob(model, tokenizer, item.prompt, request.target_new))
+    mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
+    return {"efficacy": mean(eff), "generalization": mean(gen), "locality": mean(loc),
+            "n_edits": len(eff), "n_rephrases": len(gen), "n_locality": len(loc)}
+
+
+def ngram_entropy(text_tokens: list[int]) -> float:
+    """ROME's fluency measure: weighted bi- and tri-gram entropy (weights 2/3 and 4/3, halved)."""
+    entropies = []
+    for n, weight in ((2, 2 / 3), (3, 4 / 3)):
+        grams = Counter(tuple(text_tokens[i:i + n]) for i in range(len(text_tokens) - n + 1))
+        total = sum(grams.values())
+        entropy = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+        entropies.append(weight * entropy)
+    return sum(entropies) / 2
+
+
+def fluency(model, tokenizer, prompts: list[str], tokens: int = 40) -> float | None:
+    if not prompts:
+        return None
+    values = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            ids = torch.tensor([encode(tokenizer, prompt)])
+            out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                 repetition_penalty=1.0)
+            values.append(ngram_entropy(out[0][ids.shape[1]:].tolist()))
+    return round(sum(values) / len(values), 4)
