@@ -65,6 +65,8 @@ BAD_PACKS = [
     ("JSONL line not an object", lambda p: _write(p, "instructions/train.jsonl", '[1, 2]\n'), "train.jsonl:1: each line must be a JSON object"),
     ("instruction without output", lambda p: _write(p, "instructions/train.jsonl", '{"instruction": "a"}\n'), "train.jsonl:1: output: Field required"),
     ("sharegpt ending with human", lambda p: _write(p, "instructions/train.jsonl", '{"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}]}\n'), "last turn"),
+    ("unknown sharegpt role", lambda p: _write(p, "instructions/train.jsonl", '{"conversations": [{"from": "robot", "value": "a"}, {"from": "gpt", "value": "b"}]}\n'), "train.jsonl:1: conversations.0.from"),
+    ("empty output", lambda p: _write(p, "instructions/train.jsonl", '{"instruction": "a", "output": ""}\n'), "train.jsonl:1: output: String should have at least 1 character"),
     ("non-UTF-8 instruction file", lambda p: _write(p, "instructions/train.jsonl", b'{"instruction": "a", "output": "b"}\n{"instruction": "\xff\xfe", "output": "c"}\n'), "train.jsonl:2: not UTF-8"),
     ("empty JSONL", lambda p: _write(p, "instructions/train.jsonl", ""), "train.jsonl: file is empty"),
     ("missing data file", lambda p: (p / "edits/edits.jsonl").unlink(), "data.edits: file edits/edits.jsonl does not exist"),

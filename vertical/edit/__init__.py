@@ -65,10 +65,17 @@ class Editor:
                    model_name, documents)
 
     def moments(self, layers: list[int]):
+        """Key statistics of the model as loaded, computed once per layer (later edits in the same
+        run must not shift the statistics that protect other knowledge)."""
         from vertical.edit.stats import second_moment, stats_texts
 
-        return second_moment(self.model, self.tokenizer, self.layout, layers, stats_texts(self.documents),
-                             self.hp.mom2_tokens)
+        if not hasattr(self, "_moments"):
+            self._moments = {}
+        missing = [layer for layer in layers if layer not in self._moments]
+        if missing:
+            self._moments.update(second_moment(self.model, self.tokenizer, self.layout, missing,
+                                               stats_texts(self.documents), self.hp.mom2_tokens))
+        return {layer: self._moments[layer] for layer in layers}
 
     def templates(self) -> list[str]:
         from vertical.edit.compute import context_templates

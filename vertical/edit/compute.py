@@ -28,25 +28,24 @@ class EditFailed(VerticalError):
 
 
 def context_templates(model, tokenizer, count: int, length: int, seed: int) -> list[str]:
-    """"{}" plus `count` short prefixes the model itself generates, as ROME does."""
+    """"{}" plus `count` short prefixes sampled from the model itself (top-5 sampling), as ROME does."""
     if count == 0:
         return ["{}"]
     starts = ["The", "Therefore", "Because", "I", "You", "It", "In", "However", "When", "This"]
-    generator = torch.Generator().manual_seed(seed)
+    prompts = [starts[i % len(starts)] for i in range(count)]
+    rows = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id or 0
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # left-padded: all continue at the end
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    with torch.random.fork_rng(), torch.inference_mode():
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=length, do_sample=True, top_k=5,
+                             pad_token_id=pad, renormalize_logits=True, remove_invalid_values=False)
     templates = ["{}"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and encode(tokenizer, "a")[0] == tokenizer.bos_token_id else []
-    with torch.inference_mode():
-        for i in range(count):
-            ids = torch.tensor([bos + tokenizer(starts[i % len(starts)], add_special_tokens=False)["input_ids"]])
-            for _ in range(length):
-                logits = model(ids).logits[0, -1].float()
-                if not torch.isfinite(logits).all():
-                    raise EditFailed("the model produces non-finite values (NaN/inf); it cannot be edited")
-                top = torch.topk(logits, 5)
-                choice = top.indices[torch.multinomial(top.values.softmax(-1), 1, generator=generator)]
-                ids = torch.cat([ids, choice.view(1, 1)], dim=1)
-            text = tokenizer.decode(ids[0][len(bos):], skip_special_tokens=True).replace("{", "").replace("}", "")
-            templates.append(text.strip() + ". {}")
+    for row in out:
+        text = tokenizer.decode(row, skip_special_tokens=True).replace("{", " ").replace("}", " ")
+        templates.append(" ".join(text.split()) + ". {}")
     return templates
 
 

@@ -25,7 +25,7 @@ class EditHyperParams(BaseModel):
     v_weight_decay: float = Field(0.5, ge=0)
     kl_factor: float = Field(0.0625, ge=0)
     clamp_norm_factor: float = Field(4.0, gt=0)
-    context_templates: int = Field(10, ge=0, le=50, description="random prefixes the edit must hold under")
+    context_templates: int = Field(5, ge=0, le=50, description="random prefixes the edit must hold under")
     context_tokens: int = Field(10, ge=2, le=40)
     # protecting other knowledge: second moment of FFN keys, from pack documents + generic text
     mom2: Literal["stats", "identity"] = "stats"

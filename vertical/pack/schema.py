@@ -56,7 +56,7 @@ class TuneSettings(Strict):
     no_answer_fraction: float = Field(0.1, ge=0, le=1, description="share of extra examples with unrelated sources")
     rag_sources: int = Field(3, ge=1, le=10)
     eval_holdout: int = Field(16, ge=0, description="instruction examples held out for eval loss")
-    eval_questions: int = Field(40, ge=0, description="QA items scored for base vs tuned (0: none)")
+    eval_questions: int = Field(30, ge=0, description="QA items scored for base vs tuned (0: none)")
     save_steps: int = Field(20, ge=1, description="checkpoint every N optimizer steps (resume after a kill)")
     seed: int = 0
 

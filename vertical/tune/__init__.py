@@ -136,12 +136,17 @@ def run(ctx, out: Path) -> dict[str, Any]:
                     "and were dropped", truncated, len(train_examples), settings.max_length, dropped)
     if not train_features:
         raise VerticalError("tune: no training example left after truncation; raise stages.tune.max_length")
+    if len(train_features) < settings.batch_size:
+        files = ", ".join(ctx.pack.config.data.instructions)
+        log.warning("tune: only %d training examples (%s), fewer than one batch of %d; add examples or lower "
+                    "stages.tune.batch_size", len(train_features), files, settings.batch_size)
     kinds = {kind: sum(e.kind == kind for e in train_examples) for kind in ("plain", "rag", "no-answer", "given-sources")}
 
     qa_items = ctx.pack.qa_eval()
     random.Random(settings.seed).shuffle(qa_items)
     qa_items = qa_items[: settings.eval_questions]
-    retriever = lambda question: retrieve(index, embedder.encode, question)[0]  # noqa: E731
+    # as many sources as the training prompts carry, so base and tuned are scored on that format
+    retriever = lambda question: retrieve(index, embedder.encode, question, settings.rag_sources)[0]  # noqa: E731
 
     # Under torchrun / accelerate launch every rank trains; only rank 0 measures and saves.
     main = int(os.environ.get("RANK", "0")) == 0
