@@ -53,13 +53,19 @@ def build_requests(seed: int = 0):
 
 
 def known(editor, requests, limit):
+    """Requests whose fact the model knows, with locality prompts it also knows (so locality
+    starts at 1.0 and measures only what the edit breaks)."""
     from vertical.edit.metrics import target_logprob
 
+    m, tok = editor.model, editor.tokenizer
+    prefers = lambda prompt, good, bad: target_logprob(m, tok, prompt, good) > target_logprob(m, tok, prompt, bad)  # noqa: E731
     chosen = []
     for request in requests:
-        m, tok = editor.model, editor.tokenizer
-        if target_logprob(m, tok, request.prompt, request.target_true) > target_logprob(m, tok, request.prompt, request.target_new):
-            chosen.append(request)
+        if not prefers(request.prompt, request.target_true, request.target_new):
+            continue
+        kept = [item for item in request.locality if prefers(item.prompt, item.target, request.target_new)]
+        if kept:
+            chosen.append(request.model_copy(update={"locality": kept}))
         if len(chosen) == limit:
             break
     return chosen
@@ -77,12 +83,15 @@ def main() -> None:
     parser.add_argument("--memit", type=int, default=100)
     parser.add_argument("--layer", type=int, default=None, help="ROME layer (default: the model's hparams YAML)")
     parser.add_argument("--skip-memit", action="store_true")
+    parser.add_argument("--v-steps", type=int, default=None)
     args = parser.parse_args()
 
     model_dir = ensure_local(resolve_base_model("smollm2-135m-instruct"))
     pack = load_pack("medical")
     documents = [d.text for d in load_documents(pack.document_files(), pack.root)[0]][:400]
     overrides = {"layer": args.layer} if args.layer is not None else {}
+    if args.v_steps:
+        overrides["v_steps"] = args.v_steps
     requests = build_requests()
 
     editor = Editor.load(model_dir, "smollm2-135m-instruct", overrides, documents)

@@ -22,10 +22,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+def matmul_gflops(size: int = 2048, repeats: int = 10, dtype=None) -> float:
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.matmul(a, b)
     started = time.perf_counter()
     for _ in range(repeats):
@@ -38,6 +38,7 @@ def main() -> None:
     from peft import get_peft_model
 
     from vertical.models import ensure_local, load_causal_lm, load_tokenizer, resolve_base_model
+    from vertical.models.registry import autocast, bf16_supported
     from vertical.pack.schema import TuneSettings
     from vertical.tune import hyperparameters, lora_config, make_trainer
 
@@ -76,7 +77,8 @@ def main() -> None:
     for step in range(args.steps):
         batch = features[step * args.batch:(step + 1) * args.batch]
         ids = torch.tensor([f["input_ids"] for f in batch])
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+        with autocast():  # the same mixed precision the stage's Trainer uses
+            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -85,12 +87,17 @@ def main() -> None:
     gflops = matmul_gflops()
     stage_tps, plain_tps = tokens / stage_seconds, tokens / plain_seconds
     reached = 4 * n_params * stage_tps / 1e9
-    print(f"model {model_dir.name}: {n_params / 1e6:.1f}M parameters, {args.steps} steps of {args.batch}x{args.seq} tokens")
+    print(f"model {model_dir.name}: {n_params / 1e6:.1f}M parameters, {args.steps} steps of {args.batch}x{args.seq} tokens, "
+          f"{'bf16 autocast' if bf16_supported() else 'fp32'}")
     print(f"tune stage (Trainer)  {stage_tps:10.1f} tokens/s")
     print(f"plain PEFT loop       {plain_tps:10.1f} tokens/s")
     print(f"ratio stage/plain     {stage_tps / plain_tps:10.2f}   (goal: >= 0.90)")
     print(f"matmul throughput     {gflops:10.1f} GFLOP/s (fp32 2048x2048)")
-    print(f"training reaches      {reached:10.1f} GFLOP/s = {reached / gflops:.1%} of matmul throughput")
+    if bf16_supported():
+        bf16 = matmul_gflops(dtype=torch.bfloat16)
+        print(f"matmul throughput     {bf16:10.1f} GFLOP/s (bf16 2048x2048)")
+        gflops = bf16
+    print(f"training reaches      {reached:10.1f} GFLOP/s = {reached / gflops:.1%} of the matmul throughput of its precision")
 
 
 if __name__ == "__main__":

@@ -90,3 +90,21 @@ def cli():
         return code, buffer.getvalue()
 
     return run
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(tmp_path_factory) -> Path:
+    """The real default base model, converted once per test session into its own cache."""
+    import os
+
+    from vertical.models import ensure_local, resolve_base_model
+
+    old = os.environ.get("VERTICAL_CACHE")
+    os.environ["VERTICAL_CACHE"] = str(tmp_path_factory.mktemp("session-cache"))
+    try:
+        return ensure_local(resolve_base_model("smollm2-135m-instruct"))
+    finally:
+        if old is None:
+            del os.environ["VERTICAL_CACHE"]
+        else:
+            os.environ["VERTICAL_CACHE"] = old

@@ -134,6 +134,8 @@ def target_delta(model, tokenizer, layout: FFNLayout, request: EditRequest, laye
         tensor[row_index, lookup] = tensor[row_index, lookup] + delta.to(tensor.dtype)
         return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
 
+    from vertical.models.registry import autocast
+
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -142,7 +144,8 @@ def target_delta(model, tokenizer, layout: FFNLayout, request: EditRequest, laye
     try:
         for step in range(hp.v_steps):
             optimizer.zero_grad()
-            logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+            with autocast():  # the search for delta tolerates bf16; keys and the update stay fp32
+                logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
             kl_logp = logits[-1, lookup[-1]].log_softmax(-1)
             if kl_start is None:
                 kl_start = kl_logp.detach()
@@ -156,7 +159,7 @@ def target_delta(model, tokenizer, layout: FFNLayout, request: EditRequest, laye
             if not torch.isfinite(loss):
                 raise EditFailed(f"edit {request.prompt!r} -> {request.target_new!r}: the optimisation diverged "
                                  "(loss is not finite); nothing was changed. Try a smaller stages.edit v_lr")
-            if nll.item() < 0.05:
+            if nll.item() < 0.05:  # the new target is near certain in every context
                 break
             loss.backward()
             optimizer.step()

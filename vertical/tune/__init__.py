@@ -59,6 +59,8 @@ def make_trainer(model, tokenizer, features: list[dict], settings, hp: dict[str,
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
+    from vertical.models.registry import bf16_supported
+
     use_gpu = torch.cuda.is_available()
     options = dict(
         output_dir=str(output_dir),
@@ -76,7 +78,7 @@ def make_trainer(model, tokenizer, features: list[dict], settings, hp: dict[str,
         seed=settings.seed,
         train_sampling_strategy="group_by_length",  # fewer padding tokens per batch
         dataloader_num_workers=0,
-        bf16=use_gpu and torch.cuda.is_bf16_supported(),
+        bf16=bf16_supported(),  # mixed precision on a GPU, or a CPU with native bf16
         use_cpu=not use_gpu,
         include_num_input_tokens_seen="non_padding",
     )
