@@ -72,14 +72,12 @@ def known(editor, requests, limit):
 
 
 def main() -> None:
-    from vertical.edit import Editor
-    from vertical.edit.metrics import score
     from vertical.index.documents import load_documents
     from vertical.models import ensure_local, resolve_base_model
     from vertical.pack import load_pack
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rome", type=int, default=40)
+    parser.add_argument("--rome", type=int, default=40, help="ROME edits (0: skip)")
     parser.add_argument("--memit", type=int, default=100)
     parser.add_argument("--layer", type=int, default=None, help="ROME layer (default: the model's hparams YAML)")
     parser.add_argument("--skip-memit", action="store_true")
@@ -94,8 +92,18 @@ def main() -> None:
         overrides["v_steps"] = args.v_steps
     requests = build_requests()
 
+    if args.rome:
+        run_rome(model_dir, overrides, documents, requests, args.rome)
+    if not args.skip_memit:
+        run_memit(model_dir, overrides, documents, requests, args.memit)
+
+
+def run_rome(model_dir, overrides, documents, requests, count) -> None:
+    from vertical.edit import Editor
+    from vertical.edit.metrics import score
+
     editor = Editor.load(model_dir, "smollm2-135m-instruct", overrides, documents)
-    rome_set = known(editor, requests, args.rome)
+    rome_set = known(editor, requests, count)
     print(f"{len(requests)} counterfactual requests; {len(rome_set)} known facts used for ROME", flush=True)
     editor.templates(), editor.moments([editor.edit_layer(rome_set)])  # one-time costs, not per edit
     immediate, seconds = [], []
@@ -115,10 +123,13 @@ def main() -> None:
           f"locality {final['locality']:.3f}")
     print(f"  seconds per edit: {sum(seconds) / len(seconds):.2f} (target < 10)")
 
-    if args.skip_memit:
-        return
+
+def run_memit(model_dir, overrides, documents, requests, count) -> None:
+    from vertical.edit import Editor
+    from vertical.edit.metrics import score
+
     editor = Editor.load(model_dir, "smollm2-135m-instruct", overrides, documents)
-    memit_set = known(editor, requests, args.memit)
+    memit_set = known(editor, requests, count)
     layers = editor.memit_layers(memit_set)
     editor.templates(), editor.moments(layers)
     before = score(editor.model, editor.tokenizer, memit_set, [r.target_true for r in memit_set])
