@@ -163,3 +163,14 @@ def test_edit_requests_file_must_exist(edited_build, cli, tmp_path):
     assert code != 0 and "does not exist" in output
     code, output = cli("edit", edited_build)
     assert code != 0 and "--requests FILE is required" in output
+
+
+def test_trace_cli_writes_heatmap(edited_build, cli):
+    code, output = cli("trace", edited_build, "--prompt", "The mayor of Quentar is", "--subject", "Quentar")
+    assert code == 0, output
+    png = edited_build / "trace" / "quentar-mlp.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, output = cli("trace", edited_build, "--prompt", "The mayor is", "--subject", "Quentar")
+    assert code != 0 and "does not occur in prompt" in output
+    code, output = cli("trace", edited_build, "--prompt", "Quentar is", "--subject", "Quentar", "--kind", "heads")
+    assert code != 0 and "--kind heads" in output
