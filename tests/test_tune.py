@@ -153,3 +153,16 @@ def test_tune_under_torchrun_two_processes(tiny_pack, tmp_path, tiny_model_dir):
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["stages"]) == {"base", "index", "tune"}
     assert (out / "tune" / "merged" / "model.safetensors").is_file()
+
+
+def test_pack_without_instructions_skips_training(tiny_pack, tmp_path, tiny_model_dir):
+    config = yaml.safe_load((tiny_pack / "pack.yaml").read_text())
+    config["data"]["instructions"] = []
+    (tiny_pack / "pack.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "b"
+    results = pipeline.build(tiny_pack, out=out, steps=["tune"], base_model=str(tiny_model_dir))
+    assert results[-1].metrics == {"skipped": "the pack has no instruction data"}
+    assert not (out / "tune" / "merged").exists()
+    from vertical.edit import source_model_dir
+
+    assert source_model_dir(out) == out / "base" / "model"

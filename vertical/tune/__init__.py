@@ -121,7 +121,9 @@ def run(ctx, out: Path) -> dict[str, Any]:
 
     conversations = ctx.pack.instructions()
     if not conversations:
-        raise VerticalError(f"pack '{ctx.pack.name}' has no instruction data (data.instructions in pack.yaml)")
+        log.warning("pack '%s' has no instruction data (data.instructions in pack.yaml): nothing to tune; "
+                    "later stages use the base model", ctx.pack.name)
+        return {"skipped": "the pack has no instruction data"}
     rng = random.Random(settings.seed)
     rng.shuffle(conversations)
     holdout_n = min(settings.eval_holdout, len(conversations) // 5)
