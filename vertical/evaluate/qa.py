@@ -28,8 +28,9 @@ def normalize(text: str) -> str:
 
 
 def is_correct(prediction: str, gold: str) -> bool:
+    """The normalised gold answer occurs in the prediction as whole words ("no" is not in "not")."""
     gold_n = normalize(gold)
-    return bool(gold_n) and gold_n in normalize(prediction)
+    return bool(gold_n) and f" {gold_n} " in f" {normalize(prediction)} "
 
 
 def _prompt_ids(tokenizer, messages: list[dict[str, str]], prefix: str) -> list[int]:
