@@ -46,6 +46,7 @@ class Hit:
 def _tokenize_bm25(texts: list[str]) -> list[list[str]]:
     import bm25s
 
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
     return bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
 
 
