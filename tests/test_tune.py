@@ -100,7 +100,7 @@ def test_tune_stage_outputs_and_learns(tiny_pack, tmp_path, tiny_model_dir, monk
         assert not torch.allclose(fresh_base(ids).logits, merged(ids).logits, atol=1e-4)
     # it learned: the training loss fell well below where it started (~ln(vocab) for a random model)
     curve = metrics["train_loss_curve"]
-    assert len(curve) >= 4 and curve[-1] < curve[0] - 0.5, curve
+    assert len(curve) >= 6 and sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.2, curve
     assert pipeline.build(tiny_pack, out=out, steps=["tune"], base_model=str(tiny_model_dir))[-1].status == "skipped"
 
 
