@@ -117,13 +117,12 @@ def run(ctx, out: Path) -> dict[str, Any]:
     tokenizer = load_tokenizer(base_dir)
     if not tokenizer.chat_template:
         raise VerticalError(f"base model {base_dir} has no chat template; tune needs an instruct/chat model")
-    index, embedder = open_index(ctx.build_dir)
-
     conversations = ctx.pack.instructions()
-    if not conversations:
+    if not conversations:  # checked first: no model, index or embedder is loaded for nothing
         log.warning("pack '%s' has no instruction data (data.instructions in pack.yaml): nothing to tune; "
                     "later stages use the base model", ctx.pack.name)
         return {"skipped": "the pack has no instruction data"}
+    index, embedder = open_index(ctx.build_dir)
     rng = random.Random(settings.seed)
     rng.shuffle(conversations)
     holdout_n = min(settings.eval_holdout, len(conversations) // 5)
