@@ -169,3 +169,14 @@ def test_pack_without_instructions_skips_training(tiny_pack, tmp_path, tiny_mode
     from vertical.edit import source_model_dir
 
     assert source_model_dir(out) == out / "base" / "model"
+
+
+def test_half_written_checkpoint_is_not_resumed(tmp_path):
+    from vertical.tune import _last_complete_checkpoint
+
+    (tmp_path / "checkpoint-5").mkdir()
+    (tmp_path / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-10").mkdir()  # killed while writing: no trainer_state.json
+    assert _last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-5"
+    assert not (tmp_path / "checkpoint-10").exists()
+    assert _last_complete_checkpoint(tmp_path / "none") is None

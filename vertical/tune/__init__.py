@@ -166,11 +166,12 @@ def run(ctx, out: Path) -> dict[str, Any]:
     model = get_peft_model(model, lora_config(settings, hp))
     work = ctx.work_dir("tune")
     trainer = make_trainer(model, tokenizer, train_features, settings, hp, work / "checkpoints")
-    resume = any((work / "checkpoints").glob("checkpoint-*")) if (work / "checkpoints").is_dir() else False
+    checkpoint = _last_complete_checkpoint(work / "checkpoints")
+    resume = checkpoint is not None
     if resume:
-        log.info("tune: resuming from the last checkpoint in %s", work / "checkpoints")
+        log.info("tune: resuming from %s", checkpoint)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if resume else None)
     seconds = time.perf_counter() - started
     tokens_seen = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
     curve = [round(float(entry["loss"]), 4) for entry in trainer.state.log_history if "loss" in entry]
@@ -195,6 +196,22 @@ def run(ctx, out: Path) -> dict[str, Any]:
         _write_predictions(out / "qa_predictions.jsonl", base_qa["items"], tuned_qa["items"])
     metrics["verdict"] = _verdict(metrics)
     return metrics
+
+
+def _last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint a kill did not interrupt. Trainer writes trainer_state.json last, so a
+    checkpoint folder without it is half-written: it is removed, never resumed from."""
+    import shutil
+
+    if not folder.is_dir():
+        return None
+    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    for checkpoint in reversed(found):
+        if (checkpoint / "trainer_state.json").is_file():
+            return checkpoint
+        log.warning("tune: %s was interrupted while being written; removing it", checkpoint)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
 
 
 def _write_predictions(path: Path, base: list[dict], tuned: list[dict]) -> None:
