@@ -1,1 +1,180 @@
-"""Torch-free runtime and ONNX export of vertical bundles (imported as vertical.export)."""
+"""Stage `export`, and the torch-free runtime that serves what it writes (imported as vertical.export).
+
+    student (distill/model) or teacher -> onnxruntime-genai model builder -> model/
+    sentence embedder -> ONNX (int8) -> embedder/; the index re-embedded with it -> index/
+    pack.json (system prompt, disclaimer), manifest.json (sha256 of every file, versions, metrics)
+
+With `quant: auto` the stage builds int8 and int4 and keeps int8 unless int4's greedy answers
+agree better with fp32's on the pack's prompts. Modules: `convert` (needs torch, export time
+only), `bundle` + `runtime` + `server` (torch-free, what a deployment installs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+AGREEMENT_TOKENS = 48  # greedy tokens compared per prompt between quantisations
+
+
+def inputs(ctx) -> dict[str, Any]:
+    config = ctx.pack.config
+    return {"settings": config.stages.export.model_dump(), "embedder": config.embedder, "name": config.name,
+            "description": config.description, "system_prompt": config.system_prompt, "disclaimer": config.disclaimer,
+            "example_questions": config.example_questions, "instructions": ctx.pack.fingerprint("instructions"),
+            "retrieval_eval": ctx.pack.fingerprint("retrieval_eval")}
+
+
+def _model_to_export(ctx, choice: str) -> tuple[Path, str]:
+    from vertical.generation import best_model_dir
+
+    student = ctx.build_dir / "distill" / "model"
+    if choice == "student":
+        if (student / "config.json").is_file():
+            return student, "student"
+        log.warning("export: the build has no distilled student (run the distill stage); exporting the teacher")
+    return best_model_dir(ctx.build_dir), "teacher"
+
+
+def _agreement_prompts(ctx, assistant, count: int) -> list[list[dict[str, str]]]:
+    """Chat prompts as the server builds them: the pack's example questions, then instruction
+    questions, each with its retrieved sources."""
+    from vertical.prompting import build_messages
+
+    questions = list(ctx.pack.config.example_questions)
+    for conversation in ctx.pack.instructions():
+        users = [m.content for m in conversation if m.role == "user"]
+        if len(users) == 1 and "<sources>" not in users[0] and "[1]" not in users[0]:
+            questions.append(users[0])
+    prompts = []
+    for question in questions[:count]:
+        _, messages = assistant.prepare(question)
+        prompts.append(messages or build_messages(ctx.pack.config.system_prompt, question, None))
+    return prompts
+
+
+def onnx_tokens_per_s(model, new_tokens: int = 64) -> float:
+    """Decode speed of an exported model (tokens after the first, per second; best of two)."""
+    ids = model.prompt_ids([{"role": "user", "content": "Summarise the main points of the guideline in detail."}])
+    best = 0.0
+    for _ in range(2):
+        started, first, count = time.perf_counter(), None, 0
+        for _piece in model.stream_ids(ids, new_tokens):
+            count += 1
+            if first is None:
+                first = time.perf_counter()
+        if first is not None and count > 1:
+            best = max(best, (count - 1) / (time.perf_counter() - first))
+    return round(best, 2)
+
+
+def _build_metrics(build_dir: Path) -> dict[str, Any]:
+    """The headline numbers of every stage, for the bundle's manifest."""
+    from vertical.pipeline import load_manifest
+
+    keep = {"index": ("recall@1", "recall@5", "mrr@10", "threshold"),
+            "tune": ("eval_loss_base", "eval_loss_tuned", "accuracy_base", "accuracy_tuned"),
+            "edit": ("edits", "method", "efficacy", "generalization", "locality"),
+            "distill": ("teacher_score", "student_score", "retention", "speedup", "edit_efficacy", "student_layers")}
+    stages = load_manifest(build_dir)["stages"]
+    return {stage: {k: stages[stage]["metrics"].get(k) for k in names}
+            for stage, names in keep.items() if stage in stages}
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("vertical", "onnxruntime", "onnxruntime-genai", "onnx", "tokenizers", "faiss-cpu", "bm25s",
+                    "transformers", "torch"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def run(ctx, out: Path) -> dict[str, Any]:
+    from vertical.answer import Assistant
+    from vertical.distill import decode_tokens_per_s
+    from vertical.export.bundle import FORMAT, FORMAT_VERSION, MANIFEST, list_files
+    from vertical.export.convert import export_embedder, export_language_model, prefix_agreement
+    from vertical.export.runtime import OnnxChatModel, OnnxEmbedder
+    from vertical.index import calibrate_threshold, evaluate
+    from vertical.index.store import RetrievalIndex
+    from vertical.models import load_causal_lm, load_tokenizer
+
+    config = ctx.pack.config
+    settings = config.stages.export
+    model_dir, role = _model_to_export(ctx, settings.model)
+    scratch = ctx.work_dir("export")
+    metrics: dict[str, Any] = {"model": role, "source": str(model_dir.relative_to(ctx.build_dir))}
+
+    # the embedder, and the index re-embedded with it: queries and chunks must share one encoder
+    ctx.reporter.stage("export", "running", "embedder to ONNX")
+    embedder_info = export_embedder(config.embedder, out / "embedder")
+    embedder = OnnxEmbedder(out / "embedder")
+    built = RetrievalIndex.load(ctx.stage_dir("index"))
+    vectors = embedder.encode([c.embedding_text() for c in built.chunks], track=ctx.reporter.track)
+    index = RetrievalIndex(built.chunks, vectors, {**built.meta, "embedder": f"onnx:{config.embedder}"})
+    items = ctx.pack.retrieval_eval()
+    if items:
+        metrics["retrieval"] = evaluate(index, embedder, items, index.meta["mode"])
+        calibration = calibrate_threshold(index, embedder, [item.question for item in items])
+        index.meta["threshold"] = calibration["threshold"]
+        metrics["retrieval"]["threshold"] = calibration["threshold"]
+    index.save(out / "index")
+
+    # the language model: candidates, compared with fp32 on the pack's prompts
+    candidates = ["int8", "int4"] if settings.quant == "auto" else [settings.quant]
+    built_models = {}
+    for quant in dict.fromkeys(["fp32", *candidates]):
+        ctx.reporter.stage("export", "running", f"language model to ONNX ({quant})")
+        built_models[quant] = export_language_model(model_dir, scratch / f"lm-{quant}", quant, scratch)
+    reference = OnnxChatModel(built_models["fp32"])
+    assistant = Assistant(index, embedder, reference, config.system_prompt)
+    prompts = [reference.prompt_ids(m) for m in _agreement_prompts(ctx, assistant, settings.agreement_prompts)]
+    greedy = {"fp32": [reference.greedy_ids(ids, AGREEMENT_TOKENS) for ids in prompts]}
+    agreement = {"fp32": 1.0}
+    for quant in candidates:
+        if quant == "fp32":
+            continue
+        model = OnnxChatModel(built_models[quant])
+        greedy[quant] = [model.greedy_ids(ids, AGREEMENT_TOKENS) for ids in prompts]
+        scores = [prefix_agreement(r, o) for r, o in zip(greedy["fp32"], greedy[quant])]
+        agreement[quant] = round(sum(scores) / max(len(scores), 1), 4)
+    if settings.quant == "auto":
+        chosen = "int8" if agreement["int8"] >= agreement["int4"] else "int4"
+    else:
+        chosen = settings.quant
+    del reference, assistant
+    shutil.move(str(built_models[chosen]), str(out / "model"))
+    metrics.update(quant=chosen, greedy_agreement=agreement[chosen], agreement_by_quant=agreement,
+                   agreement_prompts=len(prompts), quant_candidates=candidates)
+
+    # speed of the exported model and of the same model in PyTorch eager (fp32)
+    ctx.reporter.stage("export", "running", "measuring decode speed")
+    metrics["onnx_tokens_per_s"] = onnx_tokens_per_s(OnnxChatModel(out / "model"))
+    torch_model = load_causal_lm(model_dir)
+    metrics["torch_tokens_per_s"] = decode_tokens_per_s(torch_model, load_tokenizer(model_dir), new_tokens=64)
+    del torch_model
+    metrics["onnx_speedup"] = round(metrics["onnx_tokens_per_s"] / max(metrics["torch_tokens_per_s"], 1e-9), 2)
+
+    pack_info = {"name": config.name, "description": config.description, "language": config.language,
+                 "system_prompt": config.system_prompt, "disclaimer": config.disclaimer,
+                 "example_questions": config.example_questions}
+    (out / "pack.json").write_text(json.dumps(pack_info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    files = list_files(out)
+    metrics["bundle_bytes"] = sum(f["bytes"] for f in files.values())
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "pack": config.name, "model": {"role": role, "source": metrics["source"], "quant": chosen},
+                "embedder": embedder_info, "versions": _versions(),
+                "metrics": {"build": _build_metrics(ctx.build_dir), "export": metrics}, "files": files}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return metrics

@@ -239,7 +239,7 @@ def test_ask_refuses_off_topic_and_cites_sources(tiny_pack, tmp_path, tiny_model
     from vertical.answer import Assistant
 
     out = _tiny_build(tiny_pack, tmp_path, model=tiny_model_dir)
-    assistant = Assistant(out)
+    assistant = Assistant.from_build(out)
     off = assistant.ask("Who won the football World Cup in 2018?", max_new_tokens=5)
     assert off.refused and off.text == NO_ANSWER and off.citations() == []
     on = assistant.ask("What colour is the Zorblat fruit?", max_new_tokens=5)

@@ -37,41 +37,65 @@ def retrieve(index, encode, question: str, k: int | None = None) -> tuple[list[S
 
 
 class Assistant:
-    """A build's index, embedder, model and system prompt, ready to answer questions."""
+    """An index, an embedder, a chat model and a system prompt, ready to answer questions.
 
-    def __init__(self, build_dir: Path):
+    The same class answers from a build (torch models, `Assistant.from_build`) and from an
+    exported bundle (ONNX models, `vertical.export.runtime.open_bundle`): anything with
+    `encode_query(texts)` and `stream(messages, max_new_tokens)` fits.
+    """
+
+    def __init__(self, index, embedder, model, system_prompt: str, disclaimer: str = "", name: str = ""):
+        self.index, self.embedder, self.model = index, embedder, model
+        self.system_prompt, self.disclaimer, self.name = system_prompt, disclaimer, name
+
+    @classmethod
+    def from_build(cls, build_dir: Path) -> "Assistant":
         from vertical.generation import ChatModel, best_model_dir
         from vertical.index import open_index
         from vertical.pack import load_pack
         from vertical.pipeline import load_manifest
 
-        self.build_dir = Path(build_dir)
-        manifest = load_manifest(self.build_dir)
-        self.pack = load_pack(manifest.get("pack_dir") or manifest.get("pack"))
-        self.index, self.embedder = open_index(self.build_dir)
-        self.model = ChatModel(best_model_dir(self.build_dir))
+        manifest = load_manifest(Path(build_dir))
+        pack = load_pack(manifest.get("pack_dir") or manifest.get("pack"))
+        index, embedder = open_index(Path(build_dir))
+        return cls(index, embedder, ChatModel(best_model_dir(Path(build_dir))), pack.config.system_prompt,
+                   pack.config.disclaimer, pack.name)
 
     @property
     def threshold(self) -> float:
         return float(self.index.meta.get("threshold", 0.0))
 
-    def stream(self, question: str, k: int | None = None, max_new_tokens: int = 200) -> tuple[Answer, Iterator[str]]:
-        """Start an answer: returns the Answer (sources filled in) and an iterator of text pieces;
-        the Answer's text and citations are complete once the iterator is exhausted."""
+    def prepare(self, question: str, k: int | None = None,
+                history: list[dict[str, str]] | None = None) -> tuple[Answer, list[dict[str, str]] | None]:
+        """Retrieve sources for the question: the Answer so far, and the messages for the model
+        (None when nothing relevant was found, so the answer is "I don't know" without asking it)."""
         sources, best = retrieve(self.index, self.embedder.encode_query, question, k)
         answer = Answer(question=question, text="", sources=sources, refused=best < self.threshold, best_similarity=best)
+        if answer.refused:
+            answer.text = NO_ANSWER
+            return answer, None
+        return answer, build_messages(self.system_prompt, question, sources, history)
+
+    @staticmethod
+    def finish(answer: Answer) -> Answer:
+        answer.text = answer.text.strip()
+        answer.cited = cited_numbers(answer.text, len(answer.sources))
+        return answer
+
+    def stream(self, question: str, k: int | None = None, max_new_tokens: int = 200,
+               history: list[dict[str, str]] | None = None) -> tuple[Answer, Iterator[str]]:
+        """Start an answer: returns the Answer (sources filled in) and an iterator of text pieces;
+        the Answer's text and citations are complete once the iterator is exhausted."""
+        answer, messages = self.prepare(question, k, history)
 
         def pieces() -> Iterator[str]:
-            if answer.refused:
-                answer.text = NO_ANSWER
-                yield NO_ANSWER
+            if messages is None:
+                yield answer.text
                 return
-            messages = build_messages(self.pack.config.system_prompt, question, sources)
             for piece in self.model.stream(messages, max_new_tokens):
                 answer.text += piece
                 yield piece
-            answer.text = answer.text.strip()
-            answer.cited = cited_numbers(answer.text, len(sources))
+            self.finish(answer)
 
         return answer, pieces()
 

@@ -226,6 +226,19 @@ def search_cmd(
     console.print(table)
 
 
+def _open_assistant(path: Path):
+    """A bundle runs on onnxruntime (no torch); a build folder on its torch models."""
+    from vertical.export.bundle import is_bundle
+
+    if is_bundle(path):
+        from vertical.export.runtime import open_bundle
+
+        return open_bundle(path)
+    from vertical.answer import Assistant
+
+    return Assistant.from_build(_build_dir(path))
+
+
 def _print_citations(answer) -> None:
     for s in answer.citations():
         console.print(f"[{s.number}] {s.title} — {s.source}, characters {s.start}-{s.end}", markup=False, highlight=False)
@@ -233,35 +246,31 @@ def _print_citations(answer) -> None:
 
 @app.command("ask")
 def ask_cmd(
-    build: Path = typer.Argument(..., help="Build folder (builds/<pack>)."),
+    build: Path = typer.Argument(..., help="Build folder (builds/<pack>) or exported bundle."),
     question: str = typer.Argument(..., help="The question."),
     k: Optional[int] = typer.Option(None, "--k", min=1, max=20, help="Sources to retrieve (default: the pack's top_k)."),
     max_tokens: int = typer.Option(200, "--max-tokens", min=1, max=2048, help="Longest answer, in tokens."),
 ) -> None:
     """Answer one question from the build's documents, with numbered citations."""
-    from vertical.answer import Assistant
-
-    assistant = Assistant(_build_dir(build))
+    assistant = _open_assistant(build)
     answer, pieces = assistant.stream(question, k, max_tokens)
     for piece in pieces:
         console.print(piece, end="", markup=False, highlight=False)
     console.print()
     _print_citations(answer)
-    if assistant.pack.config.disclaimer:
-        console.print(assistant.pack.config.disclaimer, style="dim", markup=False)
+    if assistant.disclaimer:
+        console.print(assistant.disclaimer, style="dim", markup=False)
 
 
 @app.command("chat")
 def chat_cmd(
-    build: Path = typer.Argument(..., help="Build folder (builds/<pack>)."),
+    build: Path = typer.Argument(..., help="Build folder (builds/<pack>) or exported bundle."),
     max_tokens: int = typer.Option(200, "--max-tokens", min=1, max=2048, help="Longest answer, in tokens."),
 ) -> None:
     """Chat in the terminal; each question is answered from the documents. Empty line or Ctrl-D ends."""
-    from vertical.answer import Assistant
-
-    assistant = Assistant(_build_dir(build))
-    if assistant.pack.config.disclaimer:
-        console.print(assistant.pack.config.disclaimer, style="dim", markup=False)
+    assistant = _open_assistant(build)
+    if assistant.disclaimer:
+        console.print(assistant.disclaimer, style="dim", markup=False)
     while True:
         try:
             question = console.input("[bold]you>[/bold] ").strip()
@@ -384,6 +393,70 @@ def models_pull(name: str = typer.Argument(..., help="Registry name, HF model fo
 
     path = ensure_local(resolve_base_model(name))
     console.print(f"{name}: ready at {path}")
+
+
+# ---------------------------------------------------------------- bundle: export and serve
+
+
+@app.command("export")
+def export_cmd(
+    build: Path = typer.Argument(..., help="Build folder (builds/<pack>)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="int4, int8 or fp32 (default: the pack's setting, "
+                                        "auto = int8 unless int4 agrees better with fp32)."),
+    model: Optional[str] = typer.Option(None, "--model", help="student (default, if distilled) or teacher."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also copy the bundle here (default: BUILD/export)."),
+) -> None:
+    """Export the build as a self-contained bundle: ONNX model and embedder, index, manifest."""
+    import shutil
+
+    from vertical.io import atomic_dir
+    from vertical.pipeline import build as run_build
+    from vertical.pipeline import load_manifest
+
+    build = _build_dir(build).resolve()
+    if quant not in (None, "auto", "int4", "int8", "fp32"):
+        raise VerticalError(f"--quant {quant}: use int4, int8 or fp32")
+    if model not in (None, "student", "teacher"):
+        raise VerticalError(f"--model {model}: use student or teacher")
+    overrides = {k: v for k, v in {"quant": quant, "model": model}.items() if v is not None}
+    manifest = load_manifest(build)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=False) as progress:
+        results = run_build(manifest.get("pack_dir") or manifest["pack"], out=build, steps=["export"],
+                            settings={"export": overrides}, reporter=RichReporter(progress))
+    metrics = results[-1].metrics
+    bundle = build / "export"
+    if out is not None:
+        out = out.resolve()
+        if out.exists() and any(out.iterdir()):
+            raise VerticalError(f"--out {out} exists and is not empty; choose a new folder")
+        with atomic_dir(out) as tmp:
+            shutil.copytree(bundle, tmp, dirs_exist_ok=True)
+        bundle = out
+    console.print(f"bundle: {bundle}  ({metrics.get('bundle_bytes', 0) / 1e6:.1f} MB, {metrics.get('model')} "
+                  f"{metrics.get('quant')}, greedy agreement with fp32 {metrics.get('greedy_agreement')}, "
+                  f"{metrics.get('onnx_tokens_per_s')} tokens/s vs {metrics.get('torch_tokens_per_s')} in PyTorch)")
+
+
+@app.command("serve")
+def serve_cmd(
+    bundle: Path = typer.Argument(..., help="Exported bundle folder (BUILD/export or the --out of `vertical export`)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="VERTICAL_API_KEY",
+                                          help="Require `Authorization: Bearer KEY` (prefer the VERTICAL_API_KEY "
+                                               "variable: a command-line argument is visible to other users)."),
+    max_tokens: int = typer.Option(512, "--max-tokens", min=1, max=8192, help="Largest max_tokens a request may ask for."),
+    concurrency: int = typer.Option(4, "--concurrency", min=1, max=256, help="Answers generated at the same time."),
+) -> None:
+    """Serve a bundle behind an OpenAI-compatible API, without torch. The bundle is verified first."""
+    from vertical.export.server import Limits, serve
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        err_console.print(f"warning: listening on {host} without an API key; anyone who can reach this port can "
+                          "query the documents. Set VERTICAL_API_KEY.", style="yellow")
+    serve(bundle, host, port, api_key, Limits(max_tokens=max_tokens, max_concurrent=concurrency,
+                                                 default_max_tokens=min(200, max_tokens)))
 
 
 # ---------------------------------------------------------------- entry point

@@ -56,6 +56,10 @@ STAGES: tuple[Stage, ...] = (
           "vertical.tune:inputs", distributed=True),
     Stage("edit", "write the pack's knowledge edits into the FFN weights (ROME / MEMIT)", ("base",), "vertical.edit:run",
           "vertical.edit:inputs", uses=("tune",)),
+    Stage("distill", "a smaller student learns from the best model; edits re-applied", ("base", "index"),
+          "vertical.distill:run", "vertical.distill:inputs", uses=("tune", "edit")),
+    Stage("export", "ONNX model + ONNX embedder + index + manifest: the deployable bundle", ("base", "index"),
+          "vertical.export:run", "vertical.export:inputs", uses=("tune", "edit", "distill")),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
@@ -216,9 +220,15 @@ def build(
     force: list[str] | None = None,
     base_model: str | None = None,
     reporter: Reporter | None = None,
+    settings: dict[str, dict[str, Any]] | None = None,
 ) -> list[StageResult]:
-    """Run the pack's stages into `out` (default builds/<pack>) and return what each stage did."""
+    """Run the pack's stages into `out` (default builds/<pack>) and return what each stage did.
+    `settings` overrides stage settings of pack.yaml for this run, e.g. {"export": {"quant": "int4"}}."""
     pack = load_pack(pack_ref)
+    for stage_name, values in (settings or {}).items():
+        stages = pack.config.stages
+        updated = getattr(stages, stage_name).model_validate({**getattr(stages, stage_name).model_dump(), **values})
+        pack.config.stages = stages.model_copy(update={stage_name: updated})
     problems = pack.problems()
     if problems:
         raise PackInvalid(pack.name, problems)

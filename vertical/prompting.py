@@ -47,13 +47,16 @@ def format_sources(sources: list[Source]) -> str:
     return "<sources>\n" + "\n\n".join(blocks) + "\n</sources>"
 
 
-def build_messages(system_prompt: str, question: str, sources: list[Source] | None) -> list[dict[str, str]]:
-    """Chat messages for a question, with numbered sources when there are any."""
+def build_messages(system_prompt: str, question: str, sources: list[Source] | None,
+                   history: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
+    """Chat messages for a question, with numbered sources when there are any. `history` holds
+    earlier user/assistant turns of a conversation; the sources go with the last question only."""
+    turns = [{"role": m["role"], "content": m["content"]} for m in history or [] if m["role"] in ("user", "assistant")]
     if sources is None:
-        return [{"role": "system", "content": system_prompt.strip()}, {"role": "user", "content": question}]
+        return [{"role": "system", "content": system_prompt.strip()}, *turns, {"role": "user", "content": question}]
     system = f"{system_prompt.strip()}\n\n{SOURCES_RULE}"
     user = f"Sources:\n{format_sources(sources)}\n\nQuestion: {question}\n\n{ANSWER_RULE}"
-    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": system}, *turns, {"role": "user", "content": user}]
 
 
 def cited_numbers(answer: str, available: int) -> list[int]:

@@ -68,10 +68,36 @@ class EditSettings(Strict):
     hparams: EditHyperParams = Field(default_factory=EditHyperParams)
 
 
+class DistillSettings(Strict):
+    """A smaller student of the same family, initialised from the teacher's layers, trained to match it."""
+
+    keep_layers: float = Field(0.5, gt=0, le=1, description="fraction of the teacher's layers the student keeps, evenly spaced")
+    temperature: float = Field(2.0, gt=0, le=20, description="softens both distributions for the token-level KL")
+    steps: int = Field(120, ge=0, description="optimizer steps; sized for ~10 min on 2 CPU cores")
+    batch_size: int = Field(4, ge=1, le=512)
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    max_length: int = Field(384, ge=32, le=32768, description="tokens per training sequence")
+    teacher_answers: int = Field(48, ge=0, description="pack prompts the teacher answers for sequence-level distillation")
+    answer_tokens: int = Field(96, ge=8, le=2048, description="longest teacher answer generated")
+    documents: int = Field(64, ge=0, description="document chunks used as plain text for token-level distillation")
+    seed: int = 0
+
+
+class ExportSettings(Strict):
+    """The ONNX bundle: which model goes in and how its weights are stored."""
+
+    model: Literal["student", "teacher"] = Field("student", description="student (if distilled) or the teacher")
+    quant: Literal["auto", "int4", "int8", "fp32"] = Field(
+        "auto", description="auto: int8 unless int4 agrees better with fp32 on the pack's prompts")
+    agreement_prompts: int = Field(8, ge=1, le=200, description="pack prompts used to compare quantisations")
+
+
 class StageSettings(Strict):
     index: IndexSettings = IndexSettings()
     tune: TuneSettings = TuneSettings()
     edit: EditSettings = EditSettings()
+    distill: DistillSettings = DistillSettings()
+    export: ExportSettings = ExportSettings()
 
 
 class DataFiles(Strict):

@@ -1,0 +1,153 @@
+"""The torch-free runtime: answer questions from a verified bundle with onnxruntime only.
+
+    open_bundle(path) -> Assistant(index, OnnxEmbedder, OnnxChatModel, system prompt)
+
+Nothing here imports torch or transformers (tests/test_export.py checks it in a fresh process):
+the language model runs in onnxruntime-genai, the embedder in onnxruntime with the `tokenizers`
+library, and the index is vertical's torch-free store.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vertical.errors import VerticalError
+from vertical.export.bundle import verify
+
+log = logging.getLogger(__name__)
+
+REPETITION_PENALTY = 1.1  # the same as the torch path (vertical.generation), so answers match
+
+
+class OnnxEmbedder:
+    """Mean-pooled, L2-normalised sentence embeddings from an ONNX encoder (exported by vertical)."""
+
+    def __init__(self, folder: Path, threads: int = 0):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        info = json.loads((folder / "embedder.json").read_text(encoding="utf-8"))
+        self.dim = int(info["dim"])
+        self.max_tokens = int(info["max_tokens"])
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.enable_truncation(self.max_tokens)
+        self.tokenizer.enable_padding(pad_id=int(info["pad_id"]), pad_token=info["pad_token"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self._inputs = {i.name for i in self.session.get_inputs()}
+
+    def encode(self, texts: list[str], batch_size: int = 32,
+               track: Callable[[Iterable, int, str], Iterator] | None = None) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+        iterator = track(batches, len(batches), f"embedding {len(texts)} texts") if track else batches
+        parts = []
+        for batch in iterator:
+            encoded = self.tokenizer.encode_batch(batch)
+            feeds = {"input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
+                     "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
+                     "token_type_ids": np.array([e.type_ids for e in encoded], dtype=np.int64)}
+            parts.append(self.session.run(None, {k: v for k, v in feeds.items() if k in self._inputs})[0])
+        return np.concatenate(parts).astype(np.float32)
+
+    def encode_query(self, texts: list[str]) -> np.ndarray:
+        return self.encode(texts)
+
+
+class PromptTooLong(VerticalError):
+    """The prompt and the requested answer do not fit in the model's context window."""
+
+
+class OnnxChatModel:
+    """A chat model in onnxruntime-genai; one generator per request, so concurrent requests share
+    the weights but never their state."""
+
+    def __init__(self, folder: Path):
+        import onnxruntime_genai as og
+
+        self._og = og
+        self.folder = Path(folder)
+        self.model = og.Model(str(folder))
+        self.tokenizer = og.Tokenizer(self.model)
+        config = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))
+        self.context_length = int(config["model"]["context_length"])
+        self._lock = threading.Lock()  # tokenizer calls are cheap; keep them serial to be safe
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        with self._lock:
+            text = self.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+            return list(self.tokenizer.encode(text))
+
+    def stream(self, messages: list[dict[str, str]], max_new_tokens: int = 200,
+               stop: threading.Event | None = None) -> Iterator[str]:
+        """Text pieces of the greedy answer; setting `stop` ends generation at the next token."""
+        yield from self.stream_ids(self.prompt_ids(messages), max_new_tokens, stop)
+
+    def stream_ids(self, ids: list[int], max_new_tokens: int, stop: threading.Event | None = None) -> Iterator[str]:
+        og = self._og
+        if len(ids) + 1 > self.context_length:
+            raise PromptTooLong(f"the prompt is {len(ids)} tokens; the model's context is {self.context_length}")
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=min(len(ids) + max_new_tokens, self.context_length), do_sample=False,
+                                  repetition_penalty=REPETITION_PENALTY)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(ids)
+        with self._lock:
+            decoder = self.tokenizer.create_stream()
+        while not generator.is_done() and not (stop is not None and stop.is_set()):
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            if generator.is_done() and token in self.eos_ids:
+                break
+            yield decoder.decode(token)
+
+    @property
+    def eos_ids(self) -> set[int]:
+        return {int(t) for t in self.tokenizer.eos_token_ids}
+
+    def generate(self, messages: list[dict[str, str]], max_new_tokens: int = 200) -> str:
+        return "".join(self.stream(messages, max_new_tokens))
+
+    def greedy_ids(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        """Token ids of the greedy continuation (for comparing quantisations)."""
+        og = self._og
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=min(len(ids) + max_new_tokens, self.context_length), do_sample=False,
+                                  repetition_penalty=REPETITION_PENALTY)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+        return [int(t) for t in generator.get_sequence(0)[len(ids):]]
+
+
+def open_bundle(path: Path, verify_files: bool = True):
+    """An Assistant over a bundle; the bundle is verified against its manifest first."""
+    from vertical.answer import Assistant
+    from vertical.index.store import RetrievalIndex
+
+    path = Path(path)
+    manifest = verify(path) if verify_files else json.loads((path / "manifest.json").read_text())
+    pack = json.loads((path / "pack.json").read_text(encoding="utf-8"))
+    try:
+        index = RetrievalIndex.load(path / "index")
+    except (OSError, ValueError, KeyError) as exc:
+        raise VerticalError(f"bundle {path}: the index cannot be read ({exc}); export the bundle again") from None
+    assistant = Assistant(index, OnnxEmbedder(path / "embedder"), OnnxChatModel(path / "model"), pack["system_prompt"],
+                          pack.get("disclaimer", ""), pack["name"])
+    assistant.manifest = manifest
+    return assistant
+
+
+def bundle_info(assistant) -> dict[str, Any]:
+    manifest = getattr(assistant, "manifest", {})
+    return {"name": assistant.name, "model": manifest.get("model", {}), "created": manifest.get("created")}

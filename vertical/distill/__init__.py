@@ -1,0 +1,315 @@
+"""Stage `distill`: a smaller, faster student learns from the build's best model.
+
+    teacher (edit/model > tune/merged > base/model)
+      -> student: every k-th layer of the teacher (stages.distill.keep_layers), same family
+      -> token-level distillation: KL(teacher || student) at temperature T on the pack's
+         instruction examples (as served, with retrieved sources) and document text
+      -> sequence-level distillation: cross-entropy on the answers the teacher itself
+         generates for the pack's prompts
+      -> the teacher's edit log re-applied to the student, and measured
+      -> distill/model/ and metrics.json (teacher_score, student_score, retention, speedup, edits)
+
+Training checkpoints into the build's scratch folder every few steps, so a killed build resumes
+where it stopped; the teacher's generated answers are cached there too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from vertical.io import sha256_text
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_EVERY = 20  # optimizer steps
+
+
+def inputs(ctx) -> dict[str, Any]:
+    pack = ctx.pack
+    return {"instructions": pack.fingerprint("instructions"), "qa_eval": pack.fingerprint("qa_eval"),
+            "system_prompt": sha256_text(pack.config.system_prompt),
+            "settings": pack.config.stages.distill.model_dump(), "tune_settings": pack.config.stages.tune.model_dump()}
+
+
+# ---------------------------------------------------------------- training data
+
+
+def _training_sequences(ctx, teacher, tokenizer, index, embedder, work: Path) -> tuple[list[dict], dict[str, int]]:
+    """Token-id sequences, each `{"input_ids", "labels"}`; labels are -100 except on teacher answers."""
+    from vertical.tune.data import build_examples
+
+    settings = ctx.pack.config.stages.distill
+    rng = random.Random(settings.seed)
+    conversations = ctx.pack.instructions()
+    rng.shuffle(conversations)
+    examples = build_examples(conversations, ctx.pack.config.system_prompt, index, embedder,
+                              ctx.pack.config.stages.tune, settings.seed, tokenizer)
+    sequences: list[dict] = []
+
+    def add(ids: list[int], labels: list[int] | None = None) -> None:
+        ids = ids[: settings.max_length]
+        labels = (labels or [-100] * len(ids))[: settings.max_length]
+        if len(ids) >= 8:
+            sequences.append({"input_ids": ids, "labels": labels})
+
+    # token level: whole conversations as the model will see them, and plain document text
+    for example in examples:
+        add(tokenizer.apply_chat_template(example.messages, tokenize=True, return_dict=True)["input_ids"])
+    chunks = rng.sample(index.chunks, min(settings.documents, len(index.chunks))) if index is not None else []
+    for chunk in chunks:
+        add(tokenizer(chunk.text, add_special_tokens=False)["input_ids"])
+    counts = {"conversations": len(examples), "document_chunks": len(chunks)}
+
+    # sequence level: the teacher's own greedy answers to the pack's prompts
+    prompts = [example.messages[:-1] for example in examples[: settings.teacher_answers]]
+    answers = _teacher_answers(teacher, tokenizer, prompts, settings.answer_tokens, work / "teacher_answers.json")
+    for messages, answer in zip(prompts, answers):
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+        if len(prompt) + 8 > settings.max_length:
+            continue
+        add(prompt + answer, [-100] * len(prompt) + answer)
+    counts["teacher_answers"] = len(answers)
+    return sequences, counts
+
+
+def _teacher_answers(teacher, tokenizer, prompts: list[list[dict]], max_new_tokens: int, cache: Path) -> list[list[int]]:
+    """Greedy answers in batches (a batch costs about one sequence on a CPU), cached for a resume."""
+    import torch
+
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if len(cached) == len(prompts):
+            return cached
+    answers: list[list[int]] = []
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(prompts), 16):
+            batch = tokenizer.apply_chat_template(prompts[start:start + 16], add_generation_prompt=True, padding=True,
+                                                  return_tensors="pt", return_dict=True)
+            with torch.inference_mode():
+                out = teacher.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.1)
+            for row in out[:, batch["input_ids"].shape[1]:].tolist():
+                while row and row[-1] == tokenizer.pad_token_id and row[-1] != tokenizer.eos_token_id:
+                    row.pop()
+                answers.append(row)
+    finally:
+        tokenizer.padding_side = side
+    cache.write_text(json.dumps(answers))
+    return answers
+
+
+# ---------------------------------------------------------------- the loss and the loop
+
+
+def distillation_loss(student_logits, teacher_logits, labels, mask, temperature: float):
+    """KL(teacher || student) on softened distributions, scaled by T^2 so its gradients keep the
+    size of a hard-label loss (Hinton et al.), plus cross-entropy where there are labels."""
+    import torch.nn.functional as F
+
+    t = temperature
+    student_logp = F.log_softmax(student_logits.float() / t, dim=-1)
+    teacher_logp = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    kd = (kl * mask).sum() / mask.sum().clamp(min=1) * t * t
+    target = labels[:, 1:]
+    if (target != -100).any():
+        ce = F.cross_entropy(student_logits[:, :-1].float().reshape(-1, student_logits.size(-1)),
+                             target.reshape(-1), ignore_index=-100)
+    else:
+        ce = kd.new_zeros(())
+    return kd + ce, kd.detach(), ce.detach()
+
+
+def _batch(sequences: list[dict], pad_id: int):
+    import torch
+
+    width = max(len(s["input_ids"]) for s in sequences)
+    ids = torch.tensor([s["input_ids"] + [pad_id] * (width - len(s["input_ids"])) for s in sequences])
+    labels = torch.tensor([s["labels"] + [-100] * (width - len(s["labels"])) for s in sequences])
+    mask = torch.tensor([[1] * len(s["input_ids"]) + [0] * (width - len(s["input_ids"])) for s in sequences])
+    return ids, labels, mask
+
+
+def train_student(student, teacher, sequences: list[dict], settings, pad_id: int, work: Path, track) -> dict[str, Any]:
+    """The distillation loop: AdamW, warmup then cosine decay, bf16 autocast where native,
+    a checkpoint every CHECKPOINT_EVERY steps (resumed after a kill)."""
+    import torch
+
+    from vertical.models.registry import autocast
+
+    torch.manual_seed(settings.seed)
+    for param in student.get_input_embeddings().parameters():  # shared with the head; the teacher's are kept
+        param.requires_grad_(False)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
+    warmup = max(1, settings.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(step, settings.steps) / max(settings.steps, 1))))
+    order = list(range(len(sequences)))
+    random.Random(settings.seed).shuffle(order)
+    order.sort(key=lambda i: len(sequences[i]["input_ids"]))  # similar lengths batch together: less padding
+    batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+    random.Random(settings.seed + 1).shuffle(batches)
+
+    checkpoint = work / "checkpoint.pt"
+    step, curve = 0, []
+    if checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        step, curve = state["step"], state["curve"]
+        log.info("distill: resuming at step %d of %d", step, settings.steps)
+    resumed_at = step
+
+    student.train()
+    teacher.eval()
+    tokens, started = 0, time.perf_counter()
+    for step in track(range(step, settings.steps), settings.steps - step, "distilling the student"):
+        ids, labels, mask = _batch([sequences[i] for i in batches[step % len(batches)]], pad_id)
+        with torch.no_grad(), autocast():
+            teacher_logits = teacher(input_ids=ids, attention_mask=mask).logits
+        with autocast():
+            student_logits = student(input_ids=ids, attention_mask=mask).logits
+        loss, kd, ce = distillation_loss(student_logits, teacher_logits, labels, mask, settings.temperature)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += int(mask.sum())
+        curve.append([round(float(kd), 4), round(float(ce), 4)])
+        if (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < settings.steps:
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "step": step + 1, "curve": curve}, tmp)
+            tmp.replace(checkpoint)  # a kill never leaves a half-written checkpoint behind
+    student.eval()
+    seconds = time.perf_counter() - started
+    window = max(1, len(curve) // 5)
+    return {"steps": settings.steps, "resumed_at_step": resumed_at, "train_seconds": round(seconds, 1),
+            "train_tokens_per_s": round(tokens / seconds, 1) if seconds > 0 and tokens else None,
+            "kd_loss_start": _mean(c[0] for c in curve[:window]), "kd_loss_end": _mean(c[0] for c in curve[-window:]),
+            "loss_curve": curve[:: max(1, len(curve) // 50)]}
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return round(sum(values) / len(values), 4) if values else None
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def decode_tokens_per_s(model, tokenizer, new_tokens: int = 32) -> float:
+    """Greedy decoding speed of a torch model on a fixed short prompt (best of two runs)."""
+    import torch
+
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Summarise the main points of the guideline."}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    best = 0.0
+    for _ in range(2):
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        produced = out.shape[1] - inputs["input_ids"].shape[1]
+        best = max(best, produced / (time.perf_counter() - started))
+    return round(best, 2)
+
+
+def _reapply_edits(ctx, model_dir: Path, kept: list[int]) -> dict[str, Any] | None:
+    """Run the teacher's logged edits again on the student, at the student layers that correspond
+    to the teacher's edited layers, and measure them (deltas cannot be copied: the shapes match
+    but the student's keys and values differ)."""
+    from vertical.edit import Editor, _document_texts, _model_name, _run_edits, read_log
+    from vertical.edit.hparams import load_hparams
+    from vertical.pack.schema import EditRequest
+    from vertical.distill.student import student_layer
+
+    entries = read_log(ctx.build_dir / "edit")
+    if not entries:
+        return None
+    requests = [EditRequest.model_validate(r) for entry in entries for r in entry["requests"]]
+    method = entries[0]["method"]
+    teacher_layers = sorted({layer for entry in entries for layer in entry["layers"]})
+    layers = sorted({student_layer(layer, kept) for layer in teacher_layers})
+    settings = ctx.pack.config.stages.edit
+    model_name = _model_name(ctx.build_dir)
+    overrides = settings.hparams.model_dump(exclude_unset=True)
+    default_layers = load_hparams(model_name, overrides).layers
+    span = len(default_layers) if isinstance(default_layers, list) else len(layers)
+    if method == "memit" and len(layers) < span:  # MEMIT spreads over a span; keep its width in the student
+        start = max(0, min(layers[0], len(kept) - span))
+        layers = list(range(start, start + span))
+    overrides.update(layer=layers[0], layers=layers)
+    editor = Editor.load(model_dir, model_name, overrides,
+                         _document_texts(ctx.pack) if settings.hparams.mom2 == "stats" else [])
+    metrics, _ = _run_edits(editor, requests, method)
+    editor.model.save_pretrained(model_dir, safe_serialization=True)
+    return {**metrics, "teacher_layers": teacher_layers, "student_layers": layers}
+
+
+def run(ctx, out: Path) -> dict[str, Any]:
+    from vertical.answer import retrieve
+    from vertical.distill.student import make_student
+    from vertical.evaluate.qa import evaluate_qa
+    from vertical.generation import best_model_dir
+    from vertical.index import open_index
+    from vertical.models import load_causal_lm, load_tokenizer
+
+    settings = ctx.pack.config.stages.distill
+    teacher_dir = best_model_dir(ctx.build_dir)
+    tokenizer = load_tokenizer(teacher_dir)
+    teacher = load_causal_lm(teacher_dir)
+    student, kept = make_student(teacher, settings.keep_layers)
+    log.info("distill: teacher %s (%d layers) -> student with layers %s", teacher_dir.relative_to(ctx.build_dir),
+             teacher.config.num_hidden_layers, kept)
+    index, embedder = open_index(ctx.build_dir)
+    work = ctx.work_dir("distill")
+    sequences, counts = _training_sequences(ctx, teacher, tokenizer, index, embedder, work)
+    metrics: dict[str, Any] = {"teacher": str(teacher_dir.relative_to(ctx.build_dir)), "kept_layers": kept,
+                               "teacher_layers": teacher.config.num_hidden_layers, "student_layers": len(kept),
+                               "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
+                               "student_parameters": sum(p.numel() for p in student.parameters()),
+                               "sequences": len(sequences), **counts}
+    if sequences and settings.steps:
+        metrics.update(train_student(student, teacher, sequences, settings, tokenizer.pad_token_id, work,
+                                     ctx.reporter.track))
+    student.save_pretrained(out / "model", safe_serialization=True)
+    tokenizer.save_pretrained(out / "model")
+
+    tune = ctx.pack.config.stages.tune
+    qa_items = ctx.pack.qa_eval()
+    random.Random(tune.seed).shuffle(qa_items)  # the same questions the tune stage scores
+    qa_items = qa_items[: tune.eval_questions]
+    if qa_items:
+        retriever = lambda question: retrieve(index, embedder.encode, question, tune.rag_sources)[0]  # noqa: E731
+        system = ctx.pack.config.system_prompt
+        teacher_score = evaluate_qa(teacher, tokenizer, qa_items, system, retriever, ctx.reporter.track)["accuracy"]
+        metrics["teacher_score"] = teacher_score
+    metrics["teacher_tokens_per_s"] = decode_tokens_per_s(teacher, tokenizer)
+    del teacher
+
+    edits = _reapply_edits(ctx, out / "model", kept)
+    if edits is not None:
+        metrics["edits"] = edits
+        metrics["edit_efficacy"] = edits["efficacy"]
+        student = load_causal_lm(out / "model")
+    if qa_items:
+        metrics["student_score"] = evaluate_qa(student, tokenizer, qa_items, system, retriever,
+                                               ctx.reporter.track)["accuracy"]
+        metrics["retention"] = round(metrics["student_score"] / teacher_score, 4) if teacher_score else None
+        metrics["qa_questions"] = len(qa_items)
+    metrics["student_tokens_per_s"] = decode_tokens_per_s(student, tokenizer)
+    metrics["speedup"] = round(metrics["student_tokens_per_s"] / metrics["teacher_tokens_per_s"], 3)
+    return metrics
