@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,7 @@ def _source_json(source) -> dict[str, Any]:
 
 def create_app(assistant, api_key: str | None = None, limits: Limits | None = None):
     """The FastAPI application serving `assistant` (a bundle's, from vertical.export.runtime)."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
@@ -157,7 +158,9 @@ def create_app(assistant, api_key: str | None = None, limits: Limits | None = No
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request, exc: RequestValidationError):
-        return JSONResponse(ApiError(400, str(exc.errors()[0].get("msg", "invalid request"))).body(), status_code=400)
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())) or "request"
+        return JSONResponse(ApiError(400, f"{where}: {first.get('msg', 'invalid request')}").body(), status_code=400)
 
     @app.exception_handler(Exception)
     async def unexpected(_request, exc: Exception):

@@ -108,3 +108,32 @@ def default_model_dir(tmp_path_factory) -> Path:
             del os.environ["VERTICAL_CACHE"]
         else:
             os.environ["VERTICAL_CACHE"] = old
+
+
+FAST_EDIT = {"layer": 1, "layers": [0, 1], "context_templates": 2, "context_tokens": 4, "v_steps": 10, "mom2_tokens": 1000}
+
+
+def fast_pack(root: Path, **stages) -> Path:
+    """A copy of the tiny pack with stage settings small enough for the test suite."""
+    import yaml
+
+    pack = Path(shutil.copytree(DATA / "tiny_pack", root / "tiny_pack"))
+    config = yaml.safe_load((pack / "pack.yaml").read_text())
+    config["stages"].update({"edit": {"method": "rome", "hparams": FAST_EDIT},
+                             "distill": {"steps": 30, "teacher_answers": 4, "answer_tokens": 16, "documents": 4,
+                                         "keep_layers": 0.5, "learning_rate": 1e-3},
+                             "export": {"agreement_prompts": 2}, **stages})
+    (pack / "pack.yaml").write_text(yaml.safe_dump(config))
+    return pack
+
+
+@pytest.fixture(scope="session")
+def exported_build(tmp_path_factory) -> Path:
+    """A tiny build taken through edit, distill and export once per session (about a minute)."""
+    from vertical import pipeline
+
+    root = tmp_path_factory.mktemp("exported")
+    model = make_tiny_model(root / "model", layers=4)
+    pack = fast_pack(root)
+    pipeline.build(pack, out=root / "build", steps=["edit", "distill", "export"], base_model=str(model))
+    return root / "build"

@@ -1,0 +1,100 @@
+"""Distill stage: the student's layers, the loss, training, resume, and the re-applied edits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vertical import pipeline
+from vertical.distill import distillation_loss
+from vertical.distill.student import kept_layers, make_student, student_layer
+from vertical.errors import VerticalError
+from vertical.models import load_causal_lm
+
+from conftest import fast_pack, make_tiny_model
+
+
+@pytest.mark.parametrize("layers,keep,expected", [(30, 0.4, 12), (30, 0.5, 15), (4, 0.5, 2), (6, 0.01, 1)])
+def test_kept_layers_are_evenly_spaced_with_first_and_last(layers, keep, expected):
+    kept = kept_layers(layers, keep)
+    assert len(kept) == expected and kept == sorted(set(kept))
+    if expected > 1:
+        assert kept[0] == 0 and kept[-1] == layers - 1
+
+
+def test_edit_layer_maps_to_the_nearest_kept_layer():
+    kept = kept_layers(30, 0.4)
+    assert kept[student_layer(6, kept)] in (5, 6, 7)
+    assert all(abs(kept[student_layer(t, kept)] - t) <= 2 for t in range(30))
+
+
+def test_student_copies_the_kept_layers(tmp_path):
+    teacher = load_causal_lm(make_tiny_model(tmp_path / "four", layers=4))
+    student, kept = make_student(teacher, 0.5)
+    assert student.config.num_hidden_layers == len(kept) == 2
+    for i, t in enumerate(kept):
+        assert torch.equal(student.model.layers[i].mlp.down_proj.weight, teacher.model.layers[t].mlp.down_proj.weight)
+    assert torch.equal(student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
+    with pytest.raises(VerticalError, match="keeps all"):
+        make_student(teacher, 1.0)
+
+
+def test_distillation_loss_is_zero_only_when_the_student_matches():
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 5, 11)
+    mask = torch.ones(2, 5)
+    labels = torch.full((2, 5), -100)
+    same, kd, ce = distillation_loss(teacher.clone(), teacher, labels, mask, 2.0)
+    assert float(kd) == pytest.approx(0.0, abs=1e-6) and float(ce) == 0.0
+    student = torch.randn(2, 5, 11, requires_grad=True)
+    loss, kd, _ = distillation_loss(student, teacher, labels, mask, 2.0)
+    assert float(kd) > 0.01
+    loss.backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    labels[0, 3] = 4  # a teacher-generated token adds cross-entropy
+    _, _, ce = distillation_loss(student, teacher, labels, mask, 2.0)
+    assert float(ce) > 0
+
+
+def test_distill_stage_trains_a_smaller_student_and_reapplies_edits(exported_build):
+    metrics = json.loads((exported_build / "distill" / "metrics.json").read_text())
+    assert metrics["teacher"] == "edit/model"
+    assert metrics["student_layers"] == 2 and metrics["teacher_layers"] == 4
+    assert metrics["student_parameters"] < metrics["teacher_parameters"]
+    assert metrics["kd_loss_end"] < metrics["kd_loss_start"], metrics["loss_curve"]
+    assert metrics["teacher_answers"] == 4 and metrics["document_chunks"] > 0
+    for key in ("teacher_score", "student_score", "speedup", "teacher_tokens_per_s", "student_tokens_per_s"):
+        assert key in metrics
+    edits = metrics["edits"]
+    assert edits["edits"] == 1 and edits["student_layers"] == [student_layer(1, metrics["kept_layers"])]
+    assert metrics["edit_efficacy"] == edits["after"]["efficacy"] == 1.0
+    student = load_causal_lm(exported_build / "distill" / "model")
+    assert student.config.num_hidden_layers == 2
+
+
+def test_distill_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    import vertical.distill as distill
+
+    model = make_tiny_model(tmp_path / "model", layers=4)
+    pack = fast_pack(tmp_path, distill={"steps": 24, "teacher_answers": 2, "answer_tokens": 8, "documents": 2,
+                                        "keep_layers": 0.5})
+    pipeline.build(pack, out=tmp_path / "b", steps=["index", "base"], base_model=str(model))
+    real_clip = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def crash_after_22_steps(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 22:
+            raise KeyboardInterrupt("simulated kill")
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash_after_22_steps)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.build(pack, out=tmp_path / "b", steps=["distill"], base_model=str(model))
+    assert not (tmp_path / "b" / "distill").exists()  # nothing half-written in place
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+    result = pipeline.build(pack, out=tmp_path / "b", steps=["distill"], base_model=str(model))[-1]
+    assert result.metrics["resumed_at_step"] == distill.CHECKPOINT_EVERY
+    assert result.metrics["steps"] == 24

@@ -1,0 +1,244 @@
+"""Export stage and the torch-free runtime: bundle contents, verification, the OpenAI-style API."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from vertical.export.bundle import BundleInvalid, verify
+
+QUESTION = "What colour is the Zorblat fruit?"
+
+
+@pytest.fixture(scope="module")
+def bundle(exported_build) -> Path:
+    return exported_build / "export"
+
+
+@pytest.fixture(scope="module")
+def assistant(bundle):
+    from vertical.export.runtime import open_bundle
+
+    return open_bundle(bundle)
+
+
+def _client(assistant, **kwargs):
+    from fastapi.testclient import TestClient
+
+    from vertical.export.server import Limits, create_app
+
+    limits = Limits(**{k: v for k, v in kwargs.items() if k != "api_key"})
+    return TestClient(create_app(assistant, kwargs.get("api_key"), limits))
+
+
+def _chat(content: str = QUESTION, **extra) -> dict:
+    return {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 12, **extra}
+
+
+# ---------------------------------------------------------------- the bundle
+
+
+def test_bundle_lists_every_file_with_its_hash(bundle):
+    manifest = verify(bundle)
+    files = manifest["files"]
+    for needed in ("model/model.onnx", "model/genai_config.json", "embedder/model.onnx", "embedder/tokenizer.json",
+                   "index/chunks.jsonl", "index/faiss.index", "pack.json"):
+        assert needed in files and len(files[needed]["sha256"]) == 64
+    assert manifest["model"] == {"role": "student", "source": "distill/model", "quant": "int8"}
+    assert {"onnxruntime", "onnxruntime-genai", "vertical"} <= set(manifest["versions"])
+    export = manifest["metrics"]["export"]
+    assert export["bundle_bytes"] == sum(f["bytes"] for f in files.values())
+    assert set(export["agreement_by_quant"]) == {"fp32", "int8", "int4"}
+    assert export["onnx_tokens_per_s"] > 0 and export["torch_tokens_per_s"] > 0
+    assert manifest["metrics"]["build"]["distill"]["student_layers"] == 2
+    pack = json.loads((bundle / "pack.json").read_text())
+    assert pack["disclaimer"] == "Test disclaimer." and pack["system_prompt"]
+
+
+@pytest.mark.parametrize("damage", ["alter", "truncate", "delete"])
+def test_tampered_bundle_is_refused_naming_the_file(bundle, tmp_path, damage, cli):
+    copy = Path(shutil.copytree(bundle, tmp_path / "bundle"))
+    target = copy / "index" / "chunks.jsonl"
+    if damage == "alter":
+        target.write_text(target.read_text().replace("Zorblat", "Zorblax", 1))
+    elif damage == "truncate":
+        target.write_bytes(target.read_bytes()[:-10])
+    else:
+        target.unlink()
+    with pytest.raises(BundleInvalid, match="index/chunks.jsonl"):
+        verify(copy)
+    code, output = cli("ask", copy, QUESTION)
+    assert code == 1 and "index/chunks.jsonl" in output and "Traceback" not in output
+
+
+def test_manifest_that_is_not_json_or_escapes_the_bundle_is_refused(bundle, tmp_path):
+    copy = Path(shutil.copytree(bundle, tmp_path / "bundle"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"]["../outside.txt"] = {"bytes": 1, "sha256": "0" * 64}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleInvalid, match="outside the bundle"):
+        verify(copy)
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleInvalid, match="not valid JSON"):
+        verify(copy)
+    with pytest.raises(BundleInvalid, match="no manifest.json"):
+        verify(tmp_path)
+
+
+def test_runtime_never_imports_torch_or_transformers(bundle):
+    code = f"""
+import sys
+from fastapi.testclient import TestClient
+from vertical.export.runtime import open_bundle
+from vertical.export.server import create_app
+client = TestClient(create_app(open_bundle({str(bundle)!r})))
+reply = client.post("/v1/chat/completions", json={{"messages": [{{"role": "user", "content": {QUESTION!r}}}], "max_tokens": 8}})
+assert reply.status_code == 200, reply.text
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "sentence_transformers"))
+print("HEAVY", heavy)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "HEAVY []" in result.stdout
+
+
+def test_ask_accepts_a_bundle(bundle, cli):
+    code, output = cli("ask", bundle, QUESTION, "--max-tokens", "8")
+    assert code == 0, output
+    assert "[1] The Zorblat fruit" in output and "Test disclaimer." in output
+
+
+def test_export_cli_other_quant_and_out(exported_build, tmp_path, cli):
+    code, output = cli("export", exported_build, "--quant", "int4", "--out", tmp_path / "b4")
+    assert code == 0, output
+    manifest = verify(tmp_path / "b4")
+    assert manifest["model"]["quant"] == "int4"
+    assert manifest["metrics"]["export"]["quant_candidates"] == ["int4"]
+    code, output = cli("export", exported_build, "--quant", "int3")
+    assert code == 1 and "--quant int3" in output
+    code, output = cli("export", exported_build, "--out", tmp_path / "b4")
+    assert code == 1 and "not empty" in output
+
+
+# ---------------------------------------------------------------- the API
+
+
+def test_health_and_models(assistant):
+    client = _client(assistant)
+    assert client.get("/health").json()["status"] == "ok"
+    models = client.get("/v1/models").json()
+    assert models["data"][0]["id"] == "tiny"
+
+
+def test_chat_completion_returns_answer_sources_and_usage(assistant):
+    reply = _client(assistant).post("/v1/chat/completions", json=_chat())
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["object"] == "chat.completion" and body["model"] == "tiny"
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
+    assert body["sources"][0]["title"] == "The Zorblat fruit" and body["sources"][0]["text"]
+    assert body["usage"]["prompt_tokens"] > 0
+    assert body["usage"]["completion_tokens"] <= 12
+    # the same question asked through the library gives the same (greedy) text
+    direct = assistant.ask(QUESTION, max_new_tokens=12)
+    assert choice["message"]["content"] == direct.text
+
+
+def test_streaming_sends_sources_then_tokens_then_done(assistant):
+    client = _client(assistant)
+    whole = client.post("/v1/chat/completions", json=_chat()).json()["choices"][0]["message"]["content"]
+    with client.stream("POST", "/v1/chat/completions", json=_chat(stream=True)) as reply:
+        assert reply.status_code == 200
+        assert reply.headers["content-type"].startswith("text/event-stream")
+        lines = [line[6:] for line in reply.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    events = [json.loads(line) for line in lines[:-1]]
+    assert events[0]["sources"] and events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
+    assert text.strip() == whole
+
+
+def test_api_key_is_required_when_configured(assistant):
+    client = _client(assistant, api_key="s3cret-key")
+    assert client.get("/health").status_code == 200  # liveness stays open for load balancers
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"}):
+        reply = client.post("/v1/chat/completions", json=_chat(), headers=headers)
+        assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+        assert client.get("/v1/models", headers=headers).status_code == 401
+    ok = client.post("/v1/chat/completions", json=_chat(), headers={"Authorization": "Bearer s3cret-key"})
+    assert ok.status_code == 200
+
+
+BAD_REQUESTS = [
+    ("empty message list", {"messages": []}, 400, "messages"),
+    ("too many messages", {"messages": [{"role": "user", "content": "hi"}] * 65}, 400, "at most 64"),
+    ("message too long", {"messages": [{"role": "user", "content": "x" * 9000}]}, 400, "longer than"),
+    ("max_tokens 0", _chat(max_tokens=0), 400, "max_tokens"),
+    ("max_tokens 10^9", _chat(max_tokens=10**9), 400, "max_tokens"),
+    ("max_tokens not a number", _chat(max_tokens="many"), 400, "max_tokens"),
+    ("last message from assistant", {"messages": [{"role": "assistant", "content": "hi"}]}, 400, "last message"),
+    ("blank question", {"messages": [{"role": "user", "content": "   "}]}, 400, "non-empty"),
+    ("unknown role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+    ("content not a string", {"messages": [{"role": "user", "content": {"a": 1}}]}, 400, "content"),
+    ("messages missing", {"model": "tiny"}, 400, "messages"),
+    ("unknown model", _chat(model="gpt-9"), 404, "gpt-9"),
+    ("body is a list", [1, 2], 400, "JSON object"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,words", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_a_json_error(assistant, name, body, status, words):
+    reply = _client(assistant).post("/v1/chat/completions", json=body)
+    assert reply.status_code == status, reply.text
+    assert words in reply.json()["error"]["message"]
+
+
+def test_malformed_json_and_oversized_body(assistant):
+    client = _client(assistant, max_body_bytes=2000)
+    reply = client.post("/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and "not valid JSON" in reply.json()["error"]["message"]
+    reply = client.post("/v1/chat/completions", json=_chat("x" * 5000))
+    assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large"
+    assert client.get("/nowhere").status_code == 404 and "error" in client.get("/nowhere").json()
+
+
+def test_concurrent_clients_get_their_own_answers(assistant):
+    questions = [QUESTION, "Where does the Siln river flow?", "Who is the mayor of Quentar?", "Tell me about Lake Vor."]
+    client = _client(assistant, max_concurrent=4)
+    expected = {q: client.post("/v1/chat/completions", json=_chat(q)).json()["choices"][0]["message"]["content"]
+                for q in questions}
+    got: dict[int, tuple[str, str]] = {}
+
+    def ask(i: int) -> None:
+        question = questions[i % len(questions)]
+        reply = client.post("/v1/chat/completions", json=_chat(question))
+        got[i] = (question, reply.json()["choices"][0]["message"]["content"])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(got) == 12
+    for question, text in got.values():
+        assert text == expected[question]
+
+
+def test_client_disconnect_mid_stream_frees_its_slot(assistant):
+    client = _client(assistant, max_concurrent=1)
+    with client.stream("POST", "/v1/chat/completions", json=_chat(stream=True, max_tokens=64)) as reply:
+        for line in reply.iter_lines():
+            if '"content"' in line:
+                break  # leave after the first token
+    # with one slot, a leaked slot would block this request forever
+    reply = client.post("/v1/chat/completions", json=_chat(), timeout=60)
+    assert reply.status_code == 200
+    assert client.get("/health").json()["running"] == 0
