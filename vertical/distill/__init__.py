@@ -1,7 +1,8 @@
 """Stage `distill`: a smaller, faster student learns from the build's best model.
 
     teacher (edit/model > tune/merged > base/model)
-      -> student: every k-th layer of the teacher (stages.distill.keep_layers), same family
+      -> student: a fraction of the teacher's layers (stages.distill.keep_layers), same family,
+         the layout (even / most influential / one dropped block) closest to the teacher on pack text
       -> token-level distillation: KL(teacher || student) at temperature T on the pack's
          instruction examples (as served, with retrieved sources) and document text
       -> sequence-level distillation: cross-entropy on the answers the teacher itself
@@ -28,6 +29,7 @@ from vertical.io import sha256_text
 log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 20  # optimizer steps
+PROBE_SEQUENCES = 16  # sequences on which the candidate layer layouts are compared
 
 
 def inputs(ctx) -> dict[str, Any]:
@@ -261,7 +263,7 @@ def _reapply_edits(ctx, model_dir: Path, kept: list[int]) -> dict[str, Any] | No
 
 def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.answer import retrieve
-    from vertical.distill.student import make_student
+    from vertical.distill.student import choose_layers, make_student
     from vertical.evaluate.qa import evaluate_qa
     from vertical.generation import best_model_dir
     from vertical.index import open_index
@@ -271,13 +273,17 @@ def run(ctx, out: Path) -> dict[str, Any]:
     teacher_dir = best_model_dir(ctx.build_dir)
     tokenizer = load_tokenizer(teacher_dir)
     teacher = load_causal_lm(teacher_dir)
-    student, kept = make_student(teacher, settings.keep_layers)
-    log.info("distill: teacher %s (%d layers) -> student with layers %s", teacher_dir.relative_to(ctx.build_dir),
-             teacher.config.num_hidden_layers, kept)
     index, embedder = open_index(ctx.build_dir)
     work = ctx.work_dir("distill")
     sequences, counts = _training_sequences(ctx, teacher, tokenizer, index, embedder, work)
+    # the layout is judged on a few training sequences (every 8th, up to 16), before any training
+    probe = [s["input_ids"] for s in sequences[::8][:PROBE_SEQUENCES]]
+    kept, layout_kl = choose_layers(teacher, settings.keep_layers, probe, settings.temperature)
+    student = make_student(teacher, kept)
+    log.info("distill: teacher %s (%d layers) -> student with layers %s (untrained KL by layout: %s)",
+             teacher_dir.relative_to(ctx.build_dir), teacher.config.num_hidden_layers, kept, layout_kl)
     metrics: dict[str, Any] = {"teacher": str(teacher_dir.relative_to(ctx.build_dir)), "kept_layers": kept,
+                               "layout_kl": layout_kl,
                                "teacher_layers": teacher.config.num_hidden_layers, "student_layers": len(kept),
                                "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
                                "student_parameters": sum(p.numel() for p in student.parameters()),
