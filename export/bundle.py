@@ -67,17 +67,32 @@ def read_manifest(bundle: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify(bundle: Path) -> dict[str, Any]:
-    """The manifest, once every listed file exists with its recorded size and sha256."""
+def problems(bundle: Path, manifest: dict[str, Any] | None = None) -> list[str]:
+    """Every way the bundle differs from its manifest: one line per missing or altered file."""
     bundle = Path(bundle)
-    manifest = read_manifest(bundle)
+    manifest = manifest if manifest is not None else read_manifest(bundle)
+    found = []
     for relative, expected in manifest["files"].items():
         path = bundle / relative
         if ".." in Path(relative).parts or Path(relative).is_absolute():
-            raise BundleInvalid(f"{bundle / MANIFEST} lists a path outside the bundle: {relative}")
-        if not path.is_file():
-            raise BundleInvalid(f"bundle {bundle}: {relative} is missing; copy the whole bundle folder again")
-        if path.stat().st_size != expected["bytes"] or sha256_file(path) != expected["sha256"]:
-            raise BundleInvalid(f"bundle {bundle}: {relative} does not match its sha256 in {MANIFEST} "
-                                "(altered or corrupted); copy or export the bundle again")
+            found.append(f"{relative}: listed path is outside the bundle")
+        elif not path.is_file():
+            found.append(f"{relative}: missing")
+        elif path.stat().st_size != expected["bytes"]:
+            found.append(f"{relative}: {path.stat().st_size} bytes, manifest says {expected['bytes']} (truncated or altered)")
+        elif sha256_file(path) != expected["sha256"]:
+            found.append(f"{relative}: sha256 differs from the manifest (altered)")
+    # files that are not listed are never read by the runtime (the build's metrics.json sits beside them)
+    return found
+
+
+def verify(bundle: Path) -> dict[str, Any]:
+    """The manifest, once every listed file exists with its recorded size and sha256; otherwise
+    BundleInvalid naming the file."""
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    found = problems(bundle, manifest)
+    if found:
+        more = f" (and {len(found) - 1} more; `vertical verify` lists them)" if len(found) > 1 else ""
+        raise BundleInvalid(f"bundle {bundle}: {found[0]}{more}; copy or export the bundle again")
     return manifest

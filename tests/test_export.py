@@ -77,6 +77,18 @@ def test_tampered_bundle_is_refused_naming_the_file(bundle, tmp_path, damage, cl
     assert code == 1 and "index/chunks.jsonl" in output and "Traceback" not in output
 
 
+def test_verify_command_lists_exactly_the_files_that_differ(bundle, tmp_path, cli):
+    code, output = cli("verify", bundle)
+    assert code == 0 and "ok: all" in output, output
+    copy = Path(shutil.copytree(bundle, tmp_path / "bundle"))
+    (copy / "pack.json").write_text((copy / "pack.json").read_text().replace("Test disclaimer.", "Changed."))
+    (copy / "index" / "chunks.jsonl").unlink()
+    code, output = cli("verify", copy)
+    differs = sorted(line.split()[1].rstrip(":") for line in output.splitlines() if line.startswith("DIFFERS"))
+    assert code == 1 and differs == ["index/chunks.jsonl", "pack.json"], output
+    assert "2 of" in output and "Traceback" not in output
+
+
 def test_manifest_that_is_not_json_or_escapes_the_bundle_is_refused(bundle, tmp_path):
     copy = Path(shutil.copytree(bundle, tmp_path / "bundle"))
     manifest = json.loads((copy / "manifest.json").read_text())

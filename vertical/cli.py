@@ -459,6 +459,21 @@ def serve_cmd(
                                                  default_max_tokens=min(200, max_tokens)))
 
 
+@app.command("verify")
+def verify_cmd(bundle: Path = typer.Argument(..., help="Exported bundle folder.")) -> None:
+    """Check every file of a bundle against its manifest (sha256 and size); list each one that differs."""
+    from vertical.export.bundle import problems, read_manifest
+
+    manifest = read_manifest(bundle)
+    found = problems(bundle, manifest)
+    for line in found:
+        console.print(f"DIFFERS  {line}", markup=False, highlight=False)
+    if found:
+        raise VerticalError(f"bundle {bundle}: {len(found)} of {len(manifest['files'])} files do not match "
+                            "the manifest; copy or export the bundle again")
+    console.print(f"ok: all {len(manifest['files'])} files of {bundle} match manifest.json")
+
+
 # ---------------------------------------------------------------- entry point
 
 

@@ -1,0 +1,191 @@
+"""Export benchmark: the bundle's speed beside PyTorch eager, the student beside the teacher, and the
+server under 1, 4 and 16 concurrent clients. Everything runs in this one process, one after the
+other, on the same prompts.
+
+    python benchmarks/export.py [--build builds/medical] [--tokens 64] [--requests 16]
+
+Needs a build taken through `distill` and `export` (`vertical build medical`). It measures:
+
+1. decode tokens/s (tokens after the first, per second) and time to first token of the bundle's
+   model (ONNX, its quantisation) and of the same model in PyTorch eager (fp32, as trained);
+2. the student vs the teacher, both exported the same way (the teacher is exported here into a
+   temporary folder with the bundle's quantisation);
+3. requests/s and latency p50/p99 of the served bundle (uvicorn on loopback, in this process)
+   with 1, 4 and 16 concurrent clients, each request with retrieval and up to --answer-tokens.
+
+Targets (issue 6): bundle decode >= 5x PyTorch eager; student >= 1.8x the teacher's decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPTS = [
+    "Summarise the main points of the guideline in detail.",
+    "What should be checked before giving a blood transfusion?",
+    "Explain how sepsis is recognised and what the first steps are.",
+    "List the warning signs of a stroke and what to do.",
+]
+
+
+def onnx_speed(model, prompts: list[str], tokens: int) -> tuple[float, float]:
+    """Median decode tokens/s and median time to first token (ms) over the prompts, after a warm-up."""
+    rates, firsts = [], []
+    for prompt in [prompts[0], *prompts]:
+        ids = model.prompt_ids([{"role": "user", "content": prompt}])
+        started, first, count = time.perf_counter(), None, 0
+        for _ in model.stream_ids(ids, tokens):
+            count += 1
+            if first is None:
+                first = time.perf_counter()
+        if count > 1:
+            rates.append((count - 1) / (time.perf_counter() - first))
+            firsts.append((first - started) * 1000)
+    return statistics.median(rates[1:]), statistics.median(firsts[1:])
+
+
+def torch_speed(model, tokenizer, prompts: list[str], tokens: int) -> tuple[float, float]:
+    """The same measurement for a transformers model: first token = prefill + one step."""
+    import torch
+
+    rates, firsts = [], []
+    for prompt in [prompts[0], *prompts]:
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+        with torch.inference_mode():
+            started = time.perf_counter()
+            model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            first = time.perf_counter() - started
+            started = time.perf_counter()
+            model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id)
+            total = time.perf_counter() - started
+        rates.append((tokens - 1) / max(total - first, 1e-9))
+        firsts.append(first * 1000)
+    return statistics.median(rates[1:]), statistics.median(firsts[1:])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_test(assistant, clients_levels: list[int], requests: int, answer_tokens: int) -> list[dict]:
+    """Requests/s and latency of the served bundle at each concurrency level."""
+    import httpx
+    import uvicorn
+
+    from vertical.export.server import Limits, create_app
+
+    port = free_port()
+    app = create_app(assistant, None, Limits(max_concurrent=max(clients_levels), max_waiting=4 * max(clients_levels)))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+
+    async def level(clients: int) -> dict:
+        latencies: list[float] = []
+        errors = 0
+        queue = list(range(requests))
+
+        async def client(http: httpx.AsyncClient) -> None:
+            nonlocal errors
+            while queue:
+                i = queue.pop()
+                body = {"model": assistant.name, "max_tokens": answer_tokens,
+                        "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}
+                started = time.perf_counter()
+                response = await http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body)
+                latencies.append(time.perf_counter() - started)
+                errors += response.status_code != 200
+
+        async with httpx.AsyncClient(timeout=600) as http:
+            started = time.perf_counter()
+            await asyncio.gather(*(client(http) for _ in range(clients)))
+            seconds = time.perf_counter() - started
+        latencies.sort()
+        return {"clients": clients, "requests": requests, "errors": errors, "requests_per_s": requests / seconds,
+                "p50_ms": 1000 * latencies[len(latencies) // 2],
+                "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]}
+
+    try:
+        return [asyncio.run(level(clients)) for clients in clients_levels]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def main() -> None:
+    from vertical.export.convert import export_language_model
+    from vertical.export.runtime import OnnxChatModel, open_bundle
+    from vertical.generation import best_model_dir
+    from vertical.models import load_causal_lm, load_tokenizer
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--build", type=Path, default=Path("builds/medical"))
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per speed measurement")
+    parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level")
+    parser.add_argument("--answer-tokens", type=int, default=48, help="max_tokens of each load-test request")
+    args = parser.parse_args()
+
+    bundle = args.build / "export"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    quant, role = manifest["model"]["quant"], manifest["model"]["role"]
+    exported_dir = args.build / manifest["model"]["source"]
+    print(f"bundle {bundle}: {role} ({exported_dir}), {quant}; "
+          f"{sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.1f} MB")
+
+    bundled = OnnxChatModel(bundle / "model")
+    onnx_rate, onnx_first = onnx_speed(bundled, PROMPTS, args.tokens)
+    torch_model = load_causal_lm(exported_dir)
+    torch_rate, torch_first = torch_speed(torch_model, load_tokenizer(exported_dir), PROMPTS, args.tokens)
+    del torch_model
+    print("\n1. exported bundle vs the same model in PyTorch eager (fp32)")
+    print(f"{'':24} {'decode tok/s':>12} {'TTFT ms':>9}")
+    print(f"{'PyTorch eager':24} {torch_rate:12.1f} {torch_first:9.1f}")
+    print(f"{'ONNX ' + quant:24} {onnx_rate:12.1f} {onnx_first:9.1f}")
+    print(f"ratio (target >= 5x): {onnx_rate / torch_rate:.2f}x decode, {torch_first / onnx_first:.2f}x TTFT")
+
+    teacher_dir = best_model_dir(args.build)
+    print(f"\n2. student vs teacher ({teacher_dir.relative_to(args.build)}), both exported as ONNX {quant}")
+    if role != "student":
+        print("the bundle holds the teacher; distill the build to compare a student")
+    else:
+        with tempfile.TemporaryDirectory() as scratch:
+            teacher_onnx = OnnxChatModel(export_language_model(teacher_dir, Path(scratch) / "teacher", quant,
+                                                               Path(scratch)))
+            teacher_rate, teacher_first = onnx_speed(teacher_onnx, PROMPTS, args.tokens)
+            del teacher_onnx
+        print(f"{'':24} {'decode tok/s':>12} {'TTFT ms':>9}")
+        print(f"{'teacher':24} {teacher_rate:12.1f} {teacher_first:9.1f}")
+        print(f"{'student':24} {onnx_rate:12.1f} {onnx_first:9.1f}")
+        distill = json.loads((args.build / "distill" / "metrics.json").read_text())
+        print(f"ratio (target >= 1.8x): {onnx_rate / teacher_rate:.2f}x decode; QA retention "
+              f"{distill.get('retention')} (student {distill.get('student_score')} / teacher "
+              f"{distill.get('teacher_score')}, target >= 0.90)")
+    del bundled
+
+    print(f"\n3. served bundle, {args.requests} requests per level, max_tokens {args.answer_tokens}, loopback")
+    assistant = open_bundle(bundle)
+    print(f"{'clients':>7} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    for row in load_test(assistant, [1, 4, 16], args.requests, args.answer_tokens):
+        print(f"{row['clients']:7d} {row['requests_per_s']:7.2f} {row['p50_ms']:8.0f} {row['p99_ms']:8.0f} "
+              f"{row['errors']:6d}")
+
+
+if __name__ == "__main__":
+    main()
