@@ -193,7 +193,7 @@ def test_index_add_reports_bad_files_and_missing_ids(tiny_pack, tmp_path, cli):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"\x00\x00binary")
     code, output = cli("index", "add", out, bad)
-    assert code == 0 and "bad.txt" in output and "binary data" in output
+    assert code != 0 and "bad.txt" in output and "binary data" in output and "no document was indexed" in output
     code, output = cli("index", "remove", out, "no-such-doc")
     assert code != 0 and "no document with id 'no-such-doc'" in output
     code, output = cli("index", "add", tmp_path / "not-a-build", bad)

@@ -14,6 +14,14 @@ from typing import Optional, TypeVar
 
 import click
 import typer
+
+try:  # typer 0.26+ carries its own copy of click, with its own exception classes
+    from typer._click import exceptions as _typer_click
+except ImportError:  # older typer uses click itself
+    _typer_click = click.exceptions
+_EXIT = (click.exceptions.Exit, typer.Exit)
+_ABORT = (click.exceptions.Abort, typer.Abort)
+_USAGE = (click.ClickException, _typer_click.ClickException)
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -300,6 +308,9 @@ def index_add(
                   f"({note['embedded_chunks']} chunks embedded); skipped {len(note['skipped_files'])} file(s)")
     for skipped in note["skipped_files"]:
         err_console.print(f"skipped: {skipped}", markup=False)
+    if note["skipped_files"] and not (note["added"] or note["replaced"] or note["unchanged"]):
+        raise VerticalError(f"no document was indexed: all {len(note['skipped_files'])} file(s) were skipped "
+                            "(reasons above); fix or convert them and add them again")
 
 
 @index_app.command("remove")
@@ -481,12 +492,12 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
         code = app(args=args, prog_name="vertical", standalone_mode=False)
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
+    except _EXIT as exc:
+        return getattr(exc, "exit_code", 0)
+    except _USAGE as exc:
         exc.show()
         return exc.exit_code
-    except click.exceptions.Abort:
+    except _ABORT:
         err_console.print("aborted")
         return 130
     except KeyboardInterrupt:

@@ -23,6 +23,15 @@ ANSWER_RULE = (
 
 _CITATION = re.compile(r"\[(\d{1,2})\]")
 _TAGS = re.compile(r"</?\s*sources\s*>", re.IGNORECASE)
+# Chat-template control tokens written as text (ChatML's <|im_start|>, Llama 3's <|eot_id|>, <s>, [INST]):
+# the tokenizer would turn them into real control tokens, so untrusted text could open its own
+# system turn. They are removed from everything that does not come from the pack's author.
+_CONTROL = re.compile(r"<\|[^<>|\s]{1,40}\|>|</?s>|\[/?INST\]")
+
+
+def neutralize(text: str) -> str:
+    """Untrusted text (documents, questions, earlier turns) without chat control tokens."""
+    return _CONTROL.sub(" ", text)
 
 
 @dataclass(frozen=True)
@@ -42,8 +51,8 @@ class Source:
 def format_sources(sources: list[Source]) -> str:
     blocks = []
     for s in sources:
-        text = _TAGS.sub("", s.text)  # a document must not be able to close the data block
-        blocks.append(f"[{s.number}] {s.title} ({s.source})\n{text}")
+        text = _TAGS.sub("", neutralize(s.text))  # a document must not be able to close the data block
+        blocks.append(f"[{s.number}] {neutralize(s.title)} ({s.source})\n{text}")
     return "<sources>\n" + "\n\n".join(blocks) + "\n</sources>"
 
 
@@ -51,7 +60,9 @@ def build_messages(system_prompt: str, question: str, sources: list[Source] | No
                    history: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
     """Chat messages for a question, with numbered sources when there are any. `history` holds
     earlier user/assistant turns of a conversation; the sources go with the last question only."""
-    turns = [{"role": m["role"], "content": m["content"]} for m in history or [] if m["role"] in ("user", "assistant")]
+    turns = [{"role": m["role"], "content": neutralize(m["content"])} for m in history or []
+             if m["role"] in ("user", "assistant")]
+    question = neutralize(question)
     if sources is None:
         return [{"role": "system", "content": system_prompt.strip()}, *turns, {"role": "user", "content": question}]
     system = f"{system_prompt.strip()}\n\n{SOURCES_RULE}"

@@ -1,0 +1,87 @@
+"""Feedback on answers (thumbs up/down, a corrected answer) and its way back into the pack.
+
+Feedback is appended to `feedback.jsonl` in the build or bundle folder, one JSON object per line,
+outside the hashed stage folders. E-mail addresses and phone numbers are redacted before a record
+is stored unless redaction is switched off (`vertical demo --keep-contacts`). Records hold the
+question, the answer and the correction only: never request headers, so never an API key.
+
+`export_feedback` turns corrections into pack-format files: instruction examples (Alpaca format)
+and, where the user also named the fact's subject, knowledge-edit requests.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import re
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+FEEDBACK_FILE = "feedback.jsonl"
+
+_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+# international or national numbers with at least 7 digits, separators allowed: +44 20 7946 0958, (555) 123-4567
+_PHONE = re.compile(r"(?<![\w.])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d(?:[\s.-]?\d){6,13}(?![\w.])")
+
+
+def redact(text: str) -> str:
+    """Replace e-mail addresses and phone numbers with placeholders."""
+    return _PHONE.sub("[phone]", _EMAIL.sub("[email]", text))
+
+
+class Feedback(BaseModel):
+    """One judgement of one answer."""
+
+    question: str = Field(min_length=1, max_length=8000)
+    answer: str = Field(max_length=32000)
+    rating: Literal["up", "down"]
+    correction: str | None = Field(None, max_length=8000, description="what the answer should have said")
+    subject: str | None = Field(None, max_length=200, description="the fact's subject, to make an edit request")
+    sources: list[str] = Field(default_factory=list, description="the cited documents' paths")
+    model: str = ""
+
+
+def record(folder: Path, feedback: Feedback, redact_contacts: bool = True) -> dict:
+    """Append one feedback record to `folder/feedback.jsonl` (whole lines, under a file lock)."""
+    entry = feedback.model_dump()
+    if redact_contacts:
+        for key in ("question", "answer", "correction", "subject"):
+            if entry[key]:
+                entry[key] = redact(entry[key])
+    entry["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    line = json.dumps(entry, ensure_ascii=False) + "\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / FEEDBACK_FILE, "a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # two demo sessions never interleave half lines
+        handle.write(line)
+        handle.flush()
+    return entry
+
+
+def read(folder: Path) -> list[dict]:
+    path = folder / FEEDBACK_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def export_feedback(folder: Path, out: Path) -> dict[str, int]:
+    """Write the corrections as `out/instructions.jsonl` and `out/edits.jsonl` (pack formats)."""
+    from vertical.io import atomic_write_text
+
+    instructions, edits = [], []
+    for entry in read(folder):
+        correction = (entry.get("correction") or "").strip()
+        if not correction:
+            continue
+        instructions.append({"instruction": entry["question"], "output": correction})
+        subject = (entry.get("subject") or "").strip()
+        if subject and subject in entry["question"]:
+            edits.append({"prompt": entry["question"], "subject": subject, "target_new": correction})
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "instructions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in instructions))
+    atomic_write_text(out / "edits.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in edits))
+    return {"instructions": len(instructions), "edits": len(edits)}
