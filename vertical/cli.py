@@ -47,7 +47,9 @@ models_app = typer.Typer(help="Base models and embedders available offline.", no
 index_app = typer.Typer(help="Update a build's retrieval index without retraining.", no_args_is_help=True)
 app.add_typer(packs_app, name="packs")
 app.add_typer(models_app, name="models")
+feedback_app = typer.Typer(help="Feedback collected by the demo, turned into pack data.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
+app.add_typer(feedback_app, name="feedback")
 
 
 @app.callback()
@@ -483,6 +485,48 @@ def verify_cmd(bundle: Path = typer.Argument(..., help="Exported bundle folder."
         raise VerticalError(f"bundle {bundle}: {len(found)} of {len(manifest['files'])} files do not match "
                             "the manifest; copy or export the bundle again")
     console.print(f"ok: all {len(manifest['files'])} files of {bundle} match manifest.json")
+
+
+# ---------------------------------------------------------------- demo and feedback
+
+
+@app.command("demo")
+def demo_cmd(
+    path: Path = typer.Argument(..., help="Build folder or exported bundle."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(7860, "--port", min=1, max=65535),
+    share: bool = typer.Option(False, "--share/--no-share", help="Refused: a public gradio.live link would take "
+                                                                  "the documents off this machine."),
+    keep_contacts: bool = typer.Option(False, "--keep-contacts", help="Store feedback as typed; by default "
+                                                                       "e-mail addresses and phone numbers are "
+                                                                       "redacted before it is saved."),
+) -> None:
+    """The Gradio demo: chat with citations, side by side, knowledge editing, knowledge base, report.
+    On a bundle only the tabs that run without torch are shown."""
+    from vertical.app.demo import launch
+
+    if not path.exists():
+        raise VerticalError(f"{path} does not exist; give a build folder (builds/<pack>) or a bundle")
+    console.print(f"demo of {path} on http://{host}:{port} (Ctrl+C to stop)")
+    launch(path, host, port, share, redact_feedback=not keep_contacts)
+
+
+@feedback_app.command("export")
+def feedback_export(
+    path: Path = typer.Argument(..., help="Build folder or bundle whose feedback.jsonl to export."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for instructions.jsonl and edits.jsonl "
+                                                           "(default: PATH/feedback-export)."),
+) -> None:
+    """Turn corrections into pack files: instruction examples, and edit requests where a subject was given.
+    Copy them into the pack's instructions/ and edits/ folders and list them in pack.yaml."""
+    from vertical.feedback import FEEDBACK_FILE, export_feedback
+
+    if not (path / FEEDBACK_FILE).is_file():
+        raise VerticalError(f"{path / FEEDBACK_FILE} does not exist: no feedback has been given in the demo yet")
+    out = out or path / "feedback-export"
+    counts = export_feedback(path, out)
+    console.print(f"wrote {counts['instructions']} instruction example(s) to {out / 'instructions.jsonl'} and "
+                  f"{counts['edits']} edit request(s) to {out / 'edits.jsonl'}")
 
 
 # ---------------------------------------------------------------- entry point

@@ -24,7 +24,7 @@ FEEDBACK_FILE = "feedback.jsonl"
 
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 # international or national numbers with at least 7 digits, separators allowed: +44 20 7946 0958, (555) 123-4567
-_PHONE = re.compile(r"(?<![\w.])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d(?:[\s.-]?\d){6,13}(?![\w.])")
+_PHONE = re.compile(r"(?<!\w)(?<!\d\.)(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d(?:[\s.-]?\d){6,13}(?!\w|\.\d)")
 
 
 def redact(text: str) -> str:

@@ -83,8 +83,12 @@ class RetrievalIndex:
 
         if not self.chunks:
             return None
+        tokens = _tokenize_bm25([c.embedding_text() for c in self.chunks])
+        # a sorted vocabulary: bm25s numbers tokens in set order, which changes with the hash seed,
+        # and the same documents must give byte-identical index files in every process
+        vocab = {token: i for i, token in enumerate(sorted({t for doc in tokens for t in doc}))}
         retriever = bm25s.BM25()
-        retriever.index(_tokenize_bm25([c.embedding_text() for c in self.chunks]), show_progress=False)
+        retriever.index(([[vocab[t] for t in doc] for doc in tokens], vocab), show_progress=False)
         return retriever
 
     # ------------------------------------------------------------ search

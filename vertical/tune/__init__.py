@@ -11,6 +11,7 @@ when the tuned model is worse than the base.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -101,6 +102,17 @@ def _features(tokenizer, examples, max_length: int) -> tuple[list[dict], int, in
     return features, truncated, dropped
 
 
+def _make_reproducible(adapter: Path) -> None:
+    """PEFT writes target_modules in set order (it changes with the hash seed) and a model card
+    naming the absolute path of the base model; sort the one, drop the other."""
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    (adapter / "README.md").unlink(missing_ok=True)
+
+
 def run(ctx, out: Path) -> dict[str, Any]:
     from peft import get_peft_model
 
@@ -163,6 +175,9 @@ def run(ctx, out: Path) -> dict[str, Any]:
         metrics["accuracy_base"] = base_qa["accuracy"]
 
     model.train()
+    from transformers import set_seed
+
+    set_seed(settings.seed)  # LoRA's A matrices start random: the same seed, the same adapter every run
     model = get_peft_model(model, lora_config(settings, hp))
     work = ctx.work_dir("tune")
     trainer = make_trainer(model, tokenizer, train_features, settings, hp, work / "checkpoints")
@@ -183,8 +198,12 @@ def run(ctx, out: Path) -> dict[str, Any]:
         return metrics
 
     model.eval()
+    # the adapter names its base relative to the build, not by this machine's absolute path:
+    # a build folder stays valid when moved, and two builds of one pack are byte-identical
+    model.peft_config["default"].base_model_name_or_path = "../../base/model"
     model.save_pretrained(out / "adapter")
     tokenizer.save_pretrained(out / "adapter")
+    _make_reproducible(out / "adapter")
     merged = model.merge_and_unload()
     merged.save_pretrained(out / "merged", safe_serialization=True)
     tokenizer.save_pretrained(out / "merged")
