@@ -127,7 +127,10 @@ def chat_reply(source: DemoSource, question: str, history: list[dict]):
 
 
 def _plain(content: Any) -> str:
-    """A chat message's text without the rendered citation blocks."""
+    """A chat message's text without the rendered citation blocks (Gradio 6 sends content back as
+    a list of typed parts)."""
+    if isinstance(content, list):
+        content = "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
     text = content if isinstance(content, str) else str(content)
     return html.unescape(text.split("\n\n<details", 1)[0])
 
@@ -391,7 +394,10 @@ def create_demo(path: Path, redact_feedback: bool = True):
             ask.click(lambda q, h: (yield from chat_reply(source, q, h)), [question, chatbot], [chatbot, question])
             question.submit(lambda q, h: (yield from chat_reply(source, q, h)), [question, chatbot], [chatbot, question])
             clear.click(lambda: [], None, chatbot)
-            chatbot.like(lambda h, like: record_rating(source, h, like), chatbot, feedback_note)
+            def on_like(history: list[dict], like: gr.LikeData) -> str:
+                return record_rating(source, history, like)
+
+            chatbot.like(on_like, chatbot, feedback_note)
             save.click(lambda h, c, s: record_correction(source, h, c, s), [chatbot, correction, subject], feedback_note)
 
         if not source.is_bundle:
@@ -422,7 +428,7 @@ def create_demo(path: Path, redact_feedback: bool = True):
                     trace_button = gr.Button("Causal trace", elem_id="trace")
                 before_out = gr.Textbox(label="Before", elem_id="edit-before")
                 after_out = gr.Textbox(label="After", elem_id="edit-after")
-                edit_table = gr.Dataframe(headers=["metric", "before", "after"], label="Edit checks "
+                edit_table = gr.Dataframe(headers=["metric", "before", "after"], elem_id="edit-checks", label="Edit checks "
                                           "(efficacy: the new target wins; locality: unrelated facts unchanged)")
                 rollback_out = gr.Markdown(elem_id="rollback-note")
                 heatmap = gr.Image(label="Causal trace: where the fact is stored", type="filepath")

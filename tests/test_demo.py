@@ -1,0 +1,175 @@
+"""The Gradio demo, driven end to end in a real headless Chromium (Debian's `chromium` + Playwright).
+
+`.ci/run` installs chromium; without it these tests fail rather than skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from vertical.feedback import read
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# torch and transformers made unimportable: a bundle's demo must run without them
+WITHOUT_TORCH = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
+                 "from vertical.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _start_demo(path: Path, log: Path, without_torch: bool = False) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = _free_port()
+    handle = open(log, "w")  # noqa: SIM115 - closed when the process ends
+    launcher = ["-c", WITHOUT_TORCH] if without_torch else ["-m", "vertical"]
+    proc = subprocess.Popen([sys.executable, *launcher, "demo", str(path), "--port", str(port)],
+                            stdout=handle, stderr=subprocess.STDOUT, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    proc.kill()
+    raise AssertionError("the demo did not start: " + log.read_text()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def demo_build(exported_build, tmp_path_factory) -> Path:
+    """A copy of the session's tiny build: the demo's edits and uploads must not touch the original."""
+    return Path(shutil.copytree(exported_build, tmp_path_factory.mktemp("demo") / "build", symlinks=True))
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+def _open(browser, url: str, outside: list[str]):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.on("request", lambda request: outside.append(request.url)
+            if urlparse(request.url).hostname not in ("127.0.0.1", "localhost", None) and
+            not request.url.startswith(("data:", "blob:")) else None)
+    page.set_default_timeout(120_000)
+    page.goto(url)
+    page.wait_for_selector("#question textarea")
+    return page
+
+
+def _tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def test_demo_on_a_build_end_to_end(demo_build, browser, tmp_path):
+    proc, url = _start_demo(demo_build, tmp_path / "demo.log")
+    outside: list[str] = []
+    shots = Path(os.environ.get("VERTICAL_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    try:
+        page = _open(browser, url, outside)
+        assert "Test disclaimer." in page.inner_text("#disclaimer")
+
+        # chat: an answer with an expandable numbered citation naming the document and its path
+        page.fill("#question textarea", "What colour is the Zorblat fruit?")
+        page.click("#ask")
+        citation = page.wait_for_selector("#chatbot details.citation summary")
+        assert citation.inner_text().startswith("[1]") and "zorblat" in citation.inner_text().lower()
+        citation.click()
+        assert "purple" in page.inner_text("#chatbot details.citation").lower()
+        page.screenshot(path=str(shots / "chat.png"), full_page=True)
+
+        # feedback: a correction lands in the build's feedback log
+        page.get_by_text("Correct the last answer").click()
+        page.fill("#correction textarea", "Purple, says the Zorblat note; ask zorblat@example.org.")
+        page.click("#save-correction")
+        page.wait_for_selector("#feedback-note:has-text('Correction saved')")
+        [entry] = read(demo_build)
+        assert entry["question"] == "What colour is the Zorblat fruit?" and "[email]" in entry["correction"]
+
+        # side by side
+        _tab(page, "Side by side")
+        page.fill("#compare-question textarea", "What colour is the Zorblat fruit?")
+        page.click("#compare")
+        page.wait_for_selector("#vertical-answer details.citation")
+        assert page.inner_text("#base-answer").strip()
+        assert page.inner_text("#student-answer").strip()
+        page.screenshot(path=str(shots / "side-by-side.png"), full_page=True)
+
+        # knowledge editing: apply, see before/after and the checks, roll back
+        _tab(page, "Knowledge editing")
+        logged_before = len((demo_build / "edit" / "log.jsonl").read_text().splitlines())
+        page.fill("#edit-prompt textarea", "The mayor of Quentar is")
+        page.fill("#edit-subject textarea", "Quentar")
+        page.fill("#edit-target textarea", "Osric")
+        page.click("#apply-edit")
+        page.wait_for_function("document.querySelector('#edit-after textarea').value.length > 0")
+        before = page.input_value("#edit-before textarea")
+        assert before.startswith("The mayor of Quentar is")
+        assert page.input_value("#edit-after textarea").startswith("The mayor of Quentar is")
+        table = page.inner_text("#edit-checks").split()
+        assert "efficacy" in table and "locality" in table
+        log = [line for line in (demo_build / "edit" / "log.jsonl").read_text().splitlines() if line]
+        assert len(log) == logged_before + 1 and '"Osric"' in log[-1]  # the edit is in the build's log
+        page.screenshot(path=str(shots / "editing.png"), full_page=True)
+        page.click("#rollback")
+        page.wait_for_selector("#rollback-note:has-text('Rolled back')")
+        assert page.inner_text("#rollback-note").endswith(before)  # the weights are back: the same completion
+        assert len((demo_build / "edit" / "log.jsonl").read_text().splitlines()) == logged_before
+
+        # knowledge base
+        _tab(page, "Knowledge base")
+        page.fill("#search-query textarea", "Zorblat fruit")
+        page.click("#search")
+        page.wait_for_selector("#hits:has-text('zorblat')")
+        page.screenshot(path=str(shots / "knowledge-base.png"), full_page=True)
+
+        _tab(page, "Report")
+        page.wait_for_selector("#report-table:has-text('distill')")
+        page.screenshot(path=str(shots / "report.png"), full_page=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert outside == [], f"the page fetched from outside this machine: {outside[:5]}"
+
+
+def test_demo_on_a_bundle_hides_the_torch_tabs(exported_build, browser, tmp_path):
+    bundle = Path(shutil.copytree(exported_build / "export", tmp_path / "bundle"))
+    proc, url = _start_demo(bundle, tmp_path / "demo.log", without_torch=True)
+    outside: list[str] = []
+    try:
+        page = _open(browser, url, outside)
+        tabs = [t.inner_text().strip() for t in page.query_selector_all("[role=tab]")]
+        assert tabs == ["Chat", "Knowledge base", "Report"], tabs
+        page.fill("#question textarea", "What colour is the Zorblat fruit?")
+        page.click("#ask")
+        page.wait_for_selector("#chatbot details.citation")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert outside == []
