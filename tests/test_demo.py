@@ -29,9 +29,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# torch and transformers made unimportable: a bundle's demo must run without them
-WITHOUT_TORCH = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None; "
-                 "from vertical.cli import main; sys.exit(main(sys.argv[1:]))")
+# The demo process records every outbound connection or DNS lookup it attempts (Gradio's
+# analytics, a CDN, a hub) in an audit file; for a bundle, torch and transformers are made
+# unimportable, because a bundle's demo must run without them.
+LAUNCHER = """
+import json, os, sys
+log = open(os.environ["VERTICAL_NET_AUDIT"], "a")
+def hook(event, args):
+    host = args[1][0] if event == "socket.connect" and isinstance(args[1], tuple) else (
+        args[0] if event == "socket.getaddrinfo" else None)
+    if host not in (None, "127.0.0.1", "::1", "localhost", "0.0.0.0"):
+        log.write(json.dumps([event, str(host)]) + "\\n"); log.flush()
+sys.addaudithook(hook)
+if os.environ.get("BLOCK_TORCH"):
+    sys.modules["torch"] = None
+    sys.modules["transformers"] = None
+from vertical.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def _start_demo(path: Path, log: Path, without_torch: bool = False) -> tuple[subprocess.Popen, str]:
@@ -39,9 +54,11 @@ def _start_demo(path: Path, log: Path, without_torch: bool = False) -> tuple[sub
 
     port = _free_port()
     handle = open(log, "w")  # noqa: SIM115 - closed when the process ends
-    launcher = ["-c", WITHOUT_TORCH] if without_torch else ["-m", "vertical"]
-    proc = subprocess.Popen([sys.executable, *launcher, "demo", str(path), "--port", str(port)],
-                            stdout=handle, stderr=subprocess.STDOUT, env=dict(os.environ))
+    env = {**os.environ, "VERTICAL_NET_AUDIT": str(log.with_suffix(".net.jsonl"))}
+    if without_torch:
+        env["BLOCK_TORCH"] = "1"
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, "demo", str(path), "--port", str(port)],
+                            stdout=handle, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -53,6 +70,11 @@ def _start_demo(path: Path, log: Path, without_torch: bool = False) -> tuple[sub
             time.sleep(0.5)
     proc.kill()
     raise AssertionError("the demo did not start: " + log.read_text()[-3000:])
+
+
+def _outbound(log: Path) -> list[str]:
+    audit = log.with_suffix(".net.jsonl")
+    return audit.read_text().splitlines() if audit.exists() else []
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +178,7 @@ def test_demo_on_a_build_end_to_end(demo_build, browser, tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
     assert outside == [], f"the page fetched from outside this machine: {outside[:5]}"
+    assert _outbound(tmp_path / "demo.log") == []
 
 
 def test_demo_on_a_bundle_hides_the_torch_tabs(exported_build, browser, tmp_path):
@@ -173,3 +196,4 @@ def test_demo_on_a_bundle_hides_the_torch_tabs(exported_build, browser, tmp_path
         proc.terminate()
         proc.wait(timeout=30)
     assert outside == []
+    assert _outbound(tmp_path / "demo.log") == []
