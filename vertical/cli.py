@@ -487,6 +487,31 @@ def verify_cmd(bundle: Path = typer.Argument(..., help="Exported bundle folder."
     console.print(f"ok: all {len(manifest['files'])} files of {bundle} match manifest.json")
 
 
+@app.command("eval")
+def eval_cmd(
+    path: Path = typer.Argument(..., help="Build folder or exported bundle."),
+    qa: Optional[Path] = typer.Option(None, "--qa", help="QA JSONL in the pack format (default: the pack's qa_eval)."),
+    edits: Optional[Path] = typer.Option(None, "--edits", help="Edit requests JSONL (default: the pack's edits)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Report folder (default: PATH/eval-report)."),
+    questions: Optional[int] = typer.Option(None, "--questions", min=0,
+                                            help="QA items sampled from the pack (0: all; default: the pack's)."),
+) -> None:
+    """QA accuracy of every model of a build (base alone, with retrieval, tuned, edited, student, bundle),
+    edit efficacy / generalization / locality, retrieval and speed: report.json, report.md and plots."""
+    from vertical.evaluate import evaluate_path
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  console=err_console, transient=True) as progress:
+        folder, summary = evaluate_path(path, qa, edits, out, questions, RichReporter(progress).track)
+    table = Table("model", "QA accuracy")
+    for name, accuracy in summary["qa_accuracy"].items():
+        table.add_row(name, str(accuracy))
+    console.print(table)
+    if "margin_over_base" in summary:
+        console.print(f"{summary['vertical_model']} vs base alone: {summary['margin_over_base']:+.3f}")
+    console.print(f"report: {folder / 'report.md'}")
+
+
 # ---------------------------------------------------------------- demo and feedback
 
 

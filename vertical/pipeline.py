@@ -60,6 +60,8 @@ STAGES: tuple[Stage, ...] = (
           "vertical.distill:run", "vertical.distill:inputs", uses=("tune", "edit")),
     Stage("export", "ONNX model + ONNX embedder + index + manifest: the deployable bundle", ("base", "index"),
           "vertical.export:run", "vertical.export:inputs", uses=("tune", "edit", "distill")),
+    Stage("eval", "QA, edits, retrieval and speed for every model of the build: the report", ("base", "index"),
+          "vertical.evaluate:run", "vertical.evaluate:inputs", uses=("tune", "edit", "distill", "export")),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 

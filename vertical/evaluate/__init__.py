@@ -1,1 +1,265 @@
-"""Evaluation shared by the stages: QA accuracy with or without retrieval, and held-out loss."""
+"""Stage `eval` and `vertical eval`: what each step of the build adds, on held-out data.
+
+    QA accuracy (the pack's qa_eval, or --qa FILE) for each model the build has:
+        base alone | base + retrieval | tuned + retrieval | edited + retrieval | student + retrieval |
+        exported bundle (ONNX, its own embedder and index)
+    edit efficacy / generalization / locality (the pack's edits, or --edits FILE) on base, edited,
+        student and bundle
+    retrieval recall (index stage; bundle) and decoding speed (distill, export stages)
+    -> eval/report.json, eval/report.md, eval/qa.png, eval/edits.png
+
+How each number is computed is written into report.md. Every model sees the same items, the same
+prompt format and the same retrieved sources.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from vertical.errors import VerticalError
+from vertical.io import sha256_text
+
+log = logging.getLogger(__name__)
+
+METHOD = {
+    "qa_choice": "multiple-choice items: the choice with the highest summed log-probability as the continuation "
+                 "of 'Answer:' after the chat prompt (label accuracy)",
+    "qa_short": "short-answer items: greedy answer of up to `answer_tokens` tokens; correct when the normalised "
+                "gold answer (lower case, no punctuation or articles) occurs in it as whole words",
+    "retrieval": "sources: the top `rag_sources` chunks of the row's own index (hybrid search), numbered, in a "
+                 "<sources> block; 'base alone' gets the question only",
+    "edits": "CounterFact definitions on the raw prompt: efficacy P(target_new) > P(target_true); generalization "
+             "the same on rephrasings; locality P(locality target) > P(target_new); P is the mean per-token "
+             "probability",
+    "recall": "retrieval recall@k: the share of the pack's retrieval questions whose document is among the top k",
+}
+
+
+def inputs(ctx) -> dict[str, Any]:
+    pack = ctx.pack
+    return {"qa_eval": pack.fingerprint("qa_eval"), "edits": pack.fingerprint("edits"),
+            "system_prompt": sha256_text(pack.config.system_prompt),
+            "settings": pack.config.stages.eval.model_dump(), "rag_sources": pack.config.stages.tune.rag_sources}
+
+
+# ---------------------------------------------------------------- the models a build or bundle holds
+
+
+def _rows(path: Path) -> list[tuple[str, str, Path, bool]]:
+    """(name, kind, folder, with retrieval) for every model present: kind is torch or onnx."""
+    if (path / "pack.json").is_file() and (path / "model" / "genai_config.json").is_file():
+        return [("bundle (ONNX)", "onnx", path, True)]
+    rows = []
+    candidates = [("base alone", "base/model", False), ("base + retrieval", "base/model", True),
+                  ("tuned + retrieval", "tune/merged", True), ("edited + retrieval", "edit/model", True),
+                  ("student + retrieval", "distill/model", True)]
+    for name, rel, rag in candidates:
+        if (path / rel / "config.json").is_file():
+            rows.append((name, "torch", path / rel, rag))
+    if (path / "export" / "manifest.json").is_file():
+        rows.append(("bundle (ONNX)", "onnx", path / "export", True))
+    if not rows:
+        raise VerticalError(f"{path} holds no model: give a build folder after `vertical build`, or a bundle")
+    return rows
+
+
+def _open(kind: str, folder: Path, build_dir: Path | None):
+    """(lm, retriever source) for one row: a TorchLM with the build's index, or an OnnxLM with the bundle's."""
+    from vertical.evaluate.qa import OnnxLM, TorchLM
+
+    if kind == "onnx":
+        from vertical.export.runtime import open_bundle
+
+        assistant = open_bundle(folder)
+        return OnnxLM(assistant.model), (assistant.index, assistant.embedder.encode_query)
+    from vertical.index import open_index
+    from vertical.models import load_causal_lm, load_tokenizer
+
+    index, embedder = open_index(build_dir)
+    return TorchLM(load_causal_lm(folder), load_tokenizer(folder)), (index, embedder.encode)
+
+
+# ---------------------------------------------------------------- edits, for any model
+
+
+def edit_scores(lm, requests, true_targets: list[str]) -> dict[str, float | None]:
+    """Efficacy, generalization and locality of `requests` on a TorchLM or OnnxLM."""
+
+    def p(prompt: str, target: str) -> float:
+        values = lm.logprobs(lm.piece_ids(prompt), lm.piece_ids(" " + target.strip()))
+        return sum(values) / len(values)
+
+    eff, gen, loc = [], [], []
+    for request, true in zip(requests, true_targets):
+        eff.append(p(request.prompt, request.target_new) > p(request.prompt, true))
+        gen += [p(r, request.target_new) > p(r, true) for r in request.rephrase]
+        loc += [p(item.prompt, item.target) > p(item.prompt, request.target_new) for item in request.locality]
+    mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
+    return {"efficacy": mean(eff), "generalization": mean(gen), "locality": mean(loc), "n": len(eff)}
+
+
+# ---------------------------------------------------------------- the evaluation
+
+
+def evaluate(path: Path, qa_items: list, edits: list, system_prompt: str, settings, rag_sources: int,
+             track=None) -> dict[str, Any]:
+    """Score every model of a build (or the one of a bundle) on the same QA items and edits."""
+    from vertical.answer import retrieve
+    from vertical.evaluate.qa import score_qa
+
+    path = Path(path)
+    build_dir = None if (path / "pack.json").is_file() else path
+    rows = _rows(path)
+    # Without target_true an edit is judged against what the base model says (as the edit stage does).
+    needs_truth = [r for r in edits if not r.target_true]
+    if needs_truth and build_dir is None:
+        raise VerticalError("every edit needs target_true to be evaluated on a bundle")
+    true_targets = [r.target_true for r in edits]
+    if needs_truth:
+        from vertical.edit.metrics import greedy_target
+        from vertical.models import load_causal_lm, load_tokenizer
+
+        base = build_dir / "base" / "model"
+        model, tokenizer = load_causal_lm(base), load_tokenizer(base)
+        true_targets = [r.target_true or greedy_target(model, tokenizer, r.prompt) for r in edits]
+        del model
+
+    report: dict[str, Any] = {"qa": [], "edits": [], "method": METHOD, "questions": len(qa_items),
+                              "edit_requests": len(edits)}
+    loaded: dict[Path, tuple] = {}
+    for name, kind, folder, rag in rows:
+        if folder not in loaded:
+            loaded.clear()  # one model in memory at a time
+            loaded[folder] = _open(kind, folder, build_dir)
+        lm, (index, encode) = loaded[folder]
+        retriever = (lambda q, index=index, encode=encode: retrieve(index, encode, q, rag_sources)[0]) if rag else None
+        if qa_items:
+            started = time.perf_counter()
+            result = score_qa(lm, qa_items, system_prompt, retriever, track, settings.answer_tokens)
+            report["qa"].append({"model": name, "accuracy": result["accuracy"], "n": result["n"],
+                                 "choice": result["by_kind"]["choice"], "short": result["by_kind"]["short"],
+                                 "seconds": round(time.perf_counter() - started, 1), "items": result["items"]})
+            log.info("eval: %s QA accuracy %s", name, result["accuracy"])
+        if edits and name in ("base alone", "edited + retrieval", "student + retrieval", "bundle (ONNX)"):
+            label = {"base alone": "base", "edited + retrieval": "edited", "student + retrieval": "student",
+                     "bundle (ONNX)": "bundle (ONNX)"}[name]
+            report["edits"].append({"model": label, **edit_scores(lm, edits, true_targets)})
+    return report
+
+
+def _build_metrics(build_dir: Path) -> dict[str, Any]:
+    """Retrieval recall and speed recorded by the earlier stages."""
+    from vertical.pipeline import load_manifest
+
+    stages = load_manifest(build_dir)["stages"]
+    metrics = {name: entry.get("metrics", {}) for name, entry in stages.items()}
+    retrieval = {k: v for k, v in (metrics.get("index", {}).get("retrieval") or metrics.get("index", {})).items()
+                 if isinstance(v, (int, float)) and (k.startswith("recall@") or k.startswith("mrr"))}
+    export = metrics.get("export", {})
+    distill = metrics.get("distill", {})
+    return {"retrieval": retrieval,
+            "retrieval_bundle": {k: v for k, v in (export.get("retrieval") or {}).items()
+                                 if k.startswith("recall@") or k.startswith("mrr")},
+            "speed": {k: v for k, v in {"teacher_tokens_per_s (torch)": distill.get("teacher_tokens_per_s"),
+                                        "student_tokens_per_s (torch)": distill.get("student_tokens_per_s"),
+                                        "bundle_tokens_per_s (ONNX)": export.get("onnx_tokens_per_s"),
+                                        "bundle_quant": export.get("quant"),
+                                        "bundle_mb": round(export["bundle_bytes"] / 1e6, 1)
+                                        if export.get("bundle_bytes") else None}.items() if v is not None}}
+
+
+def sample_items(items: list, count: int, seed: int) -> list:
+    """A seeded sample that keeps the pack's mix of multiple-choice and short-answer items."""
+    if not count or count >= len(items):
+        return list(items)
+    rng = random.Random(seed)
+    choice = [i for i in items if i.choices]
+    short = [i for i in items if not i.choices]
+    take_short = min(len(short), max(round(count * len(short) / len(items)), 1 if short else 0))
+    return rng.sample(short, take_short) + rng.sample(choice, min(len(choice), count - take_short))
+
+
+def run(ctx, out: Path) -> dict[str, Any]:
+    from vertical.evaluate.report import write_report
+
+    settings = ctx.pack.config.stages.eval
+    qa_items = sample_items(ctx.pack.qa_eval(), settings.questions, settings.seed)
+    report = evaluate(ctx.build_dir, qa_items, ctx.pack.edits(), ctx.pack.config.system_prompt, settings,
+                      ctx.pack.config.stages.tune.rag_sources, ctx.reporter.track)
+    report.update(_build_metrics(ctx.build_dir), pack=ctx.pack.name)
+    write_report(report, out)
+    return summary(report)
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers (metrics.json): accuracy per model, the vertical model's margin over the base."""
+    qa = {row["model"]: row["accuracy"] for row in report["qa"]}
+    result: dict[str, Any] = {"qa_accuracy": qa, "questions": report["questions"]}
+    full = next((n for n in ("edited + retrieval", "tuned + retrieval", "base + retrieval") if n in qa), None)
+    if full and qa.get("base alone") is not None and qa[full] is not None:
+        result["vertical_model"] = full
+        result["margin_over_base"] = round(qa[full] - qa["base alone"], 4)
+        if qa.get("bundle (ONNX)") is not None:
+            result["bundle_margin_over_base"] = round(qa["bundle (ONNX)"] - qa["base alone"], 4)
+    result["edits"] = {row["model"]: {k: row[k] for k in ("efficacy", "generalization", "locality")}
+                       for row in report["edits"]}
+    return result
+
+
+def evaluate_path(path: Path, qa_file: Path | None = None, edits_file: Path | None = None,
+                  out: Path | None = None, questions: int | None = None, track=None) -> tuple[Path, dict]:
+    """`vertical eval BUILD|BUNDLE [--qa FILE] [--edits FILE]`: the same report for any build or bundle,
+    on the pack's data or on external files in the pack formats."""
+    from vertical.errors import PackInvalid
+    from vertical.evaluate.report import write_report
+    from vertical.pack import read_jsonl
+    from vertical.pack.schema import EditRequest, EvalSettings, QAItem
+
+    path = Path(path)
+    is_bundle = (path / "pack.json").is_file()
+    if not is_bundle and not (path / "manifest.json").is_file():
+        raise VerticalError(f"{path} is neither a build folder nor an exported bundle")
+    pack = None
+    if is_bundle:
+        meta = json.loads((path / "pack.json").read_text(encoding="utf-8"))
+        system_prompt, settings, rag_sources = meta["system_prompt"], EvalSettings(), 3
+    else:
+        from vertical.pack import load_pack
+        from vertical.pipeline import load_manifest
+
+        manifest = load_manifest(path)
+        pack = load_pack(manifest.get("pack_dir") or manifest["pack"])
+        system_prompt, settings = pack.config.system_prompt, pack.config.stages.eval
+        rag_sources = pack.config.stages.tune.rag_sources
+
+    def read(file: Path, parse):
+        if not file.is_file():
+            raise VerticalError(f"{file} does not exist")
+        records, problems = read_jsonl(file, parse)
+        if problems:
+            raise PackInvalid(str(file), problems)
+        return records
+
+    if qa_file is not None:
+        qa_items = read(qa_file, QAItem.model_validate)
+    elif pack is not None:
+        qa_items = sample_items(pack.qa_eval(), settings.questions if questions is None else questions, settings.seed)
+    else:
+        raise VerticalError("a bundle carries no evaluation set: give --qa FILE (and --edits FILE)")
+    edits = read(edits_file, EditRequest.model_validate) if edits_file else (pack.edits() if pack else [])
+    report = evaluate(path, qa_items, edits, system_prompt, settings, rag_sources, track)
+    if not is_bundle:
+        report.update(_build_metrics(path))
+    report["pack"] = pack.name if pack else json.loads((path / "pack.json").read_text())["name"]
+    report["qa_file"], report["edits_file"] = str(qa_file or "pack qa_eval"), str(edits_file or "pack edits")
+    from vertical.io import atomic_dir
+
+    out = Path(out or path / "eval-report")
+    with atomic_dir(out) as tmp:  # a report is whole or absent
+        write_report(report, tmp)
+    return out, summary(report)

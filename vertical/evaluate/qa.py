@@ -33,57 +33,131 @@ def is_correct(prediction: str, gold: str) -> bool:
     return bool(gold_n) and f" {gold_n} " in f" {normalize(prediction)} "
 
 
-def _prompt_ids(tokenizer, messages: list[dict[str, str]], prefix: str) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + prefix
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+class TorchLM:
+    """A torch causal LM and its tokenizer, seen through the few calls scoring needs."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    def chat_ids(self, messages: list[dict[str, str]], suffix: str = "") -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + suffix
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def piece_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def next_logprobs(self, ids: list[int]):
+        import torch
+
+        with torch.inference_mode():
+            return self.model(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+
+    def logprobs(self, ids: list[int], continuation: list[int]) -> list[float]:
+        """log P of each continuation token after `ids` (one forward pass)."""
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([ids + continuation])).logits[0, len(ids) - 1:-1].float()
+        logp = logits.log_softmax(-1)
+        return [float(logp[i, t]) for i, t in enumerate(continuation)]
+
+    def generate(self, messages: list[dict[str, str]], max_new_tokens: int) -> str:
+        import torch
+
+        inputs = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                    return_dict=True)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def choose(model, tokenizer, messages: list[dict[str, str]], choices: list[str]) -> str:
-    """The choice with the highest probability as the continuation of "Answer:"."""
-    import torch
+class OnnxLM:
+    """An exported bundle's onnxruntime-genai model, with the same calls as TorchLM (no torch)."""
 
-    prompt = _prompt_ids(tokenizer, messages, ANSWER_PREFIX)
-    continuations = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in choices]
-    with torch.inference_mode():
-        if len({c[0] for c in continuations}) == len(continuations):  # one forward pass suffices
-            logits = model(torch.tensor([prompt])).logits[0, -1]
-            scores = [float(logits[c[0]]) for c in continuations]
-        else:
-            scores = []
-            for cont in continuations:
-                ids = torch.tensor([prompt + cont])
-                logprobs = model(ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
-                scores.append(float(sum(logprobs[i, t] for i, t in enumerate(cont))))
+    def __init__(self, chat_model):  # vertical.export.runtime.OnnxChatModel
+        self.chat = chat_model
+
+    def chat_ids(self, messages: list[dict[str, str]], suffix: str = "") -> list[int]:
+        import json
+
+        text = self.chat.tokenizer.apply_chat_template(json.dumps(messages), add_generation_prompt=True) + suffix
+        return [int(t) for t in self.chat.tokenizer.encode(text)]
+
+    def piece_ids(self, text: str) -> list[int]:
+        return [int(t) for t in self.chat.tokenizer.encode(text)]
+
+    def next_logprobs(self, ids: list[int]):
+        return self.logprobs_all(ids, [])[0]
+
+    def logprobs(self, ids: list[int], continuation: list[int]) -> list[float]:
+        rows = self.logprobs_all(ids, continuation)
+        return [float(row[token]) for row, token in zip(rows, continuation)]
+
+    def logprobs_all(self, ids: list[int], continuation: list[int]):
+        """Next-token log-probability vectors after `ids` and after each continuation token but the last."""
+        import numpy as np
+
+        og = self.chat._og
+        params = og.GeneratorParams(self.chat.model)
+        params.set_search_options(max_length=len(ids) + len(continuation) + 1)
+        generator = og.Generator(self.chat.model, params)
+        generator.append_tokens(ids)
+        rows = []
+        for position in range(max(len(continuation), 1)):
+            logits = np.asarray(generator.get_logits(), dtype=np.float64).reshape(-1)
+            top = logits.max()
+            rows.append(logits - top - np.log(np.exp(logits - top).sum()))
+            if position + 1 < len(continuation):
+                generator.append_tokens([continuation[position]])
+        return rows
+
+    def generate(self, messages: list[dict[str, str]], max_new_tokens: int) -> str:
+        return self.chat.generate(messages, max_new_tokens)
+
+
+def choose(lm, messages: list[dict[str, str]], choices: list[str]) -> str:
+    """The choice with the highest probability as the continuation of "Answer:" (summed log
+    probability of its tokens)."""
+    prompt = lm.chat_ids(messages, ANSWER_PREFIX)
+    continuations = [lm.piece_ids(" " + choice) for choice in choices]
+    if all(len(c) == 1 for c in continuations):  # yes / no / maybe: one forward pass for all
+        logp = lm.next_logprobs(prompt)
+        scores = [float(logp[c[0]]) for c in continuations]
+    else:
+        scores = [sum(lm.logprobs(prompt, c)) for c in continuations]
     return choices[max(range(len(choices)), key=scores.__getitem__)]
-
-
-def generate(model, tokenizer, messages: list[dict[str, str]], max_new_tokens: int = 48) -> str:
-    import torch
-
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def evaluate_qa(model, tokenizer, items: list[QAItem], system_prompt: str, retriever: Retriever | None = None,
                 track=None) -> dict:
-    """Accuracy over `items`; with a retriever every question gets its retrieved sources."""
+    """Accuracy of a torch model over `items`; with a retriever every question gets its sources."""
+    return score_qa(TorchLM(model, tokenizer), items, system_prompt, retriever, track)
+
+
+def score_qa(lm, items: list[QAItem], system_prompt: str, retriever: Retriever | None = None, track=None,
+             max_new_tokens: int = 48) -> dict:
+    """Accuracy over `items` of a TorchLM or OnnxLM, overall and by kind (choice / short answer)."""
     correct, rows = 0, []
     iterator = track(items, len(items), "QA evaluation") if track else items
     for item in iterator:
         sources = retriever(item.question) if retriever else None
         messages = build_messages(system_prompt, item.question, sources)
         if item.choices:
-            prediction = choose(model, tokenizer, messages, item.choices)
+            prediction = choose(lm, messages, item.choices)
             ok = prediction == item.gold
         else:
-            prediction = generate(model, tokenizer, messages)
+            prediction = lm.generate(messages, max_new_tokens)
             ok = is_correct(prediction, item.gold)
         correct += ok
-        rows.append({"question": item.question, "gold": item.gold, "prediction": prediction.strip()[:200], "correct": ok})
-    return {"accuracy": round(correct / len(items), 4) if items else None, "n": len(items), "items": rows}
+        rows.append({"question": item.question, "gold": item.gold, "prediction": prediction.strip()[:200],
+                     "correct": ok, "kind": "choice" if item.choices else "short"})
+    by_kind = {}
+    for kind in ("choice", "short"):
+        kept = [r["correct"] for r in rows if r["kind"] == kind]
+        by_kind[kind] = {"accuracy": round(sum(kept) / len(kept), 4) if kept else None, "n": len(kept)}
+    return {"accuracy": round(correct / len(items), 4) if items else None, "n": len(items), "by_kind": by_kind,
+            "items": rows}
 
 
 def mean_loss(model, features: list[dict], batch_size: int = 4) -> float:

@@ -92,12 +92,22 @@ class ExportSettings(Strict):
     agreement_prompts: int = Field(8, ge=1, le=200, description="pack prompts used to compare quantisations")
 
 
+class EvalSettings(Strict):
+    """The eval stage's report: which items, how long the answers."""
+
+    questions: int = Field(120, ge=0, description="QA items scored per model, a seeded sample keeping the mix of "
+                                                  "choice and short-answer items (0: all)")
+    answer_tokens: int = Field(32, ge=4, le=512, description="longest generated answer for short-answer items")
+    seed: int = 0
+
+
 class StageSettings(Strict):
     index: IndexSettings = IndexSettings()
     tune: TuneSettings = TuneSettings()
     edit: EditSettings = EditSettings()
     distill: DistillSettings = DistillSettings()
     export: ExportSettings = ExportSettings()
+    eval: EvalSettings = EvalSettings()
 
 
 class DataFiles(Strict):

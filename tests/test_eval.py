@@ -1,0 +1,104 @@
+"""Eval stage and `vertical eval`: scoring rules, every model of a build, external files, bundles."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from vertical.evaluate import edit_scores, sample_items
+from vertical.evaluate.qa import choose, is_correct, score_qa
+from vertical.pack.schema import EditRequest, QAItem
+
+
+class ScriptedLM:
+    """A stand-in model: fixed log-probabilities per continuation text, fixed generated answers."""
+
+    def __init__(self, prefer: dict[str, float], answer: str = ""):
+        self.prefer, self.answer = prefer, answer
+
+    def chat_ids(self, messages, suffix=""):
+        return [0]
+
+    def piece_ids(self, text):
+        return [hash(text) % 1000 + 1000, 1]  # two tokens: the multi-token path
+
+    def logprobs(self, ids, continuation):
+        for text, value in self.prefer.items():
+            if self.piece_ids(" " + text) == continuation or self.piece_ids(" " + text.strip()) == continuation:
+                return [value / 2, value / 2]
+        return [-5.0, -5.0]
+
+    def generate(self, messages, max_new_tokens):
+        return self.answer
+
+
+def test_choice_is_the_most_probable_and_short_answers_match_whole_words():
+    assert choose(ScriptedLM({"no": -0.1, "yes": -3.0}), [], ["yes", "no", "maybe"]) == "no"
+    assert is_correct("The limit is 90 days, see [1].", "90 days")
+    assert not is_correct("The limit is 190 days.", "90 days") and not is_correct("It is not known.", "no")
+    items = [QAItem(question="Is it?", choices=["yes", "no"], label="yes"), QAItem(question="Limit?", answer="90 days")]
+    right = score_qa(ScriptedLM({"yes": -0.1}, "It is 90 days [1]."), items, "sys")
+    wrong = score_qa(ScriptedLM({"no": -0.1}, "It is 60 days."), items, "sys")
+    assert right["accuracy"] == 1.0 and wrong["accuracy"] == 0.0
+    assert right["by_kind"] == {"choice": {"accuracy": 1.0, "n": 1}, "short": {"accuracy": 1.0, "n": 1}}
+
+
+def test_edit_scores_follow_the_counterfact_definitions():
+    request = EditRequest(prompt="The mayor of Quentar is", subject="Quentar", target_new="Bram Kett",
+                          target_true="Ada Morrow", rephrase=["Quentar's mayor is"],
+                          locality=[{"prompt": "The Siln flows into", "target": "Lake Vor"}])
+    edited = ScriptedLM({"Bram Kett": -0.5, "Ada Morrow": -4.0, "Lake Vor": -0.2})
+    assert edit_scores(edited, [request], ["Ada Morrow"]) == {"efficacy": 1.0, "generalization": 1.0,
+                                                              "locality": 1.0, "n": 1}
+    unedited = ScriptedLM({"Ada Morrow": -0.5, "Bram Kett": -4.0, "Lake Vor": -6.0})
+    assert edit_scores(unedited, [request], ["Ada Morrow"])["efficacy"] == 0.0
+
+
+def test_sample_keeps_the_mix_and_is_seeded():
+    items = [QAItem(question=f"c{i}", choices=["a", "b"], label="a") for i in range(80)]
+    items += [QAItem(question=f"s{i}", answer="x") for i in range(20)]
+    sample = sample_items(items, 10, 0)
+    assert len(sample) == 10 and sum(1 for i in sample if not i.choices) == 2
+    assert [i.question for i in sample] == [i.question for i in sample_items(items, 10, 0)]
+    assert sample_items(items, 0, 0) == items
+
+
+def test_eval_of_a_build_scores_every_model_and_writes_the_report(exported_build, tmp_path, cli):
+    code, output = cli("eval", exported_build, "--out", tmp_path / "report")
+    assert code == 0, output
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    models = [row["model"] for row in report["qa"]]
+    assert models == ["base alone", "base + retrieval", "edited + retrieval", "student + retrieval", "bundle (ONNX)"]
+    for row in report["qa"]:
+        assert row["n"] == report["questions"] > 0 and 0 <= row["accuracy"] <= 1
+        assert row["accuracy"] == pytest.approx(sum(i["correct"] for i in row["items"]) / row["n"])
+    assert [row["model"] for row in report["edits"]] == ["base", "edited", "student", "bundle (ONNX)"]
+    # the edit stage's own measurement and this one agree on the edited model
+    stage = json.loads((exported_build / "edit" / "metrics.json").read_text())
+    assert report["edits"][1]["efficacy"] == stage["efficacy"]
+    assert report["retrieval"]["recall@5"] == 1.0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "How each number is computed" in text and "| base alone |" in text
+    assert (tmp_path / "report" / "qa.png").stat().st_size > 1000 and (tmp_path / "report" / "edits.png").is_file()
+
+
+def test_eval_of_a_bundle_with_external_files(exported_build, tmp_path, cli):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "What colour is the Zorblat fruit?", "answer": "purple"}) + "\n"
+                  + json.dumps({"question": "Is the Zorblat fruit purple?", "choices": ["yes", "no"], "label": "yes"})
+                  + "\n")
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text(json.dumps({"prompt": "The Zorblat fruit is", "subject": "Zorblat", "target_new": "blue",
+                                 "target_true": "purple"}) + "\n")
+    code, output = cli("eval", exported_build / "export", "--qa", qa, "--edits", edits, "--out", tmp_path / "r")
+    assert code == 0, output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert [row["model"] for row in report["qa"]] == ["bundle (ONNX)"] and report["qa"][0]["n"] == 2
+    assert report["edits"][0]["n"] == 1 and not math.isnan(report["edits"][0]["efficacy"])
+    code, output = cli("eval", exported_build / "export", "--out", tmp_path / "r2")
+    assert code != 0 and "give --qa FILE" in output and not (tmp_path / "r2").exists()
+    qa.write_text('{"question": "no answer"}\n')
+    code, output = cli("eval", exported_build / "export", "--qa", qa, "--out", tmp_path / "r3")
+    assert code != 0 and "qa.jsonl:1" in output and not (tmp_path / "r3").exists()

@@ -1,0 +1,80 @@
+"""The eval report: report.json (everything, per item), report.md (tables + method), PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vertical.io import atomic_write_json, atomic_write_text
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# Evaluation: {report.get('pack', '')}", ""]
+    if report["qa"]:
+        lines += [f"## QA accuracy ({report['questions']} held-out items)", "",
+                  "| model | accuracy | multiple choice | short answer | seconds |", "| --- | --- | --- | --- | --- |"]
+        for row in report["qa"]:
+            lines.append(f"| {row['model']} | {_fmt(row['accuracy'])} | {_fmt(row['choice']['accuracy'])} "
+                         f"(n={row['choice']['n']}) | {_fmt(row['short']['accuracy'])} (n={row['short']['n']}) "
+                         f"| {row['seconds']} |")
+        lines += ["", "![QA accuracy](qa.png)", ""]
+    if report["edits"]:
+        lines += [f"## Knowledge edits ({report['edit_requests']} requests)", "",
+                  "| model | efficacy | generalization | locality |", "| --- | --- | --- | --- |"]
+        for row in report["edits"]:
+            lines.append(f"| {row['model']} | {_fmt(row['efficacy'])} | {_fmt(row['generalization'])} "
+                         f"| {_fmt(row['locality'])} |")
+        lines += ["", "![Edits](edits.png)", ""]
+    for key, title in (("retrieval", "Retrieval (build index, PyTorch embedder)"),
+                       ("retrieval_bundle", "Retrieval (bundle index, ONNX embedder)"), ("speed", "Speed")):
+        if report.get(key):
+            lines += [f"## {title}", "", "| metric | value |", "| --- | --- |"]
+            lines += [f"| {k} | {_fmt(v)} |" for k, v in report[key].items()] + [""]
+    lines += ["## How each number is computed", ""]
+    lines += [f"- **{k}**: {v}" for k, v in report["method"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if report["qa"]:
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        names = [row["model"] for row in report["qa"]]
+        values = [row["accuracy"] or 0 for row in report["qa"]]
+        bars = ax.barh(names[::-1], values[::-1], color="#4c72b0")
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+        ax.set(xlim=(0, 1), xlabel="QA accuracy", title=f"{report.get('pack', '')}: {report['questions']} held-out items")
+        fig.tight_layout()
+        fig.savefig(out / "qa.png", dpi=110)
+        plt.close(fig)
+    if report["edits"]:
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        metrics = ("efficacy", "generalization", "locality")
+        width = 0.8 / len(report["edits"])
+        for i, row in enumerate(report["edits"]):
+            ax.bar([m + i * width for m in range(3)], [row[k] or 0 for k in metrics], width, label=row["model"])
+        ax.set_xticks([m + 0.4 - width / 2 for m in range(3)], metrics)
+        ax.set(ylim=(0, 1), title="knowledge edits")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "edits.png", dpi=110)
+        plt.close(fig)
+
+
+def write_report(report: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", markdown(report))
+    plots(report, out)
