@@ -457,6 +457,12 @@ def create_demo(path: Path, redact_feedback: bool = True):
             gr.Dataframe(value=rows or [["-", "no metrics yet", ""]], headers=["stage", "metric", "value"],
                          label="The build's metrics", elem_id="report-table")
             gr.Plot(value=report_figure(source.metrics), label="What each step added")
+            evaluated = source.path / "eval"
+            if (evaluated / "qa.png").is_file():  # the eval stage's report: every model on the same QA items
+                with gr.Row():
+                    gr.Image(str(evaluated / "qa.png"), label="QA accuracy by model (eval stage)")
+                    if (evaluated / "edits.png").is_file():
+                        gr.Image(str(evaluated / "edits.png"), label="Knowledge edits by model (eval stage)")
             with gr.Accordion("All metrics (JSON)", open=False):
                 gr.JSON(value=source.metrics)
     return demo
