@@ -24,6 +24,8 @@ def normalize(text: str) -> str:
     text = "".join(ch for ch in text if ch not in set(string.punctuation) - {".", "%"})
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text)  # keep decimal points
+    text = re.sub(r"[£$€¥]", " ", text)  # "£60" and "60" are the same amount
+    text = re.sub(r"(\d)\.0+(?!\d)", r"\1", text)  # "86.0" and "86" are the same number
     return " ".join(text.split())
 
 
