@@ -23,7 +23,7 @@ from vertical.io import hash_tree, read_json
 from conftest import fast_pack
 
 ROOT = Path(__file__).resolve().parent.parent
-KILLED_STAGES = ["index", "tune", "edit", "distill", "export"]  # base: tests/test_integration_base.py
+KILLED_STAGES = ["index", "tune", "edit", "distill", "export", "eval"]  # base: tests/test_integration_base.py
 SMALL_TUNE = {"epochs": 3, "batch_size": 1, "gradient_accumulation": 1, "eval_holdout": 0, "eval_questions": 0,
               "save_steps": 4, "lora_rank": 4}
 
@@ -38,9 +38,13 @@ def _env() -> dict[str, str]:
 
 def _result_files(build: Path, stage: str) -> dict[str, str]:
     """What a stage produced, without its timings: metrics.json, the bundle manifest that embeds
-    them, and the time and duration of each entry of the edit log."""
+    them, the time and duration of each entry of the edit log, and the eval report's durations and speeds."""
     files = {path: digest for path, digest in hash_tree(build / stage).items()
              if path not in ("metrics.json", "manifest.json")}
+    if "report.json" in files:  # the eval report: every number but how long each model took
+        report = json.loads((build / stage / "report.json").read_text())
+        files["report.json"] = json.dumps([{k: v for k, v in row.items() if k != "seconds"} for row in report["qa"]]
+                                          + [report[k] for k in sorted(report) if k not in ("qa", "speed")])
     if "log.jsonl" in files:
         entries = [json.loads(line) for line in (build / stage / "log.jsonl").read_text().splitlines()]
         files["log.jsonl"] = json.dumps([{k: v for k, v in e.items() if k not in ("time", "seconds")} for e in entries])

@@ -20,11 +20,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"# Evaluation: {report.get('pack', '')}", ""]
     if report["qa"]:
         lines += [f"## QA accuracy ({report['questions']} held-out items)", "",
-                  "| model | accuracy | multiple choice | short answer | seconds |", "| --- | --- | --- | --- | --- |"]
+                  "| model | accuracy | multiple choice | short answer |", "| --- | --- | --- | --- |"]
         for row in report["qa"]:
             lines.append(f"| {row['model']} | {_fmt(row['accuracy'])} | {_fmt(row['choice']['accuracy'])} "
-                         f"(n={row['choice']['n']}) | {_fmt(row['short']['accuracy'])} (n={row['short']['n']}) "
-                         f"| {row['seconds']} |")
+                         f"(n={row['choice']['n']}) | {_fmt(row['short']['accuracy'])} (n={row['short']['n']}) |")
         lines += ["", "![QA accuracy](qa.png)", ""]
     if report["edits"]:
         lines += [f"## Knowledge edits ({report['edit_requests']} requests)", "",
