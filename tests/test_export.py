@@ -224,21 +224,23 @@ def test_malformed_json_and_oversized_body(assistant):
 
 def test_concurrent_clients_get_their_own_answers(assistant):
     questions = [QUESTION, "Where does the Siln river flow?", "Who is the mayor of Quentar?", "Tell me about Lake Vor."]
-    client = _client(assistant, max_concurrent=4)
-    expected = {q: client.post("/v1/chat/completions", json=_chat(q)).json()["choices"][0]["message"]["content"]
-                for q in questions}
     got: dict[int, tuple[str, str]] = {}
+    # `with`: one event loop serves every request, as under uvicorn (without it TestClient starts a
+    # loop per request, and an asyncio semaphore cannot be shared between loops)
+    with _client(assistant, max_concurrent=2) as client:
+        expected = {q: client.post("/v1/chat/completions", json=_chat(q)).json()["choices"][0]["message"]["content"]
+                    for q in questions}
 
-    def ask(i: int) -> None:
-        question = questions[i % len(questions)]
-        reply = client.post("/v1/chat/completions", json=_chat(question))
-        got[i] = (question, reply.json()["choices"][0]["message"]["content"])
+        def ask(i: int) -> None:
+            question = questions[i % len(questions)]
+            reply = client.post("/v1/chat/completions", json=_chat(question))
+            got[i] = (question, reply.json()["choices"][0]["message"]["content"])
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
     assert len(got) == 12
     for question, text in got.values():
         assert text == expected[question]
