@@ -45,6 +45,10 @@ def _result_files(build: Path, stage: str) -> dict[str, str]:
         report = json.loads((build / stage / "report.json").read_text())
         files["report.json"] = json.dumps([{k: v for k, v in row.items() if k != "seconds"} for row in report["qa"]]
                                           + [report[k] for k in sorted(report) if k not in ("qa", "speed")])
+    if "report.md" in files:  # the same, without its speed table
+        text = (build / stage / "report.md").read_text()
+        head, _, rest = text.partition("## Speed")
+        files["report.md"] = head + rest[rest.find("## "):] if rest else text
     if "log.jsonl" in files:
         entries = [json.loads(line) for line in (build / stage / "log.jsonl").read_text().splitlines()]
         files["log.jsonl"] = json.dumps([{k: v for k, v in e.items() if k not in ("time", "seconds")} for e in entries])
