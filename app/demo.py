@@ -11,8 +11,6 @@ are off (vertical/__init__.py) and the theme uses system fonts, so the page fetc
 outside the machine.
 """
 
-from __future__ import annotations
-
 import html
 import json
 import logging
@@ -394,7 +392,7 @@ def create_demo(path: Path, redact_feedback: bool = True):
             ask.click(lambda q, h: (yield from chat_reply(source, q, h)), [question, chatbot], [chatbot, question])
             question.submit(lambda q, h: (yield from chat_reply(source, q, h)), [question, chatbot], [chatbot, question])
             clear.click(lambda: [], None, chatbot)
-            def on_like(history: list[dict], like: gr.LikeData) -> str:
+            def on_like(history: list[dict], like: gr.LikeData) -> str:  # Gradio finds LikeData by annotation
                 return record_rating(source, history, like)
 
             chatbot.like(on_like, chatbot, feedback_note)
@@ -407,9 +405,15 @@ def create_demo(path: Path, redact_feedback: bool = True):
                 compare_question = gr.Textbox(label="Question", elem_id="compare-question")
                 compare_button = gr.Button("Compare", variant="primary", elem_id="compare")
                 with gr.Row():
-                    base_out = gr.Markdown(label="base", elem_id="base-answer")
-                    vertical_out = gr.Markdown(label="vertical", elem_id="vertical-answer")
-                    student_out = gr.Markdown(label="student", elem_id="student-answer")
+                    with gr.Column():
+                        gr.Markdown("#### Base model, no documents")
+                        base_out = gr.Markdown(elem_id="base-answer")
+                    with gr.Column():
+                        gr.Markdown("#### Vertical model, with retrieval")
+                        vertical_out = gr.Markdown(elem_id="vertical-answer")
+                    with gr.Column():
+                        gr.Markdown("#### Distilled student, with retrieval")
+                        student_out = gr.Markdown(elem_id="student-answer")
                 compare_button.click(lambda q: compare(source, q), compare_question,
                                      [base_out, vertical_out, student_out])
 
@@ -431,7 +435,7 @@ def create_demo(path: Path, redact_feedback: bool = True):
                 edit_table = gr.Dataframe(headers=["metric", "before", "after"], elem_id="edit-checks", label="Edit checks "
                                           "(efficacy: the new target wins; locality: unrelated facts unchanged)")
                 rollback_out = gr.Markdown(elem_id="rollback-note")
-                heatmap = gr.Image(label="Causal trace: where the fact is stored", type="filepath")
+                heatmap = gr.Image(label="Causal trace: where the fact is stored", type="filepath", elem_id="trace-image")
                 apply_button.click(lambda p, s, t: apply_edit(source, p, s, t), [edit_prompt, edit_subject, edit_target],
                                    [before_out, after_out, edit_table])
                 rollback_button.click(lambda p: roll_back(source, p), edit_prompt, rollback_out)

@@ -71,7 +71,7 @@ def main() -> None:
                     page.click("#apply-edit")
                     page.wait_for_function("document.querySelector('#edit-after textarea').value.length > 0")
                     page.click("#trace")
-                    page.wait_for_selector("img[src*='trace']", timeout=900_000)
+                    page.wait_for_selector("#trace-image img", timeout=900_000)
                 page.screenshot(path=str(args.out / "editing.png"), full_page=True)
                 page.get_by_role("tab", name="Knowledge base").click()
                 page.fill("#search-query textarea", question)
