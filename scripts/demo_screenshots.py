@@ -76,7 +76,7 @@ def main() -> None:
                 page.get_by_role("tab", name="Knowledge base").click()
                 page.fill("#search-query textarea", question)
                 page.click("#search")
-                page.wait_for_selector("#hits tbody tr")
+                page.wait_for_selector("#hits:has-text('documents')")
                 page.screenshot(path=str(args.out / "knowledge-base.png"))
                 page.get_by_role("tab", name="Report").click()
                 page.wait_for_selector("#report-table")
