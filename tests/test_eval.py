@@ -30,8 +30,8 @@ class ScriptedLM:
                 return [value / 2, value / 2]
         return [-5.0, -5.0]
 
-    def generate(self, messages, max_new_tokens):
-        return self.answer
+    def generate_batch(self, conversations, max_new_tokens):
+        return [self.answer for _ in conversations]
 
 
 def test_choice_is_the_most_probable_and_short_answers_match_whole_words():

@@ -68,8 +68,8 @@ def _rows(path: Path) -> list[tuple[str, str, Path, bool]]:
     return rows
 
 
-def _open(kind: str, folder: Path, build_dir: Path | None):
-    """(lm, retriever source) for one row: a TorchLM with the build's index, or an OnnxLM with the bundle's."""
+def _open(kind: str, folder: Path, build_index: tuple | None):
+    """(lm, (index, encode)) for one row: a TorchLM with the build's index, or an OnnxLM with the bundle's."""
     from vertical.evaluate.qa import OnnxLM, TorchLM
 
     if kind == "onnx":
@@ -77,10 +77,9 @@ def _open(kind: str, folder: Path, build_dir: Path | None):
 
         assistant = open_bundle(folder)
         return OnnxLM(assistant.model), (assistant.index, assistant.embedder.encode_query)
-    from vertical.index import open_index
     from vertical.models import load_causal_lm, load_tokenizer
 
-    index, embedder = open_index(build_dir)
+    index, embedder = build_index
     return TorchLM(load_causal_lm(folder), load_tokenizer(folder)), (index, embedder.encode)
 
 
@@ -131,11 +130,16 @@ def evaluate(path: Path, qa_items: list, edits: list, system_prompt: str, settin
 
     report: dict[str, Any] = {"qa": [], "edits": [], "method": METHOD, "questions": len(qa_items),
                               "edit_requests": len(edits)}
+    build_index = None
+    if any(kind == "torch" for _, kind, _, _ in rows):
+        from vertical.index import open_index
+
+        build_index = open_index(build_dir)  # once: every torch row searches the same index
     loaded: dict[Path, tuple] = {}
     for name, kind, folder, rag in rows:
         if folder not in loaded:
             loaded.clear()  # one model in memory at a time
-            loaded[folder] = _open(kind, folder, build_dir)
+            loaded[folder] = _open(kind, folder, build_index)
         lm, (index, encode) = loaded[folder]
         retriever = (lambda q, index=index, encode=encode: retrieve(index, encode, q, rag_sources)[0]) if rag else None
         if qa_items:

@@ -17,6 +17,7 @@ from vertical.prompting import Source, build_messages
 
 Retriever = Callable[[str], list[Source]]
 ANSWER_PREFIX = "Answer:"
+GENERATION_BATCH = 8  # short answers generated together (see TorchLM.generate_batch)
 
 
 def normalize(text: str) -> str:
@@ -64,14 +65,24 @@ class TorchLM:
         return [float(logp[i, t]) for i, t in enumerate(continuation)]
 
     def generate(self, messages: list[dict[str, str]], max_new_tokens: int) -> str:
+        return self.generate_batch([messages], max_new_tokens)[0]
+
+    def generate_batch(self, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]:
+        """Greedy answers to several prompts in one left-padded batch: on a CPU the prompts' prefill
+        dominates and the decoding steps are shared, so 8 answers cost about half of 8 separate ones."""
         import torch
 
-        inputs = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                    return_dict=True)
+        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
+        try:
+            inputs = self.tokenizer.apply_chat_template(conversations, add_generation_prompt=True, padding=True,
+                                                        return_tensors="pt", return_dict=True)
+        finally:
+            self.tokenizer.padding_side = side
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                       pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.decode(out[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        width = inputs["input_ids"].shape[1]
+        return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 
 
 class OnnxLM:
@@ -117,6 +128,9 @@ class OnnxLM:
     def generate(self, messages: list[dict[str, str]], max_new_tokens: int) -> str:
         return self.chat.generate(messages, max_new_tokens)
 
+    def generate_batch(self, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]:
+        return [self.generate(messages, max_new_tokens) for messages in conversations]
+
 
 def choose(lm, messages: list[dict[str, str]], choices: list[str]) -> str:
     """The choice with the highest probability as the continuation of "Answer:" (summed log
@@ -140,17 +154,30 @@ def evaluate_qa(model, tokenizer, items: list[QAItem], system_prompt: str, retri
 def score_qa(lm, items: list[QAItem], system_prompt: str, retriever: Retriever | None = None, track=None,
              max_new_tokens: int = 48) -> dict:
     """Accuracy over `items` of a TorchLM or OnnxLM, overall and by kind (choice / short answer)."""
-    correct, rows = 0, []
+    predictions: dict[int, str] = {}
+    pending: list[tuple[int, list[dict[str, str]]]] = []  # short-answer prompts waiting for a batch
+
+    def flush() -> None:
+        answers = lm.generate_batch([messages for _, messages in pending], max_new_tokens)
+        predictions.update((i, answer) for (i, _), answer in zip(pending, answers))
+        pending.clear()
+
     iterator = track(items, len(items), "QA evaluation") if track else items
-    for item in iterator:
+    for i, item in enumerate(iterator):
         sources = retriever(item.question) if retriever else None
         messages = build_messages(system_prompt, item.question, sources)
         if item.choices:
-            prediction = choose(lm, messages, item.choices)
-            ok = prediction == item.gold
+            predictions[i] = choose(lm, messages, item.choices)
         else:
-            prediction = lm.generate(messages, max_new_tokens)
-            ok = is_correct(prediction, item.gold)
+            pending.append((i, messages))
+            if len(pending) == GENERATION_BATCH:
+                flush()
+    if pending:
+        flush()
+    correct, rows = 0, []
+    for i, item in enumerate(items):
+        prediction = predictions[i]
+        ok = prediction == item.gold if item.choices else is_correct(prediction, item.gold)
         correct += ok
         rows.append({"question": item.question, "gold": item.gold, "prediction": prediction.strip()[:200],
                      "correct": ok, "kind": "choice" if item.choices else "short"})
