@@ -30,6 +30,9 @@ class ScriptedLM:
                 return [value / 2, value / 2]
         return [-5.0, -5.0]
 
+    def continuation_scores(self, ids, continuations):
+        return [sum(self.logprobs(ids, continuation)) for continuation in continuations]
+
     def generate_batch(self, conversations, max_new_tokens):
         return [self.answer for _ in conversations]
 

@@ -64,6 +64,26 @@ class TorchLM:
         logp = logits.log_softmax(-1)
         return [float(logp[i, t]) for i, t in enumerate(continuation)]
 
+    def continuation_scores(self, ids: list[int], continuations: list[list[int]]) -> list[float]:
+        """Summed log P of each continuation after `ids`. The prompt is run once and its KV cache
+        reused (cropped back after each continuation): a long prompt with retrieved sources and
+        eight multi-token choices costs one prefill, not eight."""
+        import torch
+
+        with torch.inference_mode():
+            out = self.model(torch.tensor([ids]), use_cache=True)
+            cache, first = out.cache, out.logits[0, -1].float().log_softmax(-1)
+            scores = []
+            for continuation in continuations:
+                score = float(first[continuation[0]])
+                if len(continuation) > 1:
+                    rest = self.model(torch.tensor([continuation[:-1]]), cache=cache, use_cache=True)
+                    logp = rest.logits[0].float().log_softmax(-1)
+                    score += sum(float(logp[i, t]) for i, t in enumerate(continuation[1:]))
+                    cache.crop(-(len(continuation) - 1))  # back to the prompt alone
+                scores.append(score)
+        return scores
+
     def generate(self, messages: list[dict[str, str]], max_new_tokens: int) -> str:
         return self.generate_batch([messages], max_new_tokens)[0]
 
@@ -125,6 +145,9 @@ class OnnxLM:
                 generator.append_tokens([continuation[position]])
         return rows
 
+    def continuation_scores(self, ids: list[int], continuations: list[list[int]]) -> list[float]:
+        return [sum(self.logprobs(ids, continuation)) for continuation in continuations]
+
     def generate(self, messages: list[dict[str, str]], max_new_tokens: int) -> str:
         return self.chat.generate(messages, max_new_tokens)
 
@@ -141,7 +164,7 @@ def choose(lm, messages: list[dict[str, str]], choices: list[str]) -> str:
         logp = lm.next_logprobs(prompt)
         scores = [float(logp[c[0]]) for c in continuations]
     else:
-        scores = [sum(lm.logprobs(prompt, c)) for c in continuations]
+        scores = lm.continuation_scores(prompt, continuations)
     return choices[max(range(len(choices)), key=scores.__getitem__)]
 
 
