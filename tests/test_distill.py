@@ -44,6 +44,20 @@ def test_student_copies_the_kept_layers(tmp_path):
         choose_layers(teacher, 1.0, [[1, 2, 3]], 2.0)
 
 
+def test_models_saved_after_training_generate_with_a_kv_cache(tmp_path):
+    """Gradient checkpointing switches the KV cache off in a model's configs; a student or merged
+    model saved like that once generated every token by re-running the whole sequence."""
+    teacher = load_causal_lm(make_tiny_model(tmp_path / "four", layers=4))
+    teacher.config.use_cache = False
+    teacher.generation_config.use_cache = False
+    student = make_student(teacher, [0, 3])
+    assert student.config.use_cache
+    student.config.use_cache = student.generation_config.use_cache = False
+    student.save_pretrained(tmp_path / "student")
+    loaded = load_causal_lm(tmp_path / "student")
+    assert loaded.config.use_cache and loaded.generation_config.use_cache
+
+
 def test_layouts_follow_the_hidden_states():
     # layers 3..6 barely change the hidden state: `block` drops them, `influence` keeps the others
     torch.manual_seed(0)

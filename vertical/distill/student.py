@@ -107,6 +107,7 @@ def make_student(teacher, kept: list[int]):
         raise VerticalError(f"the student would keep {len(kept)} of {config.num_hidden_layers} layers: "
                             "choose stages.distill.keep_layers below 1 so the student is smaller")
     config.num_hidden_layers = len(kept)
+    config.use_cache = True  # the teacher's may be off from training; the student is saved for inference
     if isinstance(getattr(config, "layer_types", None), list):  # per-layer attention kinds (sliding/full)
         config.layer_types = [config.layer_types[i] for i in kept]
     student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -276,6 +276,11 @@ def load_causal_lm(path: Path, dtype: Any = None):
 
     quiet_loads()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    # Training with gradient checkpointing turns the KV cache off in the configs a model is saved
+    # with; without it every generated token re-runs the whole sequence (many times slower).
+    model.config.use_cache = True
+    if model.generation_config is not None:
+        model.generation_config.use_cache = True
     model.eval()
     return model
 

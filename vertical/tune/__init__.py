@@ -205,6 +205,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     tokenizer.save_pretrained(out / "adapter")
     _make_reproducible(out / "adapter")
     merged = model.merge_and_unload()
+    merged.config.use_cache = True  # turned off for gradient checkpointing; models are saved for inference
     merged.save_pretrained(out / "merged", safe_serialization=True)
     tokenizer.save_pretrained(out / "merged")
     metrics["eval_loss_tuned"] = round(mean_loss(merged, eval_features), 4) if eval_features else None
