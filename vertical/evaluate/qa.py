@@ -146,7 +146,31 @@ class OnnxLM:
         return rows
 
     def continuation_scores(self, ids: list[int], continuations: list[list[int]]) -> list[float]:
-        return [sum(self.logprobs(ids, continuation)) for continuation in continuations]
+        """As TorchLM's: one prefill of the prompt, then each continuation, rewound after it."""
+        import numpy as np
+
+        og = self.chat._og
+        params = og.GeneratorParams(self.chat.model)
+        params.set_search_options(max_length=len(ids) + max(len(c) for c in continuations) + 1)
+        generator = og.Generator(self.chat.model, params)
+        generator.append_tokens(ids)
+
+        def logp_now():
+            logits = np.asarray(generator.get_logits(), dtype=np.float64).reshape(-1)
+            top = logits.max()
+            return logits - top - np.log(np.exp(logits - top).sum())
+
+        first = logp_now()
+        scores = []
+        for continuation in continuations:
+            score = float(first[continuation[0]])
+            for previous, token in zip(continuation, continuation[1:]):
+                generator.append_tokens([previous])
+                score += float(logp_now()[token])
+            if len(continuation) > 1:
+                generator.rewind_to(len(ids))
+            scores.append(score)
+        return scores
 
     def generate(self, messages: list[dict[str, str]], max_new_tokens: int) -> str:
         return self.chat.generate(messages, max_new_tokens)
