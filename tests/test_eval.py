@@ -49,6 +49,19 @@ def test_choice_is_the_most_probable_and_short_answers_match_whole_words():
     assert right["by_kind"] == {"choice": {"accuracy": 1.0, "n": 1}, "short": {"accuracy": 1.0, "n": 1}}
 
 
+def test_known_answers_are_reused_only_for_the_same_prompt_and_answer_length():
+    items = [QAItem(question="Is it?", choices=["yes", "no"], label="yes"), QAItem(question="Limit?", answer="90 days")]
+    first = score_qa(ScriptedLM({"yes": -0.1}, "It is 90 days."), items, "sys", max_new_tokens=32)
+    known = {row["key"]: row for row in first["items"]}
+    other = ScriptedLM({"no": -0.1}, "It is 60 days.")  # would get both wrong
+    again = score_qa(other, items, "sys", max_new_tokens=32, known=known)
+    assert again["reused"] == 2 and again["items"] == first["items"] and again["accuracy"] == 1.0
+    for changed in ({"max_new_tokens": 16}, {"system_prompt": "other"}):
+        args = {"system_prompt": "sys", "max_new_tokens": 32, **changed}
+        fresh = score_qa(other, items, args["system_prompt"], max_new_tokens=args["max_new_tokens"], known=known)
+        assert fresh["reused"] == 0 and fresh["accuracy"] == 0.0
+
+
 def test_edit_scores_follow_the_counterfact_definitions():
     request = EditRequest(prompt="The mayor of Quentar is", subject="Quentar", target_new="Bram Kett",
                           target_true="Ada Morrow", rephrase=["Quentar's mayor is"],
@@ -86,6 +99,23 @@ def test_eval_of_a_build_scores_every_model_and_writes_the_report(exported_build
     text = (tmp_path / "report" / "report.md").read_text()
     assert "How each number is computed" in text and "| base alone |" in text
     assert (tmp_path / "report" / "qa.png").stat().st_size > 1000 and (tmp_path / "report" / "edits.png").is_file()
+
+
+def test_eval_reuses_the_distill_stages_answers_and_they_equal_fresh_ones(exported_build, tmp_path, cli, monkeypatch):
+    code, output = cli("eval", exported_build, "--out", tmp_path / "reused")
+    assert code == 0, output
+    reused = {row["model"]: row for row in json.loads((tmp_path / "reused" / "report.json").read_text())["qa"]}
+    # distill scored the teacher (edit/model) and the student on these questions; base was never scored
+    assert reused["edited + retrieval"]["reused_from_earlier_stages"] == reused["edited + retrieval"]["n"] > 0
+    assert reused["student + retrieval"]["reused_from_earlier_stages"] == reused["student + retrieval"]["n"]
+    assert reused["base + retrieval"]["reused_from_earlier_stages"] == 0
+    monkeypatch.setattr("vertical.evaluate.qa.known_predictions", lambda build_dir, model_dir: {})
+    code, output = cli("eval", exported_build, "--out", tmp_path / "fresh")
+    assert code == 0, output
+    fresh = {row["model"]: row for row in json.loads((tmp_path / "fresh" / "report.json").read_text())["qa"]}
+    assert fresh["student + retrieval"]["reused_from_earlier_stages"] == 0
+    for name in reused:
+        assert fresh[name]["items"] == reused[name]["items"], name
 
 
 def test_eval_of_a_bundle_with_external_files(exported_build, tmp_path, cli):

@@ -33,10 +33,12 @@ PROBE_SEQUENCES = 16  # sequences on which the candidate layer layouts are compa
 
 
 def inputs(ctx) -> dict[str, Any]:
+    from vertical.evaluate import sample_inputs
+
     pack = ctx.pack
-    return {"instructions": pack.fingerprint("instructions"), "qa_eval": pack.fingerprint("qa_eval"),
-            "system_prompt": sha256_text(pack.config.system_prompt),
-            "settings": pack.config.stages.distill.model_dump(), "tune_settings": pack.config.stages.tune.model_dump()}
+    return {"instructions": pack.fingerprint("instructions"), "system_prompt": sha256_text(pack.config.system_prompt),
+            "settings": pack.config.stages.distill.model_dump(), "tune_settings": pack.config.stages.tune.model_dump(),
+            **sample_inputs(pack)}
 
 
 # ---------------------------------------------------------------- training data
@@ -264,7 +266,8 @@ def _reapply_edits(ctx, model_dir: Path, kept: list[int]) -> dict[str, Any] | No
 def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.answer import retrieve
     from vertical.distill.student import choose_layers, make_student
-    from vertical.evaluate.qa import evaluate_qa
+    from vertical.evaluate import stage_questions
+    from vertical.evaluate.qa import TorchLM, known_predictions, score_qa, write_predictions
     from vertical.generation import best_model_dir
     from vertical.index import open_index
     from vertical.models import load_causal_lm, load_tokenizer
@@ -295,14 +298,14 @@ def run(ctx, out: Path) -> dict[str, Any]:
     tokenizer.save_pretrained(out / "model")
 
     tune = ctx.pack.config.stages.tune
-    qa_items = ctx.pack.qa_eval()
-    random.Random(tune.seed).shuffle(qa_items)  # the same questions the tune stage scores
-    qa_items = qa_items[: tune.eval_questions]
+    qa_items = stage_questions(ctx.pack, tune.eval_questions)  # the questions the tune stage scores
+    answer_tokens = ctx.pack.config.stages.eval.answer_tokens
     if qa_items:
         retriever = lambda question: retrieve(index, embedder.encode, question, tune.rag_sources)[0]  # noqa: E731
         system = ctx.pack.config.system_prompt
-        teacher_score = evaluate_qa(teacher, tokenizer, qa_items, system, retriever, ctx.reporter.track)["accuracy"]
-        metrics["teacher_score"] = teacher_score
+        teacher_qa = score_qa(TorchLM(teacher, tokenizer), qa_items, system, retriever, ctx.reporter.track,
+                              answer_tokens, known_predictions(ctx.build_dir, teacher_dir))
+        teacher_score = metrics["teacher_score"] = teacher_qa["accuracy"]
     metrics["teacher_tokens_per_s"] = decode_tokens_per_s(teacher, tokenizer)
     del teacher
 
@@ -312,8 +315,11 @@ def run(ctx, out: Path) -> dict[str, Any]:
         metrics["edit_efficacy"] = edits["efficacy"]
         student = load_causal_lm(out / "model")
     if qa_items:
-        metrics["student_score"] = evaluate_qa(student, tokenizer, qa_items, system, retriever,
-                                               ctx.reporter.track)["accuracy"]
+        student_qa = score_qa(TorchLM(student, tokenizer), qa_items, system, retriever, ctx.reporter.track,
+                              answer_tokens)
+        metrics["student_score"] = student_qa["accuracy"]
+        write_predictions(out / "qa_predictions.json", [("teacher + retrieval", teacher_dir, teacher_qa),
+                                                        ("student + retrieval", out / "model", student_qa)])
         metrics["retention"] = round(metrics["student_score"] / teacher_score, 4) if teacher_score else None
         metrics["qa_questions"] = len(qa_items)
     metrics["student_tokens_per_s"] = decode_tokens_per_s(student, tokenizer)

@@ -36,6 +36,8 @@ METHOD = {
     "edits": "CounterFact definitions on the raw prompt: efficacy P(target_new) > P(target_true); generalization "
              "the same on rephrasings; locality P(locality target) > P(target_new); P is the mean per-token "
              "probability",
+    "reuse": "an answer the tune or distill stage already gave to the same item (same prompt and sources, same "
+             "answer length) with identical weights (sha256 of the safetensors) is reused, not generated again",
     "recall": "retrieval recall@k: the share of the pack's retrieval questions whose document is among the top k",
 }
 
@@ -109,7 +111,7 @@ def evaluate(path: Path, qa_items: list, edits: list, system_prompt: str, settin
              track=None) -> dict[str, Any]:
     """Score every model of a build (or the one of a bundle) on the same QA items and edits."""
     from vertical.answer import retrieve
-    from vertical.evaluate.qa import score_qa
+    from vertical.evaluate.qa import known_predictions, score_qa
 
     path = Path(path)
     build_dir = None if (path / "pack.json").is_file() else path
@@ -144,10 +146,12 @@ def evaluate(path: Path, qa_items: list, edits: list, system_prompt: str, settin
         retriever = (lambda q, index=index, encode=encode: retrieve(index, encode, q, rag_sources)[0]) if rag else None
         if qa_items:
             started = time.perf_counter()
-            result = score_qa(lm, qa_items, system_prompt, retriever, track, settings.answer_tokens)
+            known = known_predictions(build_dir, folder) if build_dir is not None and kind == "torch" else {}
+            result = score_qa(lm, qa_items, system_prompt, retriever, track, settings.answer_tokens, known)
             report["qa"].append({"model": name, "accuracy": result["accuracy"], "n": result["n"],
                                  "choice": result["by_kind"]["choice"], "short": result["by_kind"]["short"],
-                                 "seconds": round(time.perf_counter() - started, 1), "items": result["items"]})
+                                 "seconds": round(time.perf_counter() - started, 1),
+                                 "reused_from_earlier_stages": result["reused"], "items": result["items"]})
             log.info("eval: %s QA accuracy %s", name, result["accuracy"])
         if edits and name in ("base alone", "edited + retrieval", "student + retrieval", "bundle (ONNX)"):
             label = {"base alone": "base", "edited + retrieval": "edited", "student + retrieval": "student",
@@ -186,6 +190,22 @@ def sample_items(items: list, count: int, seed: int) -> list:
     short = [i for i in items if not i.choices]
     take_short = min(len(short), max(round(count * len(short) / len(items)), 1 if short else 0))
     return rng.sample(short, take_short) + rng.sample(choice, min(len(choice), count - take_short))
+
+
+def stage_questions(pack, count: int) -> list:
+    """The QA items the tune and distill stages score: a subset of the eval stage's own sample (same
+    mix of kinds), so that the eval stage reuses those answers instead of asking again."""
+    if not count:
+        return []
+    settings = pack.config.stages.eval
+    items = pack.qa_eval()
+    sample = sample_items(items, settings.questions, settings.seed)
+    return sample_items(sample if count <= len(sample) else items, count, settings.seed)
+
+
+def sample_inputs(pack) -> dict[str, Any]:
+    """What stage_questions and the answers' length depend on (part of the scoring stages' inputs)."""
+    return {"qa_eval": pack.fingerprint("qa_eval"), "eval_sample": pack.config.stages.eval.model_dump()}
 
 
 def run(ctx, out: Path) -> dict[str, Any]:

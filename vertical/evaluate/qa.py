@@ -8,9 +8,11 @@ normalised gold answer occurs in the normalised output.
 
 from __future__ import annotations
 
+import json
 import re
 import string
 from collections.abc import Callable
+from pathlib import Path
 
 from vertical.pack.schema import QAItem
 from vertical.prompting import Source, build_messages
@@ -192,16 +194,23 @@ def choose(lm, messages: list[dict[str, str]], choices: list[str]) -> str:
     return choices[max(range(len(choices)), key=scores.__getitem__)]
 
 
-def evaluate_qa(model, tokenizer, items: list[QAItem], system_prompt: str, retriever: Retriever | None = None,
-                track=None) -> dict:
-    """Accuracy of a torch model over `items`; with a retriever every question gets its sources."""
-    return score_qa(TorchLM(model, tokenizer), items, system_prompt, retriever, track)
+def item_key(item: QAItem, messages: list[dict[str, str]], max_new_tokens: int) -> str:
+    """What a model's answer to an item depends on besides its weights: prompt, choices, answer length."""
+    from vertical.io import sha256_json
+
+    return sha256_json([messages, item.choices, item.gold, max_new_tokens])
 
 
 def score_qa(lm, items: list[QAItem], system_prompt: str, retriever: Retriever | None = None, track=None,
-             max_new_tokens: int = 48) -> dict:
-    """Accuracy over `items` of a TorchLM or OnnxLM, overall and by kind (choice / short answer)."""
+             max_new_tokens: int = 32, known: dict[str, dict] | None = None) -> dict:
+    """Accuracy over `items` of a TorchLM or OnnxLM, overall and by kind (choice / short answer).
+
+    `known` holds rows an earlier stage scored with the same weights (see known_predictions):
+    an item with the same key is taken from there instead of being asked again."""
+    known = known or {}
     predictions: dict[int, str] = {}
+    keys: list[str] = []
+    reused: dict[int, dict] = {}
     pending: list[tuple[int, list[dict[str, str]]]] = []  # short-answer prompts waiting for a batch
 
     def flush() -> None:
@@ -213,7 +222,10 @@ def score_qa(lm, items: list[QAItem], system_prompt: str, retriever: Retriever |
     for i, item in enumerate(iterator):
         sources = retriever(item.question) if retriever else None
         messages = build_messages(system_prompt, item.question, sources)
-        if item.choices:
+        keys.append(item_key(item, messages, max_new_tokens))
+        if keys[i] in known:
+            reused[i] = known[keys[i]]
+        elif item.choices:
             predictions[i] = choose(lm, messages, item.choices)
         else:
             pending.append((i, messages))
@@ -223,17 +235,56 @@ def score_qa(lm, items: list[QAItem], system_prompt: str, retriever: Retriever |
         flush()
     correct, rows = 0, []
     for i, item in enumerate(items):
+        if i in reused:
+            rows.append(reused[i])
+            correct += reused[i]["correct"]
+            continue
         prediction = predictions[i]
         ok = prediction == item.gold if item.choices else is_correct(prediction, item.gold)
         correct += ok
         rows.append({"question": item.question, "gold": item.gold, "prediction": prediction.strip()[:200],
-                     "correct": ok, "kind": "choice" if item.choices else "short"})
+                     "correct": ok, "kind": "choice" if item.choices else "short", "key": keys[i]})
     by_kind = {}
     for kind in ("choice", "short"):
         kept = [r["correct"] for r in rows if r["kind"] == kind]
         by_kind[kind] = {"accuracy": round(sum(kept) / len(kept), 4) if kept else None, "n": len(kept)}
     return {"accuracy": round(correct / len(items), 4) if items else None, "n": len(items), "by_kind": by_kind,
-            "items": rows}
+            "reused": len(reused), "items": rows}
+
+
+# ---------------------------------------------------------------- answers shared between stages
+#
+# tune, distill and eval ask several of the same models the same questions with the same sources.
+# Each stage that scores a model writes its rows to <stage>/qa_predictions.json under the sha256 of
+# the model's weights; a later stage scoring the same weights reuses the rows whose key matches.
+
+PREDICTIONS = "qa_predictions.json"
+
+
+def weights_fingerprint(model_dir: Path) -> str:
+    """sha256 over the model's safetensors files: equal fingerprints, equal weights."""
+    from vertical.io import sha256_file, sha256_json
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    return sha256_json([sha256_file(f) for f in files]) if files else ""
+
+
+def write_predictions(path: Path, scored: list[tuple[str, Path, dict]]) -> None:
+    """`scored`: (model name, model folder, score_qa result), written as one stage's qa_predictions.json."""
+    entries = [{"model": name, "weights": weights_fingerprint(folder), "accuracy": result["accuracy"],
+                "items": result["items"]} for name, folder, result in scored]
+    Path(path).write_text(json.dumps({"models": entries}, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+def known_predictions(build_dir: Path, model_dir: Path) -> dict[str, dict]:
+    """Rows the build's finished stages scored with exactly these weights, by item key."""
+    fingerprint = weights_fingerprint(model_dir)
+    known: dict[str, dict] = {}
+    for file in sorted(Path(build_dir).glob(f"*/{PREDICTIONS}")):
+        for entry in json.loads(file.read_text(encoding="utf-8")).get("models", []):
+            if fingerprint and entry.get("weights") == fingerprint:
+                known.update((row["key"], row) for row in entry["items"] if "key" in row)
+    return known
 
 
 def mean_loss(model, features: list[dict], batch_size: int = 4) -> float:

@@ -26,12 +26,14 @@ log = logging.getLogger(__name__)
 
 
 def inputs(ctx) -> dict[str, Any]:
+    from vertical.evaluate import sample_inputs
+
     pack = ctx.pack
     return {
         "instructions": pack.fingerprint("instructions"),
-        "qa_eval": pack.fingerprint("qa_eval"),
         "system_prompt": sha256_text(pack.config.system_prompt),
         "settings": pack.config.stages.tune.model_dump(),
+        **sample_inputs(pack),
     }
 
 
@@ -118,7 +120,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
 
     from vertical.answer import retrieve
     from vertical.base import count_parameters
-    from vertical.evaluate.qa import evaluate_qa, mean_loss
+    from vertical.evaluate import stage_questions
+    from vertical.evaluate.qa import TorchLM, known_predictions, mean_loss, score_qa, write_predictions
     from vertical.index import open_index
     from vertical.models import load_causal_lm, load_tokenizer
     from vertical.tune.data import build_examples
@@ -157,9 +160,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
                     "stages.tune.batch_size", len(train_features), files, settings.batch_size)
     kinds = {kind: sum(e.kind == kind for e in train_examples) for kind in ("plain", "rag", "no-answer", "given-sources")}
 
-    qa_items = ctx.pack.qa_eval()
-    random.Random(settings.seed).shuffle(qa_items)
-    qa_items = qa_items[: settings.eval_questions]
+    qa_items = stage_questions(ctx.pack, settings.eval_questions)
+    answer_tokens = ctx.pack.config.stages.eval.answer_tokens
     # as many sources as the training prompts carry, so base and tuned are scored on that format
     retriever = lambda question: retrieve(index, embedder.encode, question, settings.rag_sources)[0]  # noqa: E731
 
@@ -171,7 +173,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
                                "examples_dropped": dropped, "eval_examples": len(eval_features), **hp}
     metrics["eval_loss_base"] = round(mean_loss(model, eval_features), 4) if eval_features and main else None
     if qa_items and main:
-        base_qa = evaluate_qa(model, tokenizer, qa_items, system_prompt, retriever, ctx.reporter.track)
+        base_qa = score_qa(TorchLM(model, tokenizer), qa_items, system_prompt, retriever, ctx.reporter.track,
+                           answer_tokens, known_predictions(ctx.build_dir, base_dir))
         metrics["accuracy_base"] = base_qa["accuracy"]
 
     model.train()
@@ -210,10 +213,12 @@ def run(ctx, out: Path) -> dict[str, Any]:
     tokenizer.save_pretrained(out / "merged")
     metrics["eval_loss_tuned"] = round(mean_loss(merged, eval_features), 4) if eval_features else None
     if qa_items:
-        tuned_qa = evaluate_qa(merged, tokenizer, qa_items, system_prompt, retriever, ctx.reporter.track)
+        tuned_qa = score_qa(TorchLM(merged, tokenizer), qa_items, system_prompt, retriever, ctx.reporter.track,
+                            answer_tokens)
         metrics["accuracy_tuned"] = tuned_qa["accuracy"]
         metrics["qa_questions"] = len(qa_items)
-        _write_predictions(out / "qa_predictions.jsonl", base_qa["items"], tuned_qa["items"])
+        write_predictions(out / "qa_predictions.json", [("base + retrieval", base_dir, base_qa),
+                                                        ("tuned + retrieval", out / "merged", tuned_qa)])
     metrics["verdict"] = _verdict(metrics)
     return metrics
 
@@ -232,16 +237,6 @@ def _last_complete_checkpoint(folder: Path) -> Path | None:
         log.warning("tune: %s was interrupted while being written; removing it", checkpoint)
         shutil.rmtree(checkpoint, ignore_errors=True)
     return None
-
-
-def _write_predictions(path: Path, base: list[dict], tuned: list[dict]) -> None:
-    import json
-
-    with open(path, "w", encoding="utf-8") as handle:
-        for b, t in zip(base, tuned):
-            row = {"question": b["question"], "gold": b["gold"], "base": b["prediction"], "base_correct": b["correct"],
-                   "tuned": t["prediction"], "tuned_correct": t["correct"]}
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _verdict(metrics: dict[str, Any]) -> str:
