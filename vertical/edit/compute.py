@@ -119,6 +119,13 @@ def target_delta(model, tokenizer, layout: FFNLayout, request: EditRequest, laye
     labels = torch.full_like(input_ids, -100)
     for i, start in enumerate(prompt_lengths):
         labels[i, start - 1:start - 1 + len(new_ids)] = torch.tensor(new_ids)
+    # logits only where the loss reads them (the target's positions, the KL token): the vocabulary
+    # projection over every position would be a fifth of each step's work for nothing
+    keep = sorted({p for i, start in enumerate(prompt_lengths) for p in range(start - 1, start - 1 + len(new_ids))}
+                  | {lookup[-1]})
+    kl_column = keep.index(lookup[-1])
+    keep = torch.tensor(keep)
+    labels = labels[:, keep]
 
     module = layout.mlp(layer) if where == "mlp" else layout.layers[layer]
     hidden = model.config.hidden_size
@@ -145,8 +152,8 @@ def target_delta(model, tokenizer, layout: FFNLayout, request: EditRequest, laye
         for step in range(hp.v_steps):
             optimizer.zero_grad()
             with autocast():  # the search for delta tolerates bf16; keys and the update stay fp32
-                logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
-            kl_logp = logits[-1, lookup[-1]].log_softmax(-1)
+                logits = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits.float()
+            kl_logp = logits[-1, kl_column].log_softmax(-1)
             if kl_start is None:
                 kl_start = kl_logp.detach()
             logp = logits[:-1].log_softmax(-1)
