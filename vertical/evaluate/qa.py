@@ -107,6 +107,15 @@ class TorchLM:
         return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 
 
+def _log_softmax(logits):
+    """Log-probabilities from one position's logits (numpy, float64 for stable sums)."""
+    import numpy as np
+
+    logits = np.asarray(logits, dtype=np.float64).reshape(-1)
+    top = logits.max()
+    return logits - top - np.log(np.exp(logits - top).sum())
+
+
 class OnnxLM:
     """An exported bundle's onnxruntime-genai model, with the same calls as TorchLM (no torch)."""
 
@@ -131,8 +140,6 @@ class OnnxLM:
 
     def logprobs_all(self, ids: list[int], continuation: list[int]):
         """Next-token log-probability vectors after `ids` and after each continuation token but the last."""
-        import numpy as np
-
         og = self.chat._og
         params = og.GeneratorParams(self.chat.model)
         params.set_search_options(max_length=len(ids) + len(continuation) + 1)
@@ -140,35 +147,25 @@ class OnnxLM:
         generator.append_tokens(ids)
         rows = []
         for position in range(max(len(continuation), 1)):
-            logits = np.asarray(generator.get_logits(), dtype=np.float64).reshape(-1)
-            top = logits.max()
-            rows.append(logits - top - np.log(np.exp(logits - top).sum()))
+            rows.append(_log_softmax(generator.get_logits()))
             if position + 1 < len(continuation):
                 generator.append_tokens([continuation[position]])
         return rows
 
     def continuation_scores(self, ids: list[int], continuations: list[list[int]]) -> list[float]:
         """As TorchLM's: one prefill of the prompt, then each continuation, rewound after it."""
-        import numpy as np
-
         og = self.chat._og
         params = og.GeneratorParams(self.chat.model)
         params.set_search_options(max_length=len(ids) + max(len(c) for c in continuations) + 1)
         generator = og.Generator(self.chat.model, params)
         generator.append_tokens(ids)
-
-        def logp_now():
-            logits = np.asarray(generator.get_logits(), dtype=np.float64).reshape(-1)
-            top = logits.max()
-            return logits - top - np.log(np.exp(logits - top).sum())
-
-        first = logp_now()
+        first = _log_softmax(generator.get_logits())
         scores = []
         for continuation in continuations:
             score = float(first[continuation[0]])
             for previous, token in zip(continuation, continuation[1:]):
                 generator.append_tokens([previous])
-                score += float(logp_now()[token])
+                score += float(_log_softmax(generator.get_logits())[token])
             if len(continuation) > 1:
                 generator.rewind_to(len(ids))
             scores.append(score)
