@@ -56,7 +56,7 @@ class TuneSettings(Strict):
     no_answer_fraction: float = Field(0.1, ge=0, le=1, description="share of extra examples with unrelated sources")
     rag_sources: int = Field(3, ge=1, le=10)
     eval_holdout: int = Field(16, ge=0, description="instruction examples held out for eval loss")
-    eval_questions: int = Field(30, ge=0, description="QA items scored for base vs tuned (0: none)")
+    eval_questions: int = Field(20, ge=0, description="QA items scored for base vs tuned (0: none), from the eval stage's sample")
     save_steps: int = Field(20, ge=1, description="checkpoint every N optimizer steps (resume after a kill)")
     seed: int = 0
 
@@ -73,11 +73,11 @@ class DistillSettings(Strict):
 
     keep_layers: float = Field(0.4, gt=0, le=1, description="fraction of the teacher's layers the student keeps, evenly spaced (0.4: 12 of 30, about 2x faster decoding)")
     temperature: float = Field(2.0, gt=0, le=20, description="softens both distributions for the token-level KL")
-    steps: int = Field(120, ge=0, description="optimizer steps; sized for ~10 min on 2 CPU cores")
+    steps: int = Field(60, ge=0, description="optimizer steps; sized for ~5 min on 2 CPU cores")
     batch_size: int = Field(4, ge=1, le=512)
     learning_rate: float = Field(2e-4, gt=0, lt=1)
     max_length: int = Field(384, ge=32, le=32768, description="tokens per training sequence")
-    teacher_answers: int = Field(48, ge=0, description="pack prompts the teacher answers for sequence-level distillation")
+    teacher_answers: int = Field(32, ge=0, description="pack prompts the teacher answers for sequence-level distillation")
     answer_tokens: int = Field(96, ge=8, le=2048, description="longest teacher answer generated")
     documents: int = Field(64, ge=0, description="document chunks used as plain text for token-level distillation")
     seed: int = 0
@@ -95,8 +95,8 @@ class ExportSettings(Strict):
 class EvalSettings(Strict):
     """The eval stage's report: which items, how long the answers."""
 
-    questions: int = Field(60, ge=0, description="QA items scored per model, a seeded sample keeping the mix of "
-                                                 "choice and short-answer items (0: all); 60 keeps the stage near "
+    questions: int = Field(40, ge=0, description="QA items scored per model, a seeded sample keeping the mix of "
+                                                 "choice and short-answer items (0: all); 40 keeps the stage near "
                                                  "5 min on 2 CPU cores")
     answer_tokens: int = Field(32, ge=4, le=512, description="longest generated answer for short-answer items")
     seed: int = 0
