@@ -82,19 +82,49 @@ def test_chosen_layout_has_the_smallest_untrained_kl(tmp_path):
 
 def test_distillation_loss_is_zero_only_when_the_student_matches():
     torch.manual_seed(0)
-    teacher = torch.randn(2, 5, 11)
-    mask = torch.ones(2, 5)
-    labels = torch.full((2, 5), -100)
-    same, kd, ce = distillation_loss(teacher.clone(), teacher, labels, mask, 2.0)
+    teacher = torch.randn(7, 11)  # [positions the loss reads, vocabulary]
+    targets = torch.full((7,), -100)
+    same, kd, ce = distillation_loss(teacher.clone(), teacher, targets, 2.0)
     assert float(kd) == pytest.approx(0.0, abs=1e-6) and float(ce) == 0.0
-    student = torch.randn(2, 5, 11, requires_grad=True)
-    loss, kd, _ = distillation_loss(student, teacher, labels, mask, 2.0)
+    student = torch.randn(7, 11, requires_grad=True)
+    loss, kd, _ = distillation_loss(student, teacher, targets, 2.0)
     assert float(kd) > 0.01
     loss.backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
-    labels[0, 3] = 4  # a teacher-generated token adds cross-entropy
-    _, _, ce = distillation_loss(student, teacher, labels, mask, 2.0)
+    targets[3] = 4  # a teacher-generated token adds cross-entropy
+    _, _, ce = distillation_loss(student, teacher, targets, 2.0)
     assert float(ce) > 0
+    only_first = torch.zeros(7)
+    only_first[0] = 1.0  # all the weight on one position: the KL of that position alone
+    _, kd_first, _ = distillation_loss(student, teacher, targets, 2.0, only_first)
+    _, kd_alone, _ = distillation_loss(student[:1], teacher[:1], targets[:1], 2.0)
+    assert float(kd_first) == pytest.approx(float(kd_alone), rel=1e-5)
+
+
+def test_selected_logits_equal_the_full_forward_at_those_positions(tmp_path):
+    from vertical.distill import selected_logits
+
+    model = load_causal_lm(make_tiny_model(tmp_path / "m", layers=2))
+    ids = torch.tensor([[5, 9, 3, 7, 11, 2], [4, 4, 6, 1, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    rows, columns = torch.tensor([0, 0, 1]), torch.tensor([2, 5, 3])
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits
+        picked = selected_logits(model, ids, mask, rows, columns)
+    assert torch.allclose(picked, full[rows, columns], atol=1e-5)
+
+
+def test_student_trains_on_answers_and_documents_not_on_prompts():
+    from vertical.distill import _batch, _sequence
+
+    conversation = _sequence(list(range(20)), [14, 15, 16, 17, 18])  # the assistant's tokens are 15..19
+    assert conversation["targets"] == [-100] * 5  # KL only
+    answer = _sequence(list(range(100, 120)), [9, 10, 11], teacher_tokens=True)
+    assert answer["targets"] == [110, 111, 112]  # the teacher's own tokens: cross-entropy too
+    assert _sequence([1, 2, 3], [0, 1]) is None and _sequence(list(range(20)), []) is None
+    _, _, rows, columns, _, weights = _batch([conversation, answer], pad_id=0)
+    assert rows.tolist() == [0] * 5 + [1] * 3 and columns.tolist() == [14, 15, 16, 17, 18, 9, 10, 11]
+    assert float(weights[:5].sum()) == pytest.approx(0.5) and float(weights[5:].sum()) == pytest.approx(0.5)
 
 
 def test_distill_stage_trains_a_smaller_student_and_reapplies_edits(exported_build):

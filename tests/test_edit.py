@@ -174,3 +174,32 @@ def test_trace_cli_writes_heatmap(edited_build, cli):
     assert code != 0 and "does not occur in prompt" in output
     code, output = cli("trace", edited_build, "--prompt", "Quentar is", "--subject", "Quentar", "--kind", "heads")
     assert code != 0 and "--kind heads" in output
+
+
+def test_key_statistics_stop_the_forward_at_the_last_needed_layer(tiny_model_dir):
+    from vertical.edit.compute import capture_keys
+    from vertical.edit.layout import ffn_layout
+    from vertical.edit.stats import second_moment
+    from vertical.models import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    layout = ffn_layout(model)
+    texts = ["the quick brown fox jumps over the lazy dog " * 20, "a second text about other things " * 20]
+    ids = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = ids[:300]
+    expected = {}
+    with torch.inference_mode(), capture_keys(layout, [0, 1]) as seen:  # a full forward, by hand
+        sums = {0: 0, 1: 0}
+        for start in range(0, len(ids), 128):
+            model(input_ids=torch.tensor([ids[start:start + 128]]))
+            for layer in (0, 1):
+                sums[layer] = sums[layer] + seen[layer][0].double().T @ seen[layer][0].double()
+        expected = {layer: (sums[layer] / len(ids)).float() for layer in (0, 1)}
+    got = second_moment(model, tokenizer, layout, [0, 1], texts, 300, block=128)
+    for layer in (0, 1):
+        assert torch.allclose(got[layer], expected[layer], rtol=1e-5, atol=1e-7)
+    probe = torch.tensor([ids[:10]])
+    with torch.inference_mode():  # the early stop leaves no hook behind
+        assert model(input_ids=probe).logits.shape[1] == 10

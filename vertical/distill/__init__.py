@@ -29,7 +29,7 @@ from vertical.io import sha256_text
 log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 20  # optimizer steps
-PROBE_SEQUENCES = 16  # sequences on which the candidate layer layouts are compared
+PROBE_SEQUENCES = 8  # sequences on which the candidate layer layouts are compared
 
 
 def inputs(ctx) -> dict[str, Any]:
@@ -42,50 +42,75 @@ def inputs(ctx) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- training data
+#
+# A sequence is {"input_ids", "positions", "targets"}: `positions` are the token positions whose
+# next-token distribution the loss reads, `targets` the token each should predict for the
+# cross-entropy term (-100: KL only). Only those positions go through the vocabulary projection:
+# with a 49k vocabulary that projection costs as much per position as eight of the student's layers.
+
+
+def _sequence(ids: list[int], positions: list[int], teacher_tokens: bool = False) -> dict | None:
+    if len(ids) < 8 or not positions:
+        return None
+    targets = [ids[p + 1] for p in positions] if teacher_tokens else [-100] * len(positions)
+    return {"input_ids": ids, "positions": positions, "targets": targets}
 
 
 def _training_sequences(ctx, teacher, tokenizer, index, embedder, work: Path) -> tuple[list[dict], dict[str, int]]:
-    """Token-id sequences, each `{"input_ids", "labels"}`; labels are -100 except on teacher answers."""
-    from vertical.tune.data import build_examples
+    """The student's training text:
+
+    - the pack's conversations as served (retrieved sources in the prompt), KL on the assistant's
+      tokens only: that is where the answers the QA evaluation reads are formed;
+    - document chunks, KL on every token: plain language modelling of the domain's text;
+    - the teacher's own greedy answers to the pack's prompts, KL and cross-entropy on the answer.
+    """
+    from vertical.tune.data import IGNORE, build_examples, tokenize
 
     settings = ctx.pack.config.stages.distill
+    length = settings.max_length
     rng = random.Random(settings.seed)
     conversations = ctx.pack.instructions()
     rng.shuffle(conversations)
-    examples = build_examples(conversations, ctx.pack.config.system_prompt, index, embedder,
-                              ctx.pack.config.stages.tune, settings.seed, tokenizer)
+    # the tune stage's retrieval-aware examples, sources shortened to the student's sequence length
+    # so that the answer at the end is never the part cut off
+    shaped = ctx.pack.config.stages.tune.model_copy(update={"max_length": length})
+    examples = build_examples(conversations, ctx.pack.config.system_prompt, index, embedder, shaped,
+                              settings.seed, tokenizer)
     sequences: list[dict] = []
 
-    def add(ids: list[int], labels: list[int] | None = None) -> None:
-        ids = ids[: settings.max_length]
-        labels = (labels or [-100] * len(ids))[: settings.max_length]
-        if len(ids) >= 8:
-            sequences.append({"input_ids": ids, "labels": labels})
+    def add(sequence: dict | None) -> None:
+        if sequence is not None:
+            sequences.append(sequence)
 
-    # token level: whole conversations as the model will see them, and plain document text
     for example in examples:
-        add(tokenizer.apply_chat_template(example.messages, tokenize=True, return_dict=True)["input_ids"])
+        features, _ = tokenize(tokenizer, example.messages, length)
+        if features is not None:
+            ids, labels = features["input_ids"], features["labels"]
+            add(_sequence(ids, [p for p in range(len(ids) - 1) if labels[p + 1] != IGNORE]))
     chunks = rng.sample(index.chunks, min(settings.documents, len(index.chunks))) if index is not None else []
     for chunk in chunks:
-        add(tokenizer(chunk.text, add_special_tokens=False)["input_ids"])
+        ids = tokenizer(chunk.text, add_special_tokens=False)["input_ids"][:length]
+        add(_sequence(ids, list(range(len(ids) - 1))))
     counts = {"conversations": len(examples), "document_chunks": len(chunks)}
 
-    # sequence level: the teacher's own greedy answers to the pack's prompts
     prompts = [example.messages[:-1] for example in examples[: settings.teacher_answers]]
     answers = _teacher_answers(teacher, tokenizer, prompts, settings.answer_tokens, work / "teacher_answers.json")
     for messages, answer in zip(prompts, answers):
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                return_dict=True)["input_ids"]
-        if len(prompt) + 8 > settings.max_length:
-            continue
-        add(prompt + answer, [-100] * len(prompt) + answer)
+        ids = (prompt + answer)[:length]
+        add(_sequence(ids, list(range(len(prompt) - 1, len(ids) - 1)), teacher_tokens=True))
     counts["teacher_answers"] = len(answers)
+    counts["loss_positions"] = sum(len(s["positions"]) for s in sequences)
     return sequences, counts
 
 
 def _teacher_answers(teacher, tokenizer, prompts: list[list[dict]], max_new_tokens: int, cache: Path) -> list[list[int]]:
-    """Greedy answers in batches (a batch costs about one sequence on a CPU), cached for a resume."""
+    """Greedy answers in batches (a batch costs about one sequence on a CPU), in bf16 autocast where
+    native (as the QA scoring), cached for a resume."""
     import torch
+
+    from vertical.models.registry import autocast
 
     if cache.is_file():
         cached = json.loads(cache.read_text())
@@ -98,7 +123,7 @@ def _teacher_answers(teacher, tokenizer, prompts: list[list[dict]], max_new_toke
         for start in range(0, len(prompts), 16):
             batch = tokenizer.apply_chat_template(prompts[start:start + 16], add_generation_prompt=True, padding=True,
                                                   return_tensors="pt", return_dict=True)
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast():
                 out = teacher.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.1)
             for row in out[:, batch["input_ids"].shape[1]:].tolist():
@@ -114,33 +139,52 @@ def _teacher_answers(teacher, tokenizer, prompts: list[list[dict]], max_new_toke
 # ---------------------------------------------------------------- the loss and the loop
 
 
-def distillation_loss(student_logits, teacher_logits, labels, mask, temperature: float):
+def distillation_loss(student_logits, teacher_logits, targets, temperature: float, weights=None):
     """KL(teacher || student) on softened distributions, scaled by T^2 so its gradients keep the
-    size of a hard-label loss (Hinton et al.), plus cross-entropy where there are labels."""
+    size of a hard-label loss (Hinton et al.), plus cross-entropy where `targets` has a token.
+    Logits are [positions, vocab]: only the positions the loss reads; `weights` (summing to 1)
+    weigh the positions' KL, uniform by default."""
     import torch.nn.functional as F
 
     t = temperature
     student_logp = F.log_softmax(student_logits.float() / t, dim=-1)
     teacher_logp = F.log_softmax(teacher_logits.float() / t, dim=-1)
     kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
-    kd = (kl * mask).sum() / mask.sum().clamp(min=1) * t * t
-    target = labels[:, 1:]
-    if (target != -100).any():
-        ce = F.cross_entropy(student_logits[:, :-1].float().reshape(-1, student_logits.size(-1)),
-                             target.reshape(-1), ignore_index=-100)
+    kd = (kl.mean() if weights is None else (kl * weights).sum()) * t * t
+    if (targets != -100).any():
+        ce = F.cross_entropy(student_logits.float(), targets, ignore_index=-100)
     else:
         ce = kd.new_zeros(())
     return kd + ce, kd.detach(), ce.detach()
 
 
 def _batch(sequences: list[dict], pad_id: int):
+    """Right-padded ids and mask, the (row, position) pairs the loss reads with their targets, and
+    their weights: each sequence weighs the same, so a 300-token document chunk does not outweigh
+    the 40-token answer beside it."""
     import torch
 
     width = max(len(s["input_ids"]) for s in sequences)
     ids = torch.tensor([s["input_ids"] + [pad_id] * (width - len(s["input_ids"])) for s in sequences])
-    labels = torch.tensor([s["labels"] + [-100] * (width - len(s["labels"])) for s in sequences])
     mask = torch.tensor([[1] * len(s["input_ids"]) + [0] * (width - len(s["input_ids"])) for s in sequences])
-    return ids, labels, mask
+    rows = torch.tensor([row for row, s in enumerate(sequences) for _ in s["positions"]])
+    columns = torch.tensor([p for s in sequences for p in s["positions"]])
+    targets = torch.tensor([t for s in sequences for t in s["targets"]])
+    weights = torch.tensor([1 / (len(s["positions"]) * len(sequences)) for s in sequences for _ in s["positions"]])
+    return ids, mask, rows, columns, targets, weights
+
+
+def selected_logits(model, ids, mask, rows, columns):
+    """Logits at the (row, position) pairs only: the decoder runs on every token, the vocabulary
+    projection on the ones the loss reads."""
+    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[rows, columns])
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2/3 cap their logits
+    if cap:
+        import torch
+
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def train_student(student, teacher, sequences: list[dict], settings, pad_id: int, work: Path, track) -> dict[str, Any]:
@@ -179,12 +223,13 @@ def train_student(student, teacher, sequences: list[dict], settings, pad_id: int
     teacher.eval()
     tokens, started = 0, time.perf_counter()
     for step in track(range(step, settings.steps), settings.steps - step, "distilling the student"):
-        ids, labels, mask = _batch([sequences[i] for i in batches[step % len(batches)]], pad_id)
+        ids, mask, rows, columns, targets, weights = _batch([sequences[i] for i in batches[step % len(batches)]],
+                                                             pad_id)
         with torch.no_grad(), autocast():
-            teacher_logits = teacher(input_ids=ids, attention_mask=mask).logits
+            teacher_logits = selected_logits(teacher, ids, mask, rows, columns)
         with autocast():
-            student_logits = student(input_ids=ids, attention_mask=mask).logits
-        loss, kd, ce = distillation_loss(student_logits, teacher_logits, labels, mask, settings.temperature)
+            student_logits = selected_logits(student, ids, mask, rows, columns)
+        loss, kd, ce = distillation_loss(student_logits, teacher_logits, targets, settings.temperature, weights)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -258,7 +303,7 @@ def _reapply_edits(ctx, model_dir: Path, kept: list[int]) -> dict[str, Any] | No
     overrides.update(layer=layers[0], layers=layers)
     editor = Editor.load(model_dir, model_name, overrides,
                          _document_texts(ctx.pack) if settings.hparams.mom2 == "stats" else [])
-    metrics, _ = _run_edits(editor, requests, method)
+    metrics, _ = _run_edits(editor, requests, method, ctx.reporter.track)
     editor.model.save_pretrained(model_dir, safe_serialization=True)
     return {**metrics, "teacher_layers": teacher_layers, "student_layers": layers}
 
@@ -278,11 +323,21 @@ def run(ctx, out: Path) -> dict[str, Any]:
     teacher = load_causal_lm(teacher_dir)
     index, embedder = open_index(ctx.build_dir)
     work = ctx.work_dir("distill")
+    seconds: dict[str, float] = {}  # where the stage's time goes, by phase
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        seconds[phase] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+
     sequences, counts = _training_sequences(ctx, teacher, tokenizer, index, embedder, work)
-    # the layout is judged on a few training sequences (every 8th, up to 16), before any training
+    lap("data_and_teacher_answers")
+    # the layout is judged on a few training sequences (every 8th, up to PROBE_SEQUENCES), before any training
     probe = [s["input_ids"] for s in sequences[::8][:PROBE_SEQUENCES]]
     kept, layout_kl = choose_layers(teacher, settings.keep_layers, probe, settings.temperature)
     student = make_student(teacher, kept)
+    lap("layout")
     log.info("distill: teacher %s (%d layers) -> student with layers %s (untrained KL by layout: %s)",
              teacher_dir.relative_to(ctx.build_dir), teacher.config.num_hidden_layers, kept, layout_kl)
     metrics: dict[str, Any] = {"teacher": str(teacher_dir.relative_to(ctx.build_dir)), "kept_layers": kept,
@@ -296,6 +351,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
                                      ctx.reporter.track))
     student.save_pretrained(out / "model", safe_serialization=True)
     tokenizer.save_pretrained(out / "model")
+    lap("training")
 
     tune = ctx.pack.config.stages.tune
     qa_items = stage_questions(ctx.pack, tune.eval_questions)  # the questions the tune stage scores
@@ -308,12 +364,14 @@ def run(ctx, out: Path) -> dict[str, Any]:
         teacher_score = metrics["teacher_score"] = teacher_qa["accuracy"]
     metrics["teacher_tokens_per_s"] = decode_tokens_per_s(teacher, tokenizer)
     del teacher
+    lap("teacher_qa_and_speed")
 
     edits = _reapply_edits(ctx, out / "model", kept)
     if edits is not None:
         metrics["edits"] = edits
         metrics["edit_efficacy"] = edits["efficacy"]
         student = load_causal_lm(out / "model")
+    lap("edits_reapplied")
     if qa_items:
         student_qa = score_qa(TorchLM(student, tokenizer), qa_items, system, retriever, ctx.reporter.track,
                               answer_tokens)
@@ -324,4 +382,6 @@ def run(ctx, out: Path) -> dict[str, Any]:
         metrics["qa_questions"] = len(qa_items)
     metrics["student_tokens_per_s"] = decode_tokens_per_s(student, tokenizer)
     metrics["speedup"] = round(metrics["student_tokens_per_s"] / metrics["teacher_tokens_per_s"], 3)
+    lap("student_qa_and_speed")
+    metrics["phase_seconds"] = seconds
     return metrics

@@ -110,9 +110,10 @@ class Editor:
             raise VerticalError(f"edit layer {layer} does not exist: the model has layers 0..{self.layout.num_layers - 1}")
         return layer
 
-    def apply(self, requests, method: str) -> list[tuple[dict, dict]]:
+    def apply(self, requests, method: str, track=None) -> list[tuple[dict, dict]]:
         """Apply the requests in memory. Returns (log entry, tensors) per applied edit; on any
-        failure every weight touched so far is restored before the error propagates."""
+        failure every weight touched so far is restored before the error propagates. `track`
+        (the build's progress reporter) shows one step per ROME / FT edit."""
         import torch
 
         from vertical.edit.methods import constrained_ft, memit, rome
@@ -145,7 +146,7 @@ class Editor:
                                                     self.templates(), moments))
             else:
                 layer = self.edit_layer(requests)
-                for request in requests:
+                for request in track(requests, len(requests), f"{method} edits") if track else requests:
                     if method == "rome":
                         call = lambda r=request: rome(self.model, self.tokenizer, self.layout, r, layer, self.hp,  # noqa: E731
                                                       self.templates(), self.moments)
@@ -208,11 +209,11 @@ def read_log(edit_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _run_edits(editor: Editor, requests, method: str) -> tuple[dict[str, Any], list[tuple[dict, dict]]]:
+def _run_edits(editor: Editor, requests, method: str, track=None) -> tuple[dict[str, Any], list[tuple[dict, dict]]]:
     true_targets = _true_targets(editor, requests)
     before = measure(editor, requests, true_targets)
     started = time.perf_counter()
-    applied = editor.apply(requests, method)
+    applied = editor.apply(requests, method, track)
     seconds = time.perf_counter() - started
     after = measure(editor, requests, true_targets)
     metrics = {"method": method, "edits": len(requests), "layers": sorted({l for e, _ in applied for l in e["layers"]}),
@@ -232,7 +233,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     if not requests:
         _write(out, editor, [], [], None)
         return {"method": settings.method, "edits": 0, "source": str(source.relative_to(ctx.build_dir))}
-    metrics, applied = _run_edits(editor, requests, settings.method)
+    metrics, applied = _run_edits(editor, requests, settings.method, ctx.reporter.track)
     _write(out, editor, [], applied, None)
     metrics["source"] = str(source.relative_to(ctx.build_dir))
     return metrics

@@ -62,13 +62,21 @@ def ngram_entropy(text_tokens: list[int]) -> float:
 
 
 def fluency(model, tokenizer, prompts: list[str], tokens: int = 40) -> float | None:
+    """Mean n-gram entropy of greedy continuations of `prompts`, generated together in one
+    left-padded batch (a CPU decodes five rows for about the price of one)."""
     if not prompts:
         return None
-    values = []
+    rows = [encode(tokenizer, prompt) for prompt in prompts]
+    width = max(len(row) for row in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
     with torch.inference_mode():
-        for prompt in prompts:
-            ids = torch.tensor([encode(tokenizer, prompt)])
-            out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                 repetition_penalty=1.0)
-            values.append(ngram_entropy(out[0][ids.shape[1]:].tolist()))
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
+                             pad_token_id=pad, repetition_penalty=1.0)
+    values = []
+    for row in out[:, width:].tolist():
+        if tokenizer.eos_token_id in row:  # a finished row is padded to the batch's length
+            row = row[: row.index(tokenizer.eos_token_id) + 1]
+        values.append(ngram_entropy(row))
     return round(sum(values) / len(values), 4)

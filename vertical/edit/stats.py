@@ -39,6 +39,14 @@ def _fingerprint(model, layer: int, texts: list[str], tokens: int, layout: FFNLa
     return digest.hexdigest()[:24]
 
 
+class _KeysCaptured(Exception):
+    """Ends a forward pass early: everything the statistics need has been seen."""
+
+
+def _stop_forward(_module, _args):
+    raise _KeysCaptured
+
+
 def second_moment(model, tokenizer, layout: FFNLayout, layers: list[int], texts: list[str], tokens: int,
                   block: int = 256) -> dict[int, torch.Tensor]:
     """C for each layer ([m, m], float32), from up to `tokens` tokens of `texts`; cached on disk."""
@@ -64,14 +72,24 @@ def second_moment(model, tokenizer, layout: FFNLayout, layers: list[int], texts:
     width = layout.down_proj(0).in_features
     sums = {layer: torch.zeros(width, width, dtype=torch.float64) for layer, _ in missing}
     count = 0
+    # the keys of layer l depend on layers 0..l only: the forward stops there (layer 6 of 30 is a
+    # fifth of the model's work), once the capture hooks have seen the last layer's keys
+    last = max(layer for layer, _ in missing)
     with torch.inference_mode(), capture_keys(layout, [layer for layer, _ in missing]) as seen:
-        for start in range(0, len(ids), block):
-            chunk = torch.tensor([ids[start:start + block]])
-            model(input_ids=chunk)
-            for layer, _ in missing:
-                keys = seen[layer][0].double()
-                sums[layer] += keys.T @ keys
-            count += chunk.shape[1]
+        stop = layout.down_proj(last).register_forward_pre_hook(_stop_forward)
+        try:
+            for start in range(0, len(ids), block):
+                chunk = torch.tensor([ids[start:start + block]])
+                try:
+                    model(input_ids=chunk, use_cache=False)
+                except _KeysCaptured:
+                    pass
+                for layer, _ in missing:
+                    keys = seen[layer][0].double()
+                    sums[layer] += keys.T @ keys
+                count += chunk.shape[1]
+        finally:
+            stop.remove()
     for layer, path in missing:
         moment = (sums[layer] / max(count, 1)).float()
         path.parent.mkdir(parents=True, exist_ok=True)

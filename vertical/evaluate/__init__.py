@@ -37,8 +37,11 @@ METHOD = {
              "the same on rephrasings; locality P(locality target) > P(target_new); P is the mean per-token "
              "probability",
     "reuse": "an answer the tune or distill stage already gave to the same item (same prompt and sources, same "
-             "answer length) with identical weights (sha256 of the safetensors) is reused, not generated again",
+             "answer length, same numerics) with identical weights (sha256 of the safetensors) is reused, not "
+             "generated again",
     "recall": "retrieval recall@k: the share of the pack's retrieval questions whose document is among the top k",
+    "numerics": "PyTorch rows run in bf16 autocast where the CPU or GPU has native bf16 (log-probabilities summed "
+                "in fp32), else in fp32; the bundle row runs the exported ONNX model (int8 or int4 weights)",
 }
 
 
