@@ -3,9 +3,10 @@
     teacher (edit/model > tune/merged > base/model)
       -> student: a fraction of the teacher's layers (stages.distill.keep_layers), same family,
          the layout (even / most influential / one dropped block) closest to the teacher on pack text
-      -> token-level distillation: KL(teacher || student) at temperature T on the pack's
-         instruction examples (as served, with retrieved sources) and document text
-      -> sequence-level distillation: cross-entropy on the answers the teacher itself
+      -> token-level distillation: KL(teacher || student) at temperature T on the assistant's
+         tokens of the pack's instruction examples (as served, with retrieved sources) and on
+         document text
+      -> sequence-level distillation: KL and cross-entropy on the answers the teacher itself
          generates for the pack's prompts
       -> the teacher's edit log re-applied to the student, and measured
       -> distill/model/ and metrics.json (teacher_score, student_score, retention, speedup, edits)

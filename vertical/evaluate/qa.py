@@ -42,7 +42,7 @@ class TorchLM:
     """A torch causal LM and its tokenizer, seen through the few calls scoring needs.
 
     Forward passes run under bf16 autocast where the CPU (or GPU) does bf16 natively, as training
-    does: prefill of a prompt with retrieved sources is about 1.8x faster than in fp32 here
+    does: scoring is about 1.5x faster than in fp32 here, and a close call can go the other way
     (benchmarks/qa_scoring.py measures speed and agreement side by side); `bf16=False` keeps fp32."""
 
     def __init__(self, model, tokenizer, bf16: bool = True):
