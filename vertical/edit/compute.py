@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from vertical.edit.layout import FFNLayout
-from vertical.edit.tokens import encode, subject_span, target_ids
+from vertical.edit.tokens import encode, left_padded, subject_span, target_ids
 from vertical.errors import VerticalError
 from vertical.pack.schema import EditRequest
 
@@ -34,10 +34,8 @@ def context_templates(model, tokenizer, count: int, length: int, seed: int) -> l
     starts = ["The", "Therefore", "Because", "I", "You", "It", "In", "However", "When", "This"]
     prompts = [starts[i % len(starts)] for i in range(count)]
     rows = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id or 0
-    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # left-padded: all continue at the end
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    ids, mask = left_padded(rows, pad)
     with torch.random.fork_rng(), torch.inference_mode():
         torch.manual_seed(seed)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=length, do_sample=True, top_k=5,

@@ -14,7 +14,7 @@ from collections import Counter
 
 import torch
 
-from vertical.edit.tokens import encode, target_ids
+from vertical.edit.tokens import encode, left_padded, target_ids
 from vertical.pack.schema import EditRequest
 
 
@@ -66,11 +66,9 @@ def fluency(model, tokenizer, prompts: list[str], tokens: int = 40) -> float | N
     left-padded batch (a CPU decodes five rows for about the price of one)."""
     if not prompts:
         return None
-    rows = [encode(tokenizer, prompt) for prompt in prompts]
-    width = max(len(row) for row in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
-    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    ids, mask = left_padded([encode(tokenizer, prompt) for prompt in prompts], pad)
+    width = ids.shape[1]
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
                              pad_token_id=pad, repetition_penalty=1.0)
