@@ -55,10 +55,12 @@ def build_requests(seed: int = 0):
 def known(editor, requests, limit):
     """Requests whose fact the model knows, with locality prompts it also knows (so locality
     starts at 1.0 and measures only what the edit breaks)."""
-    from vertical.edit.metrics import target_logprob
+    from vertical.edit.metrics import target_logprobs
 
-    m, tok = editor.model, editor.tokenizer
-    prefers = lambda prompt, good, bad: target_logprob(m, tok, prompt, good) > target_logprob(m, tok, prompt, bad)  # noqa: E731
+    def prefers(prompt: str, good: str, bad: str) -> bool:
+        p_good, p_bad = target_logprobs(editor.model, editor.tokenizer, [(prompt, good), (prompt, bad)])
+        return p_good > p_bad
+
     chosen = []
     for request in requests:
         if not prefers(request.prompt, request.target_true, request.target_new):

@@ -1,6 +1,6 @@
 """Stage `export`, and the torch-free runtime that serves what it writes (imported as vertical.export).
 
-    student (distill/model) or teacher -> onnxruntime-genai model builder -> model/
+    student (distill/model, if it kept the teacher's score) or teacher -> onnxruntime-genai model builder -> model/
     sentence embedder -> ONNX (int8) -> embedder/; the index re-embedded with it -> index/
     pack.json (system prompt, disclaimer), manifest.json (sha256 of every file, versions, metrics)
 
@@ -31,15 +31,32 @@ def inputs(ctx) -> dict[str, Any]:
             "retrieval_eval": ctx.pack.fingerprint("retrieval_eval")}
 
 
-def _model_to_export(ctx, choice: str) -> tuple[Path, str]:
+def _model_to_export(ctx, settings) -> tuple[Path, str, str]:
+    """(model folder, "student" | "teacher", why). `auto` ships the student only if it kept at least
+    `min_retention` of the teacher's QA score: a faster model that lost the pack's answers is no
+    deployment; a build without QA items to judge by ships the student."""
     from vertical.generation import best_model_dir
 
     student = ctx.build_dir / "distill" / "model"
-    if choice == "student":
-        if (student / "config.json").is_file():
-            return student, "student"
-        log.warning("export: the build has no distilled student (run the distill stage); exporting the teacher")
-    return best_model_dir(ctx.build_dir), "teacher"
+    teacher = best_model_dir(ctx.build_dir)
+    if not (student / "config.json").is_file():
+        if settings.model != "teacher":
+            log.warning("export: the build has no distilled student (run the distill stage); exporting the teacher")
+        return teacher, "teacher", "no distilled student"
+    if settings.model == "student":
+        return student, "student", "asked for (stages.export.model: student)"
+    if settings.model == "teacher":
+        return teacher, "teacher", "asked for (stages.export.model: teacher)"
+    distill = json.loads((student.parent / "metrics.json").read_text()) if (student.parent / "metrics.json").is_file() else {}
+    retention = distill.get("retention")
+    if retention is None:
+        return student, "student", "no QA score to compare the student with the teacher"
+    if retention >= settings.min_retention:
+        return student, "student", f"retention {retention:.2f} >= {settings.min_retention}"
+    log.warning("export: the student keeps %.0f%% of the teacher's QA score (below stages.export.min_retention=%s); "
+                "exporting the teacher (stages.export.model: student forces the student)",
+                100 * retention, settings.min_retention)
+    return teacher, "teacher", f"student retention {retention:.2f} < {settings.min_retention}"
 
 
 def _agreement_prompts(ctx, assistant, count: int) -> list[list[dict[str, str]]]:
@@ -112,9 +129,9 @@ def run(ctx, out: Path) -> dict[str, Any]:
 
     config = ctx.pack.config
     settings = config.stages.export
-    model_dir, role = _model_to_export(ctx, settings.model)
+    model_dir, role, reason = _model_to_export(ctx, settings)
     scratch = ctx.work_dir("export")
-    metrics: dict[str, Any] = {"model": role, "source": str(model_dir.relative_to(ctx.build_dir))}
+    metrics: dict[str, Any] = {"model": role, "model_reason": reason, "source": str(model_dir.relative_to(ctx.build_dir))}
 
     # the embedder, and the index re-embedded with it: queries and chunks must share one encoder
     ctx.reporter.stage("export", "running", "embedder to ONNX")

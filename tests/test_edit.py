@@ -203,3 +203,21 @@ def test_key_statistics_stop_the_forward_at_the_last_needed_layer(tiny_model_dir
     probe = torch.tensor([ids[:10]])
     with torch.inference_mode():  # the early stop leaves no hook behind
         assert model(input_ids=probe).logits.shape[1] == 10
+
+
+def test_batched_target_logprobs_equal_one_row_at_a_time(tiny_model_dir):
+    from vertical.edit.metrics import target_logprobs
+    from vertical.edit.tokens import encode, target_ids
+    from vertical.models import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    pairs = [("The Zorblat fruit is", "blue"), ("A much longer prompt about the colour of fruit, which is", "deep red"),
+             ("Paris is the capital of", "France"), ("x", "a b c d e f")]
+    batched = target_logprobs(model, tokenizer, pairs)
+    for (prompt, target), value in zip(pairs, batched):  # one unpadded forward per pair, by hand
+        prompt_ids, ids = encode(tokenizer, prompt), target_ids(tokenizer, target)
+        with torch.inference_mode():
+            logp = model(torch.tensor([prompt_ids + ids])).logits[0, len(prompt_ids) - 1:-1].float().log_softmax(-1)
+        expected = float(logp[torch.arange(len(ids)), torch.tensor(ids)].mean())
+        assert value == pytest.approx(expected, abs=1e-5)
+    assert len(set(batched)) == len(pairs)  # the rows did not leak into each other

@@ -33,6 +33,9 @@ class ScriptedLM:
     def continuation_scores(self, ids, continuations):
         return [sum(self.logprobs(ids, continuation)) for continuation in continuations]
 
+    def mean_logprobs(self, rows):
+        return [sum(self.logprobs(ids, continuation)) / len(continuation) for ids, continuation in rows]
+
     def generate_batch(self, conversations, max_new_tokens):
         return [self.answer for _ in conversations]
 

@@ -61,6 +61,24 @@ def test_bundle_lists_every_file_with_its_hash(bundle):
     assert pack["disclaimer"] == "Test disclaimer." and pack["system_prompt"]
 
 
+@pytest.mark.parametrize("setting, retention, role", [
+    ("auto", 0.95, "student"), ("auto", 0.43, "teacher"), ("auto", None, "student"),
+    ("student", 0.43, "student"), ("teacher", 0.95, "teacher")])
+def test_auto_exports_the_student_only_if_it_kept_the_teachers_score(tmp_path, setting, retention, role):
+    from types import SimpleNamespace
+
+    from vertical.export import _model_to_export
+    from vertical.pack.schema import ExportSettings
+
+    for folder in ("edit/model", "distill/model"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "config.json").write_text("{}")
+    (tmp_path / "distill" / "metrics.json").write_text(json.dumps({"retention": retention}))
+    folder, chosen, reason = _model_to_export(SimpleNamespace(build_dir=tmp_path), ExportSettings(model=setting))
+    assert chosen == role and reason
+    assert folder == tmp_path / ("distill/model" if role == "student" else "edit/model")
+
+
 @pytest.mark.parametrize("damage", ["alter", "truncate", "delete"])
 def test_tampered_bundle_is_refused_naming_the_file(bundle, tmp_path, damage, cli):
     copy = Path(shutil.copytree(bundle, tmp_path / "bundle"))

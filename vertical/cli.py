@@ -416,7 +416,8 @@ def export_cmd(
     build: Path = typer.Argument(..., help="Build folder (builds/<pack>)."),
     quant: Optional[str] = typer.Option(None, "--quant", help="int4, int8 or fp32 (default: the pack's setting, "
                                         "auto = int8 unless int4 agrees better with fp32)."),
-    model: Optional[str] = typer.Option(None, "--model", help="student (default, if distilled) or teacher."),
+    model: Optional[str] = typer.Option(None, "--model", help="auto (default: the student if it kept the teacher's "
+                                        "QA score, see stages.export.min_retention), student or teacher."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also copy the bundle here (default: BUILD/export)."),
 ) -> None:
     """Export the build as a self-contained bundle: ONNX model and embedder, index, manifest."""
@@ -429,8 +430,8 @@ def export_cmd(
     build = _build_dir(build).resolve()
     if quant not in (None, "auto", "int4", "int8", "fp32"):
         raise VerticalError(f"--quant {quant}: use int4, int8 or fp32")
-    if model not in (None, "student", "teacher"):
-        raise VerticalError(f"--model {model}: use student or teacher")
+    if model not in (None, "auto", "student", "teacher"):
+        raise VerticalError(f"--model {model}: use auto, student or teacher")
     overrides = {k: v for k, v in {"quant": quant, "model": model}.items() if v is not None}
     manifest = load_manifest(build)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -446,7 +447,7 @@ def export_cmd(
         with atomic_dir(out) as tmp:
             shutil.copytree(bundle, tmp, dirs_exist_ok=True)
         bundle = out
-    console.print(f"bundle: {bundle}  ({metrics.get('bundle_bytes', 0) / 1e6:.1f} MB, {metrics.get('model')} "
+    console.print(f"bundle: {bundle}  ({metrics.get('bundle_bytes', 0) / 1e6:.1f} MB, {metrics.get('model')} ({metrics.get('model_reason')}) "
                   f"{metrics.get('quant')}, greedy agreement with fp32 {metrics.get('greedy_agreement')}, "
                   f"{metrics.get('onnx_tokens_per_s')} tokens/s vs {metrics.get('torch_tokens_per_s')} in PyTorch)")
 

@@ -18,12 +18,34 @@ from vertical.edit.tokens import encode, left_padded, target_ids
 from vertical.pack.schema import EditRequest
 
 
-def target_logprob(model, tokenizer, prompt: str, target: str) -> float:
-    prompt_ids, ids = encode(tokenizer, prompt), target_ids(tokenizer, target)
-    with torch.inference_mode():
-        logits = model(torch.tensor([prompt_ids + ids])).logits[0].float()
-    logp = logits[len(prompt_ids) - 1:-1].log_softmax(-1)
-    return float(logp[torch.arange(len(ids)), torch.tensor(ids)].mean())
+def mean_logprobs(model, rows: list[tuple[list[int], list[int]]], pad: int, batch_size: int = 16) -> list[float]:
+    """Mean log P of each continuation's tokens after its prompt, for (prompt ids, continuation ids)
+    rows run together in right-padded batches of similar length: padding after a row changes none
+    of its logits under the causal mask, so each value is the single-row one (to float rounding)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
+    values = [0.0] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        width = max(len(rows[i][0]) + len(rows[i][1]) for i in chosen)
+        ids = torch.full((len(chosen), width), pad)
+        mask = torch.zeros((len(chosen), width), dtype=torch.long)
+        for row, i in enumerate(chosen):
+            sequence = rows[i][0] + rows[i][1]
+            ids[row, :len(sequence)] = torch.tensor(sequence)
+            mask[row, :len(sequence)] = 1
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        for row, i in enumerate(chosen):
+            prompt, continuation = rows[i]
+            logp = logits[row, len(prompt) - 1:len(prompt) + len(continuation) - 1].log_softmax(-1)
+            values[i] = float(logp[torch.arange(len(continuation)), torch.tensor(continuation)].mean())
+    return values
+
+
+def target_logprobs(model, tokenizer, pairs: list[tuple[str, str]]) -> list[float]:
+    """P(target | prompt) as mean token log-probability, for (prompt, target) pairs in batches."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return mean_logprobs(model, [(encode(tokenizer, p), target_ids(tokenizer, t)) for p, t in pairs], pad)
 
 
 def greedy_target(model, tokenizer, prompt: str, tokens: int = 3) -> str:
@@ -34,20 +56,30 @@ def greedy_target(model, tokenizer, prompt: str, tokens: int = 3) -> str:
     return tokenizer.decode(out[0][ids.shape[1]:], skip_special_tokens=True).strip() or "the"
 
 
-def score(model, tokenizer, requests: list[EditRequest], true_targets: list[str]) -> dict[str, float | int]:
-    eff, gen, loc = [], [], []
+def compared_pairs(requests: list[EditRequest], true_targets: list[str]) -> list[tuple[str, str, str, str]]:
+    """Each CounterFact comparison as (metric, prompt, target that should win, target it must beat)."""
+    pairs = []
     for request, true in zip(requests, true_targets):
-        eff.append(target_logprob(model, tokenizer, request.prompt, request.target_new)
-                   > target_logprob(model, tokenizer, request.prompt, true))
-        for rephrase in request.rephrase:
-            gen.append(target_logprob(model, tokenizer, rephrase, request.target_new)
-                       > target_logprob(model, tokenizer, rephrase, true))
-        for item in request.locality:
-            loc.append(target_logprob(model, tokenizer, item.prompt, item.target)
-                       > target_logprob(model, tokenizer, item.prompt, request.target_new))
+        pairs.append(("efficacy", request.prompt, request.target_new, true))
+        pairs += [("generalization", rephrase, request.target_new, true) for rephrase in request.rephrase]
+        pairs += [("locality", item.prompt, item.target, request.target_new) for item in request.locality]
+    return pairs
+
+
+def tally(pairs: list[tuple[str, str, str, str]], wins: list[bool]) -> dict[str, float | None]:
+    """The share of won comparisons per metric."""
     mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
-    return {"efficacy": mean(eff), "generalization": mean(gen), "locality": mean(loc),
-            "n_edits": len(eff), "n_rephrases": len(gen), "n_locality": len(loc)}
+    return {metric: mean([won for (kind, *_), won in zip(pairs, wins) if kind == metric])
+            for metric in ("efficacy", "generalization", "locality")}
+
+
+def score(model, tokenizer, requests: list[EditRequest], true_targets: list[str]) -> dict[str, float | int]:
+    pairs = compared_pairs(requests, true_targets)
+    logp = target_logprobs(model, tokenizer, [(p, t) for _, p, winner, loser in pairs for t in (winner, loser)])
+    result = tally(pairs, [logp[2 * i] > logp[2 * i + 1] for i in range(len(pairs))])
+    counts = {kind: sum(pair[0] == kind for pair in pairs) for kind in ("efficacy", "generalization", "locality")}
+    return {**result, "n_edits": counts["efficacy"], "n_rephrases": counts["generalization"],
+            "n_locality": counts["locality"]}
 
 
 def ngram_entropy(text_tokens: list[int]) -> float:

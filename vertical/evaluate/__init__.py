@@ -93,18 +93,13 @@ def _open(kind: str, folder: Path, build_index: tuple | None):
 
 def edit_scores(lm, requests, true_targets: list[str]) -> dict[str, float | None]:
     """Efficacy, generalization and locality of `requests` on a TorchLM or OnnxLM."""
+    from vertical.edit.metrics import compared_pairs, tally
 
-    def p(prompt: str, target: str) -> float:
-        values = lm.logprobs(lm.piece_ids(prompt), lm.piece_ids(" " + target.strip()))
-        return sum(values) / len(values)
-
-    eff, gen, loc = [], [], []
-    for request, true in zip(requests, true_targets):
-        eff.append(p(request.prompt, request.target_new) > p(request.prompt, true))
-        gen += [p(r, request.target_new) > p(r, true) for r in request.rephrase]
-        loc += [p(item.prompt, item.target) > p(item.prompt, request.target_new) for item in request.locality]
-    mean = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
-    return {"efficacy": mean(eff), "generalization": mean(gen), "locality": mean(loc), "n": len(eff)}
+    pairs = compared_pairs(requests, true_targets)
+    rows = [(lm.piece_ids(prompt), lm.piece_ids(" " + target.strip()))
+            for _, prompt, winner, loser in pairs for target in (winner, loser)]
+    logp = lm.mean_logprobs(rows)
+    return {**tally(pairs, [logp[2 * i] > logp[2 * i + 1] for i in range(len(pairs))]), "n": len(requests)}
 
 
 # ---------------------------------------------------------------- the evaluation
@@ -135,6 +130,11 @@ def evaluate(path: Path, qa_items: list, edits: list, system_prompt: str, settin
 
     report: dict[str, Any] = {"qa": [], "edits": [], "method": METHOD, "questions": len(qa_items),
                               "edit_requests": len(edits)}
+    for _, kind, folder, _ in rows:
+        if kind == "onnx":  # which model the bundle holds: the student, or the teacher it fell back to
+            manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+            report["bundle_model"] = {**manifest.get("model", {}),
+                                      "reason": manifest.get("metrics", {}).get("export", {}).get("model_reason")}
     build_index = None
     if any(kind == "torch" for _, kind, _, _ in rows):
         from vertical.index import open_index

@@ -77,6 +77,14 @@ class TorchLM:
         logp = logits.log_softmax(-1)
         return [float(logp[i, t]) for i, t in enumerate(continuation)]
 
+    def mean_logprobs(self, rows: list[tuple[list[int], list[int]]]) -> list[float]:
+        """Mean log P of each (prompt, continuation) row's continuation, rows batched (fp32: the
+        edit metrics compare two such values, and the edit stage computes them in fp32 too)."""
+        from vertical.edit.metrics import mean_logprobs
+
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return mean_logprobs(self.model, rows, pad)
+
     def continuation_scores(self, ids: list[int], continuations: list[list[int]]) -> list[float]:
         """Summed log P of each continuation after `ids`. The prompt is run once and its KV cache
         reused (cropped back after each continuation): a long prompt with retrieved sources and
@@ -164,6 +172,10 @@ class OnnxLM:
             if position + 1 < len(continuation):
                 generator.append_tokens([continuation[position]])
         return rows
+
+    def mean_logprobs(self, rows: list[tuple[list[int], list[int]]]) -> list[float]:
+        values = [self.logprobs(prompt, continuation) for prompt, continuation in rows]
+        return [sum(v) / len(v) for v in values]
 
     def continuation_scores(self, ids: list[int], continuations: list[list[int]]) -> list[float]:
         """As TorchLM's: one prefill of the prompt, then each continuation, rewound after it."""

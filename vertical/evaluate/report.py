@@ -24,6 +24,10 @@ def markdown(report: dict[str, Any]) -> str:
         for row in report["qa"]:
             lines.append(f"| {row['model']} | {_fmt(row['accuracy'])} | {_fmt(row['choice']['accuracy'])} "
                          f"(n={row['choice']['n']}) | {_fmt(row['short']['accuracy'])} (n={row['short']['n']}) |")
+        bundle = report.get("bundle_model")
+        if bundle:
+            reason = f" ({bundle['reason']})" if bundle.get("reason") else ""
+            lines += ["", f"The bundle holds the {bundle.get('role')}, {bundle.get('quant')}{reason}."]
         lines += ["", "![QA accuracy](qa.png)", ""]
     if report["edits"]:
         lines += [f"## Knowledge edits ({report['edit_requests']} requests)", "",

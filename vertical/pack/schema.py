@@ -86,7 +86,11 @@ class DistillSettings(Strict):
 class ExportSettings(Strict):
     """The ONNX bundle: which model goes in and how its weights are stored."""
 
-    model: Literal["student", "teacher"] = Field("student", description="student (if distilled) or the teacher")
+    model: Literal["auto", "student", "teacher"] = Field(
+        "auto", description="auto: the student if it keeps at least min_retention of the teacher's QA score, "
+                            "else the teacher; student: the student whenever there is one; teacher")
+    min_retention: float = Field(0.9, ge=0, le=1, description="the share of the teacher's score (distill stage's "
+                                                              "QA items) the student must keep to be exported by auto")
     quant: Literal["auto", "int4", "int8", "fp32"] = Field(
         "auto", description="auto: int8 unless int4 agrees better with fp32 on the pack's prompts")
     agreement_prompts: int = Field(8, ge=1, le=200, description="pack prompts used to compare quantisations")
