@@ -221,3 +221,23 @@ def test_batched_target_logprobs_equal_one_row_at_a_time(tiny_model_dir):
         expected = float(logp[torch.arange(len(ids)), torch.tensor(ids)].mean())
         assert value == pytest.approx(expected, abs=1e-5)
     assert len(set(batched)) == len(pairs)  # the rows did not leak into each other
+
+
+def test_target_search_from_a_cached_prefix_equals_the_full_forward(tiny_model_dir):
+    from vertical.edit.compute import SplitRows
+    from vertical.models import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    texts = ["The Zorblat fruit is blue", "A longer context first. The Zorblat fruit is deep red", "Zorblat is a"]
+    rows = [tokenizer(text)["input_ids"] for text in texts]
+    cuts = [3, 8, 0]  # where each row's suffix starts (an empty prefix too)
+    split = SplitRows.cut(rows, cuts, tokenizer.pad_token_id or 0)
+    keep = torch.arange(split.suffix_ids.shape[1])
+    with torch.no_grad():
+        cache = split.prefix_cache(model)
+        cached = split.suffix_logits(model, cache, keep)
+        again = split.suffix_logits(model, cache, keep)  # each step continues from a copy: the cache is not used up
+        for i, (row, cut) in enumerate(zip(rows, cuts)):
+            full = model(input_ids=torch.tensor([row])).logits[0]
+            assert torch.allclose(cached[i, :len(row) - cut], full[cut:], atol=1e-4), i
+    assert torch.equal(cached, again)

@@ -98,11 +98,55 @@ def _output_tensor(output):
     return output[0] if isinstance(output, tuple) else output
 
 
+@dataclass
+class SplitRows:
+    """Rows cut at the subject's last token. The delta is added there, so nothing before it
+    changes while the target is searched: the prefix runs once into a KV cache and each
+    optimisation step runs only the suffix (about half of each row's tokens)."""
+
+    prefix_ids: torch.Tensor  # [rows, P], left-padded
+    prefix_mask: torch.Tensor
+    suffix_ids: torch.Tensor  # [rows, S], right-padded; column 0 is the subject's last token
+    suffix_mask: torch.Tensor
+    prefix_lengths: torch.Tensor  # [rows]
+
+    @classmethod
+    def cut(cls, rows: list[list[int]], cuts: list[int], pad: int) -> "SplitRows":
+        prefixes = [row[:cut] for row, cut in zip(rows, cuts)]
+        prefix_ids, prefix_mask = left_padded(prefixes, pad) if max(map(len, prefixes)) else (
+            torch.zeros((len(rows), 0), dtype=torch.long), torch.zeros((len(rows), 0), dtype=torch.long))
+        suffixes = [row[cut:] for row, cut in zip(rows, cuts)]
+        width = max(map(len, suffixes))
+        suffix_ids = torch.tensor([r + [pad] * (width - len(r)) for r in suffixes])
+        suffix_mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in suffixes])
+        return cls(prefix_ids, prefix_mask, suffix_ids, suffix_mask, torch.tensor([len(p) for p in prefixes]))
+
+    def prefix_cache(self, model):
+        """The prefix's KV cache (None when every prefix is empty)."""
+        if self.prefix_ids.shape[1] == 0:
+            return None
+        positions = (self.prefix_mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            return model(input_ids=self.prefix_ids, attention_mask=self.prefix_mask, position_ids=positions,
+                         use_cache=True).cache
+
+    def suffix_logits(self, model, cache, keep: torch.Tensor) -> torch.Tensor:
+        """Logits at the suffix columns `keep`, continuing from a copy of the prefix's cache."""
+        import copy
+
+        positions = self.prefix_lengths[:, None] + torch.arange(self.suffix_ids.shape[1])[None, :]
+        return model(input_ids=self.suffix_ids, attention_mask=torch.cat([self.prefix_mask, self.suffix_mask], 1),
+                     position_ids=positions, cache=copy.deepcopy(cache) if cache is not None else None,
+                     use_cache=cache is not None, logits_to_keep=keep).logits
+
+
 def target_delta(model, tokenizer, layout: FFNLayout, request: EditRequest, layer: int, where: str,
                  templates: list[str], hp) -> tuple[torch.Tensor, torch.Tensor]:
     """Optimise the vector added at the subject's last token to `where` ("mlp": layer l's FFN
     output, for ROME; "block": layer l's residual output, for MEMIT). Returns (delta, init), with
     init the module's original output there (averaged over contexts)."""
+    from vertical.models.registry import autocast
+
     new_ids = target_ids(tokenizer, request.target_new)
     rewrite = [t.format(request.prompt) for t in templates]
     kl_prompt = f"{request.subject} is a"
@@ -110,36 +154,33 @@ def target_delta(model, tokenizer, layout: FFNLayout, request: EditRequest, laye
     prompt_lengths = [len(encode(tokenizer, text)) for text in rewrite]
     lookup = [subject_span(tokenizer, text, request.subject)[1] - 1 for text in rewrite]
     lookup.append(subject_span(tokenizer, kl_prompt, request.subject)[1] - 1)
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id or 0
-    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    labels = torch.full_like(input_ids, -100)
-    for i, start in enumerate(prompt_lengths):
-        labels[i, start - 1:start - 1 + len(new_ids)] = torch.tensor(new_ids)
+    split = SplitRows.cut(rows, lookup, tokenizer.pad_token_id or 0)
+    # positions from here on count from each row's subject token (suffix column 0)
+    label_columns = [[start - 1 - cut + j for j in range(len(new_ids))] for start, cut in zip(prompt_lengths, lookup)]
     # logits only where the loss reads them (the target's positions, the KL token): the vocabulary
     # projection over every position would be a fifth of each step's work for nothing
-    keep = sorted({p for i, start in enumerate(prompt_lengths) for p in range(start - 1, start - 1 + len(new_ids))}
-                  | {lookup[-1]})
-    kl_column = keep.index(lookup[-1])
+    keep = sorted({c for columns in label_columns for c in columns} | {0})
+    kl_column = keep.index(0)
+    labels = torch.full((len(rows), len(keep)), -100)
+    for i, columns in enumerate(label_columns):
+        for j, column in enumerate(columns):
+            labels[i, keep.index(column)] = new_ids[j]
     keep = torch.tensor(keep)
-    labels = labels[:, keep]
+    with autocast():  # the prefix as the steps see it (same arithmetic)
+        cache = split.prefix_cache(model)
 
     module = layout.mlp(layer) if where == "mlp" else layout.layers[layer]
     hidden = model.config.hidden_size
     delta = torch.zeros(hidden, requires_grad=True)
     state = {"init": None}
-    row_index = torch.arange(len(rows))
 
     def add_delta(_module, _args, output):
         tensor = _output_tensor(output)
         if state["init"] is None:
-            state["init"] = tensor[row_index[:-1], lookup[:-1]].detach().float().mean(0)
+            state["init"] = tensor[:-1, 0].detach().float().mean(0)
         tensor = tensor.clone()
-        tensor[row_index, lookup] = tensor[row_index, lookup] + delta.to(tensor.dtype)
+        tensor[:, 0] = tensor[:, 0] + delta.to(tensor.dtype)
         return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
-
-    from vertical.models.registry import autocast
 
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -150,7 +191,7 @@ def target_delta(model, tokenizer, layout: FFNLayout, request: EditRequest, laye
         for step in range(hp.v_steps):
             optimizer.zero_grad()
             with autocast():  # the search for delta tolerates bf16; keys and the update stay fp32
-                logits = model(input_ids=input_ids, attention_mask=attention, logits_to_keep=keep).logits.float()
+                logits = split.suffix_logits(model, cache, keep).float()
             kl_logp = logits[-1, kl_column].log_softmax(-1)
             if kl_start is None:
                 kl_start = kl_logp.detach()
