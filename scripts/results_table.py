@@ -2,7 +2,7 @@
 
     python scripts/results_table.py builds/legal/eval/report.json builds/finance/eval/report.json ...
 
-One row per report: QA accuracy of every model, and the margin of the full vertical model (edited,
+One row per report: QA accuracy of every model (the bundle's with the model it holds), and the margin of the full vertical model (edited,
 else tuned, with retrieval) over the base model alone with a 95% interval from the paired per-item
 differences (normal approximation: mean +- 1.96 sd / sqrt(n)). The build's time is the sum of its
 stages' recorded seconds (manifest.json next to the report's build folder, when there is one).
@@ -32,7 +32,7 @@ def build_minutes(report_path: Path) -> str:
         manifest = folder / "manifest.json"
         if manifest.is_file():
             stages = json.loads(manifest.read_text())["stages"]
-            return f"{sum(s.get('seconds', 0) for s in stages.values()) / 60:.0f}"
+            return f"{sum(s.get('seconds', 0) for s in stages.values()) / 60:.1f}"
     return ""
 
 
@@ -44,6 +44,8 @@ def main(paths: list[str]) -> None:
         report = json.loads(path.read_text())
         rows = {row["model"]: row for row in report["qa"]}
         cells = [f"{rows[c]['accuracy']:.3f}" if c in rows else "" for c in COLUMNS]
+        if "bundle (ONNX)" in rows and report.get("bundle_model"):  # which model the bundle holds
+            cells[-1] += f" ({report['bundle_model']['role']})"
         full = next((c for c in ("edited + retrieval", "tuned + retrieval") if c in rows), None)
         gap = ""
         if full and "base alone" in rows:
