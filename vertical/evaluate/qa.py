@@ -68,15 +68,6 @@ class TorchLM:
         with torch.inference_mode(), self._precision():
             return self.model(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
 
-    def logprobs(self, ids: list[int], continuation: list[int]) -> list[float]:
-        """log P of each continuation token after `ids` (one forward pass)."""
-        import torch
-
-        with torch.inference_mode(), self._precision():
-            logits = self.model(torch.tensor([ids + continuation])).logits[0, len(ids) - 1:-1].float()
-        logp = logits.log_softmax(-1)
-        return [float(logp[i, t]) for i, t in enumerate(continuation)]
-
     def mean_logprobs(self, rows: list[tuple[list[int], list[int]]]) -> list[float]:
         """Mean log P of each (prompt, continuation) row's continuation, rows batched (fp32: the
         edit metrics compare two such values, and the edit stage computes them in fp32 too)."""
