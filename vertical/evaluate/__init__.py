@@ -132,7 +132,9 @@ def evaluate(path: Path, qa_items: list, edits: list, system_prompt: str, settin
                               "edit_requests": len(edits)}
     for _, kind, folder, _ in rows:
         if kind == "onnx":  # which model the bundle holds: the student, or the teacher it fell back to
-            manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+            from vertical.export.bundle import read_manifest
+
+            manifest = read_manifest(folder)
             report["bundle_model"] = {**manifest.get("model", {}),
                                       "reason": manifest.get("metrics", {}).get("export", {}).get("model_reason")}
     build_index = None
