@@ -23,7 +23,9 @@ from vertical.export.bundle import verify
 
 log = logging.getLogger(__name__)
 
-REPETITION_PENALTY = 1.1  # the same as the torch path (vertical.generation), so answers match
+# Plain greedy decoding, as the torch path (vertical.generation) and the QA evaluation: no repetition
+# penalty, because it also penalises the prompt's tokens, i.e. copying facts from the retrieved
+# sources (a penalty of 1.1 took the legal teacher's short-answer accuracy from 0.35 to 0.04).
 
 
 class OnnxEmbedder:
@@ -97,8 +99,7 @@ class OnnxChatModel:
         if len(ids) + 1 > self.context_length:
             raise PromptTooLong(f"the prompt is {len(ids)} tokens; the model's context is {self.context_length}")
         params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=min(len(ids) + max_new_tokens, self.context_length), do_sample=False,
-                                  repetition_penalty=REPETITION_PENALTY)
+        params.set_search_options(max_length=min(len(ids) + max_new_tokens, self.context_length), do_sample=False)
         generator = og.Generator(self.model, params)
         generator.append_tokens(ids)
         with self._lock:
@@ -121,8 +122,7 @@ class OnnxChatModel:
         """Token ids of the greedy continuation (for comparing quantisations)."""
         og = self._og
         params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=min(len(ids) + max_new_tokens, self.context_length), do_sample=False,
-                                  repetition_penalty=REPETITION_PENALTY)
+        params.set_search_options(max_length=min(len(ids) + max_new_tokens, self.context_length), do_sample=False)
         generator = og.Generator(self.model, params)
         generator.append_tokens(ids)
         while not generator.is_done():

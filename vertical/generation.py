@@ -49,7 +49,7 @@ class ChatModel:
         inputs = self._inputs(messages)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
-                      pad_token_id=self.tokenizer.pad_token_id, repetition_penalty=1.1)
+                      pad_token_id=self.tokenizer.pad_token_id)
         errors: list[BaseException] = []
 
         def work():

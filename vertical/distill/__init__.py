@@ -126,7 +126,7 @@ def _teacher_answers(teacher, tokenizer, prompts: list[list[dict]], max_new_toke
                                                   return_tensors="pt", return_dict=True)
             with torch.inference_mode(), autocast():
                 out = teacher.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id, repetition_penalty=1.1)
+                                       pad_token_id=tokenizer.pad_token_id)
             for row in out[:, batch["input_ids"].shape[1]:].tolist():
                 while row and row[-1] == tokenizer.pad_token_id and row[-1] != tokenizer.eos_token_id:
                     row.pop()
