@@ -7,9 +7,10 @@ other, on the same prompts.
 Needs a build taken through `distill` and `export` (`vertical build medical`). It measures:
 
 1. decode tokens/s (tokens after the first, per second) and time to first token of the bundle's
-   model (ONNX, its quantisation) and of the same model in PyTorch eager (fp32, as trained);
-2. the student vs the teacher, both exported the same way (the teacher is exported here into a
-   temporary folder with the bundle's quantisation);
+   model (ONNX, its quantisation; on every CPU as the runtime runs it, and on one thread as
+   onnxruntime-genai would by default) and of the same model in PyTorch eager (fp32, as trained);
+2. the student vs the teacher, both exported the same way (whichever of the two the bundle does
+   not hold is exported here into a temporary folder with the bundle's quantisation);
 3. requests/s and latency p50/p99 of the served bundle (uvicorn on loopback, in this process)
    with 1, 4 and 16 concurrent clients, each request with retrieval and up to --answer-tokens.
 
@@ -149,6 +150,9 @@ def main() -> None:
     print(f"bundle {bundle}: {role} ({exported_dir}), {quant}; "
           f"{sum(f['bytes'] for f in manifest['files'].values()) / 1e6:.1f} MB")
 
+    one_thread = OnnxChatModel(bundle / "model", threads=1)
+    single_rate, single_first = onnx_speed(one_thread, PROMPTS, args.tokens)
+    del one_thread
     bundled = OnnxChatModel(bundle / "model")
     onnx_rate, onnx_first = onnx_speed(bundled, PROMPTS, args.tokens)
     torch_model = load_causal_lm(exported_dir)
@@ -157,24 +161,28 @@ def main() -> None:
     print("\n1. exported bundle vs the same model in PyTorch eager (fp32)")
     print(f"{'':24} {'decode tok/s':>12} {'TTFT ms':>9}")
     print(f"{'PyTorch eager':24} {torch_rate:12.1f} {torch_first:9.1f}")
+    print(f"{'ONNX ' + quant + ', 1 thread':24} {single_rate:12.1f} {single_first:9.1f}")
     print(f"{'ONNX ' + quant:24} {onnx_rate:12.1f} {onnx_first:9.1f}")
     print(f"ratio (target >= 5x): {onnx_rate / torch_rate:.2f}x decode, {torch_first / onnx_first:.2f}x TTFT")
 
-    teacher_dir = best_model_dir(args.build)
+    teacher_dir, student_dir = best_model_dir(args.build), args.build / "distill" / "model"
     print(f"\n2. student vs teacher ({teacher_dir.relative_to(args.build)}), both exported as ONNX {quant}")
-    if role != "student":
-        print("the bundle holds the teacher; distill the build to compare a student")
+    if not (student_dir / "config.json").is_file():
+        print("the build has no student: run its distill stage to compare one")
     else:
+        other_dir = teacher_dir if role == "student" else student_dir
         with tempfile.TemporaryDirectory() as scratch:
-            teacher_onnx = OnnxChatModel(export_language_model(teacher_dir, Path(scratch) / "teacher", quant,
-                                                               Path(scratch)))
-            teacher_rate, teacher_first = onnx_speed(teacher_onnx, PROMPTS, args.tokens)
-            del teacher_onnx
+            other = OnnxChatModel(export_language_model(other_dir, Path(scratch) / "other", quant, Path(scratch)))
+            other_rate, other_first = onnx_speed(other, PROMPTS, args.tokens)
+            del other
+        (teacher_rate, teacher_first), (student_rate, student_first) = (
+            ((other_rate, other_first), (onnx_rate, onnx_first)) if role == "student"
+            else ((onnx_rate, onnx_first), (other_rate, other_first)))
         print(f"{'':24} {'decode tok/s':>12} {'TTFT ms':>9}")
         print(f"{'teacher':24} {teacher_rate:12.1f} {teacher_first:9.1f}")
-        print(f"{'student':24} {onnx_rate:12.1f} {onnx_first:9.1f}")
+        print(f"{'student':24} {student_rate:12.1f} {student_first:9.1f}")
         distill = json.loads((args.build / "distill" / "metrics.json").read_text())
-        print(f"ratio (target >= 1.8x): {onnx_rate / teacher_rate:.2f}x decode; QA retention "
+        print(f"ratio (target >= 1.8x): {student_rate / teacher_rate:.2f}x decode; QA retention "
               f"{distill.get('retention')} (student {distill.get('student_score')} / teacher "
               f"{distill.get('teacher_score')}, target >= 0.90)")
     del bundled

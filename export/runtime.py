@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -73,12 +74,17 @@ class OnnxChatModel:
     """A chat model in onnxruntime-genai; one generator per request, so concurrent requests share
     the weights but never their state."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, threads: int = 0):
         import onnxruntime_genai as og
 
         self._og = og
         self.folder = Path(folder)
-        self.model = og.Model(str(folder))
+        # onnxruntime-genai runs the decoder on one thread unless told otherwise; every CPU this
+        # process may use halves the prefill of a retrieval prompt on two cores (2.4 -> 1.1 s).
+        config = og.Config(str(folder))
+        threads = threads or len(os.sched_getaffinity(0))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
         config = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))
         self.context_length = int(config["model"]["context_length"])
