@@ -132,6 +132,13 @@ def run(ctx, out: Path) -> dict[str, Any]:
     model_dir, role, reason = _model_to_export(ctx, settings)
     scratch = ctx.work_dir("export")
     metrics: dict[str, Any] = {"model": role, "model_reason": reason, "source": str(model_dir.relative_to(ctx.build_dir))}
+    seconds: dict[str, float] = {}  # where the stage's time goes, by phase
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        seconds[phase] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
 
     # the embedder, and the index re-embedded with it: queries and chunks must share one encoder
     ctx.reporter.stage("export", "running", "embedder to ONNX")
@@ -147,6 +154,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
         index.meta["threshold"] = calibration["threshold"]
         metrics["retrieval"]["threshold"] = calibration["threshold"]
     index.save(out / "index")
+    lap("embedder_and_index")
 
     # the language model: candidates, compared with fp32 on the pack's prompts
     candidates = ["int8", "int4"] if settings.quant == "auto" else [settings.quant]
@@ -154,6 +162,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     for quant in dict.fromkeys(["fp32", *candidates]):
         ctx.reporter.stage("export", "running", f"language model to ONNX ({quant})")
         built_models[quant] = export_language_model(model_dir, scratch / f"lm-{quant}", quant, scratch)
+    lap("language_model_builds")
     reference = OnnxChatModel(built_models["fp32"])
     assistant = Assistant(index, embedder, reference, config.system_prompt)
     prompts = [reference.prompt_ids(m) for m in _agreement_prompts(ctx, assistant, settings.agreement_prompts)]
@@ -174,6 +183,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     shutil.move(str(built_models[chosen]), str(out / "model"))
     metrics.update(quant=chosen, greedy_agreement=agreement[chosen], agreement_by_quant=agreement,
                    agreement_prompts=len(prompts), quant_candidates=candidates)
+    lap("quant_agreement")
 
     # speed of the exported model and of the same model in PyTorch eager (fp32)
     ctx.reporter.stage("export", "running", "measuring decode speed")
@@ -182,6 +192,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
     metrics["torch_tokens_per_s"] = decode_tokens_per_s(torch_model, load_tokenizer(model_dir), new_tokens=64)
     del torch_model
     metrics["onnx_speedup"] = round(metrics["onnx_tokens_per_s"] / max(metrics["torch_tokens_per_s"], 1e-9), 2)
+    lap("decode_speed")
+    metrics["phase_seconds"] = seconds
 
     pack_info = {"name": config.name, "description": config.description, "language": config.language,
                  "system_prompt": config.system_prompt, "disclaimer": config.disclaimer,
