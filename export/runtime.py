@@ -66,6 +66,13 @@ class OnnxEmbedder:
         return self.encode(texts)
 
 
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (taskset, cgroups, systemd's CPUAffinity= limit them)."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class PromptTooLong(VerticalError):
     """The prompt and the requested answer do not fit in the model's context window."""
 
@@ -81,10 +88,10 @@ class OnnxChatModel:
         self.folder = Path(folder)
         # onnxruntime-genai runs the decoder on one thread unless told otherwise; every CPU this
         # process may use halves the prefill of a retrieval prompt on two cores (2.4 -> 1.1 s).
-        config = og.Config(str(folder))
-        threads = threads or len(os.sched_getaffinity(0))
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-        self.model = og.Model(config)
+        og_config = og.Config(str(folder))
+        threads = threads or _usable_cpus()
+        og_config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = og.Model(og_config)
         self.tokenizer = og.Tokenizer(self.model)
         config = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))
         self.context_length = int(config["model"]["context_length"])
