@@ -25,6 +25,7 @@ from vertical.errors import VerticalError
 log = logging.getLogger(__name__)
 
 MAX_TOKENS = 200
+EMPTY_ANSWER = "(no answer: the model's greedy output was empty or only whitespace)"
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 MONO_FONTS = ["ui-monospace", "monospace"]
 
@@ -187,7 +188,7 @@ def compare(source: DemoSource, question: str) -> tuple[str, str, str]:
             answer.text = models["student"].generate(messages, MAX_TOKENS)
             source.assistant.finish(answer)
         student = render_answer(answer)
-    return html.escape(base), vertical, student
+    return html.escape(base.strip() or EMPTY_ANSWER), vertical, student
 
 
 def complete(source: DemoSource, prompt: str) -> str:
