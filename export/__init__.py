@@ -126,19 +126,15 @@ def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.index import calibrate_threshold, evaluate
     from vertical.index.store import RetrievalIndex
     from vertical.models import load_causal_lm, load_tokenizer
+    from vertical.pipeline import PhaseClock
 
     config = ctx.pack.config
     settings = config.stages.export
     model_dir, role, reason = _model_to_export(ctx, settings)
     scratch = ctx.work_dir("export")
     metrics: dict[str, Any] = {"model": role, "model_reason": reason, "source": str(model_dir.relative_to(ctx.build_dir))}
-    seconds: dict[str, float] = {}  # where the stage's time goes, by phase
-    clock = time.perf_counter()
-
-    def lap(phase: str) -> None:
-        nonlocal clock
-        seconds[phase] = round(time.perf_counter() - clock, 1)
-        clock = time.perf_counter()
+    clock = PhaseClock()
+    lap = clock.lap
 
     # the embedder, and the index re-embedded with it: queries and chunks must share one encoder
     ctx.reporter.stage("export", "running", "embedder to ONNX")
@@ -193,7 +189,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     del torch_model
     metrics["onnx_speedup"] = round(metrics["onnx_tokens_per_s"] / max(metrics["torch_tokens_per_s"], 1e-9), 2)
     lap("decode_speed")
-    metrics["phase_seconds"] = seconds
+    metrics["phase_seconds"] = clock.seconds
 
     pack_info = {"name": config.name, "description": config.description, "language": config.language,
                  "system_prompt": config.system_prompt, "disclaimer": config.disclaimer,

@@ -155,6 +155,19 @@ class Ranks:
             dist.barrier(group=self._group)
 
 
+class PhaseClock:
+    """Where a stage's time goes: `lap(name)` records the seconds since the previous lap."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._last, 1)
+        self._last = now
+
+
 @dataclass
 class StageResult:
     name: str

@@ -324,6 +324,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.generation import best_model_dir
     from vertical.index import open_index
     from vertical.models import load_causal_lm, load_tokenizer
+    from vertical.pipeline import PhaseClock
 
     settings = ctx.pack.config.stages.distill
     teacher_dir = best_model_dir(ctx.build_dir)
@@ -331,13 +332,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
     teacher = load_causal_lm(teacher_dir)
     index, embedder = open_index(ctx.build_dir)
     work = ctx.work_dir("distill")
-    seconds: dict[str, float] = {}  # where the stage's time goes, by phase
-    clock = time.perf_counter()
-
-    def lap(phase: str) -> None:
-        nonlocal clock
-        seconds[phase] = round(time.perf_counter() - clock, 1)
-        clock = time.perf_counter()
+    clock = PhaseClock()
+    lap = clock.lap
 
     sequences, counts = _training_sequences(ctx, teacher, tokenizer, index, embedder, work)
     lap("data_and_teacher_answers")
@@ -392,5 +388,5 @@ def run(ctx, out: Path) -> dict[str, Any]:
         metrics["retention"] = round(metrics["student_score"] / teacher_score, 4) if teacher_score else None
         metrics["qa_questions"] = len(qa_items)
     lap("student_qa")
-    metrics["phase_seconds"] = seconds
+    metrics["phase_seconds"] = clock.seconds
     return metrics
