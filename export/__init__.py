@@ -193,7 +193,9 @@ def run(ctx, out: Path) -> dict[str, Any]:
 
     pack_info = {"name": config.name, "description": config.description, "language": config.language,
                  "system_prompt": config.system_prompt, "disclaimer": config.disclaimer,
-                 "example_questions": config.example_questions}
+                 "example_questions": config.example_questions,
+                 # how the build's eval stage asked: `vertical eval BUNDLE` asks the same way
+                 "rag_sources": config.stages.tune.rag_sources, "answer_tokens": config.stages.eval.answer_tokens}
     (out / "pack.json").write_text(json.dumps(pack_info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     files = list_files(out)
     metrics["bundle_bytes"] = sum(f["bytes"] for f in files.values())

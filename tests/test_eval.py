@@ -44,6 +44,8 @@ def test_choice_is_the_most_probable_and_short_answers_match_whole_words():
     assert choose(ScriptedLM({"no": -0.1, "yes": -3.0}), [], ["yes", "no", "maybe"]) == "no"
     assert is_correct("The limit is 90 days, see [1].", "90 days")
     assert not is_correct("The limit is 190 days.", "90 days") and not is_correct("It is not known.", "no")
+    # a citation is not an answer: "[2]" must not count for the gold answer "2"
+    assert not is_correct("The cap is set in [2] and [1, 3].", "2") and is_correct("It takes 2 days [1].", "2")
     assert is_correct("It costs £60.", "60") and is_correct("about 86 days", "86.0") and not is_correct("1.5", "1.05")
     items = [QAItem(question="Is it?", choices=["yes", "no"], label="yes"), QAItem(question="Limit?", answer="90 days")]
     right = score_qa(ScriptedLM({"yes": -0.1}, "It is 90 days [1]."), items, "sys")

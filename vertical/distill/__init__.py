@@ -113,9 +113,14 @@ def _teacher_answers(teacher, tokenizer, prompts: list[list[dict]], max_new_toke
 
     from vertical.models.registry import autocast
 
+    from vertical.io import atomic_write_json
+
     if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if len(cached) == len(prompts):
+        try:
+            cached = json.loads(cache.read_text())
+        except ValueError:  # unreadable (an older, non-atomic write cut short): answer again
+            cached = None
+        if isinstance(cached, list) and len(cached) == len(prompts):
             return cached
     answers: list[list[int]] = []
     side = tokenizer.padding_side
@@ -133,7 +138,7 @@ def _teacher_answers(teacher, tokenizer, prompts: list[list[dict]], max_new_toke
                 answers.append(row)
     finally:
         tokenizer.padding_side = side
-    cache.write_text(json.dumps(answers))
+    atomic_write_json(cache, answers)
     return answers
 
 

@@ -30,18 +30,24 @@ METHOD = {
     "qa_choice": "multiple-choice items: the choice with the highest summed log-probability as the continuation "
                  "of 'Answer:' after the chat prompt (label accuracy)",
     "qa_short": "short-answer items: greedy answer of up to `answer_tokens` tokens; correct when the normalised "
-                "gold answer (lower case, no punctuation or articles) occurs in it as whole words",
+                "gold answer (lower case, no punctuation or articles) occurs in it as whole words, after source "
+                "citations such as [2] are removed from the answer",
     "retrieval": "sources: the top `rag_sources` chunks of the row's own index (hybrid search), numbered, in a "
-                 "<sources> block; 'base alone' gets the question only",
+                 "<sources> block after the pack's system prompt; 'base alone' gets the system prompt and the "
+                 "question, no sources",
     "edits": "CounterFact definitions on the raw prompt: efficacy P(target_new) > P(target_true); generalization "
              "the same on rephrasings; locality P(locality target) > P(target_new); P is the mean per-token "
              "probability",
     "reuse": "an answer the tune or distill stage already gave to the same item (same prompt and sources, same "
-             "answer length, same numerics) with identical weights (sha256 of the safetensors) is reused, not "
-             "generated again",
-    "recall": "retrieval recall@k: the share of the pack's retrieval questions whose document is among the top k",
-    "numerics": "PyTorch rows run in bf16 autocast where the CPU or GPU has native bf16 (log-probabilities summed "
-                "in fp32), else in fp32; the bundle row runs the exported ONNX model (int8 or int4 weights)",
+             "answer length, same numerics, same scoring rules) with identical weights (sha256 of the "
+             "safetensors) is reused, not generated again",
+    "recall": "retrieval recall@k and MRR@10 (mean reciprocal rank of the right document) over the pack's "
+              "retrieval questions",
+    "speed": "PyTorch rows: greedy decoding in fp32 eager, teacher and student taking turns (distill stage); "
+             "bundle: the exported model's greedy decoding on onnxruntime-genai (export stage)",
+    "numerics": "PyTorch rows run on the CPU in bf16 autocast where it has native bf16 (log-probabilities summed "
+                "in fp32), else in fp32; the bundle row runs the exported ONNX model with its int8, int4 or fp32 "
+                "weights",
 }
 
 
@@ -256,7 +262,8 @@ def evaluate_path(path: Path, qa_file: Path | None = None, edits_file: Path | No
     pack = None
     if is_bundle:
         meta = json.loads((path / "pack.json").read_text(encoding="utf-8"))
-        system_prompt, settings, rag_sources = meta["system_prompt"], EvalSettings(), 3
+        settings = EvalSettings(**({"answer_tokens": meta["answer_tokens"]} if "answer_tokens" in meta else {}))
+        system_prompt, rag_sources = meta["system_prompt"], meta.get("rag_sources", 3)
     else:
         from vertical.pack import load_pack
         from vertical.pipeline import load_manifest

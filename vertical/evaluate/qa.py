@@ -19,6 +19,7 @@ from vertical.prompting import Source, build_messages
 
 Retriever = Callable[[str], list[Source]]
 ANSWER_PREFIX = "Answer:"
+SCORING_VERSION = 2  # part of a reusable answer's key: raise it when normalize / is_correct / choose change
 GENERATION_BATCH = 8  # short answers generated together (see TorchLM.generate_batch)
 
 
@@ -32,10 +33,16 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
+# a citation of the numbered sources, "[2]" or "[1, 3]": without removing it first, an answer
+# citing source 2 would "contain" the gold answer "2"
+CITATION = re.compile(r"\[\s*\d+(?:\s*[,;\u2013-]\s*\d+)*\s*\]")
+
+
 def is_correct(prediction: str, gold: str) -> bool:
-    """The normalised gold answer occurs in the prediction as whole words ("no" is not in "not")."""
+    """The normalised gold answer occurs in the prediction, citations removed, as whole words
+    ("no" is not in "not")."""
     gold_n = normalize(gold)
-    return bool(gold_n) and f" {gold_n} " in f" {normalize(prediction)} "
+    return bool(gold_n) and f" {gold_n} " in f" {normalize(CITATION.sub(' ', prediction))} "
 
 
 class TorchLM:
@@ -212,7 +219,7 @@ def item_key(item: QAItem, messages: list[dict[str, str]], max_new_tokens: int, 
     length, and the arithmetic it runs in (bf16 and fp32 can disagree on a close call)."""
     from vertical.io import sha256_json
 
-    return sha256_json([messages, item.choices, item.gold, max_new_tokens, numerics])
+    return sha256_json([messages, item.choices, item.gold, max_new_tokens, numerics, SCORING_VERSION])
 
 
 def score_qa(lm, items: list[QAItem], system_prompt: str, retriever: Retriever | None = None, track=None,
@@ -256,7 +263,7 @@ def score_qa(lm, items: list[QAItem], system_prompt: str, retriever: Retriever |
         prediction = predictions[i]
         ok = prediction == item.gold if item.choices else is_correct(prediction, item.gold)
         correct += ok
-        rows.append({"question": item.question, "gold": item.gold, "prediction": prediction.strip()[:200],
+        rows.append({"question": item.question, "gold": item.gold, "prediction": prediction.strip(),
                      "correct": ok, "kind": "choice" if item.choices else "short", "key": keys[i]})
     by_kind = {}
     for kind in ("choice", "short"):

@@ -220,8 +220,9 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def bf16_supported() -> bool:
-    """Whether bfloat16 matmuls are native here (a recent GPU, or a CPU with AVX-512 BF16 / AMX).
+def bf16_supported(device: str = "cpu") -> bool:
+    """Whether bfloat16 matmuls are native on `device` ("cuda": a recent GPU; "cpu": AVX-512 BF16
+    or AMX).
 
     On such a CPU, bf16 autocast trains about 2x faster than fp32 (benchmarks/tune.py); elsewhere
     it is emulated and slower. VERTICAL_BF16=0 turns it off."""
@@ -231,23 +232,24 @@ def bf16_supported() -> bool:
 
     if os.environ.get("VERTICAL_BF16", "1") == "0":
         return False
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+    if device == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 
 
-def autocast():
-    """bf16 autocast where it is native (see bf16_supported), else a no-op context."""
+def autocast(device: str = "cpu"):
+    """bf16 autocast on `device` where it is native (see bf16_supported), else a no-op context.
+    Only the tune stage's Trainer uses a GPU; scoring, editing and distillation run on the CPU."""
     import contextlib
 
     import torch
 
-    if not bf16_supported():
+    if not bf16_supported(device):
         return contextlib.nullcontext()
-    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+    return torch.autocast(device, dtype=torch.bfloat16)
 
 
 def quiet_loads() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +201,34 @@ class Pack:
             except PackInvalid as exc:
                 problems.extend(exc.problems)
         problems.extend(self._document_problems())
+        if not problems:
+            problems.extend(self._held_out_problems())
+        return problems
+
+    def _held_out_problems(self) -> list[Problem]:
+        """Evaluation questions that also occur in the instruction data (the same text, or inside a
+        longer training prompt): a score on them would measure recall of the training set."""
+        asked: dict[str, str] = {}  # normalised user message -> "file line N"
+        for path in self.paths("instructions"):
+            for number, line in enumerate(read_text_utf8(path).split("\n"), 1):  # as read_jsonl splits
+                if line.strip():
+                    for message in parse_instruction(json.loads(line)):
+                        if message.role == "user":
+                            asked.setdefault(f" {_words(message.content)} ", f"{path.relative_to(self.root)} line {number}")
+        problems = []
+        for path in self.paths("qa_eval"):
+            for number, line in enumerate(read_text_utf8(path).split("\n"), 1):
+                if not line.strip():
+                    continue
+                question = _words(QAItem.model_validate(json.loads(line)).question)
+                if not question:
+                    continue
+                exact = asked.get(f" {question} ")
+                inside = exact or (next((where for text, where in asked.items() if f" {question} " in text), None)
+                                   if len(question.split()) >= 6 else None)
+                if inside:
+                    problems.append(Problem(path, f"this question is also in the training data ({inside}): an evaluation "
+                                                  "item must be held out; remove it from one of the two", line=number))
         return problems
 
     def _document_problems(self) -> list[Problem]:
@@ -231,6 +260,11 @@ class Pack:
             except NotUtf8 as exc:
                 problems.append(exc.problem)
         return problems
+
+
+def _words(text: str) -> str:
+    """Lower-case words and numbers only, for comparing questions across files."""
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
 
 
 def resolve_pack_dir(ref: str | Path) -> Path:

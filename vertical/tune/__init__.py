@@ -81,7 +81,7 @@ def make_trainer(model, tokenizer, features: list[dict], settings, hp: dict[str,
         seed=settings.seed,
         train_sampling_strategy="group_by_length",  # fewer padding tokens per batch
         dataloader_num_workers=0,
-        bf16=bf16_supported(),  # mixed precision on a GPU, or a CPU with native bf16
+        bf16=bf16_supported("cuda" if use_gpu else "cpu"),  # mixed precision on a GPU, or a CPU with native bf16
         use_cpu=not use_gpu,
         include_num_input_tokens_seen="non_padding",
     )
@@ -207,7 +207,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     model.save_pretrained(out / "adapter")
     tokenizer.save_pretrained(out / "adapter")
     _make_reproducible(out / "adapter")
-    merged = model.merge_and_unload()
+    merged = model.merge_and_unload().to("cpu")  # scored on the CPU, as every other stage's models
     merged.config.use_cache = True  # turned off for gradient checkpointing; models are saved for inference
     merged.save_pretrained(out / "merged", safe_serialization=True)
     tokenizer.save_pretrained(out / "merged")
