@@ -25,6 +25,9 @@ FORMAT = "vertical-bundle"
 FORMAT_VERSION = 1
 
 
+RUNTIME_FOLDERS = ("model", "embedder", "index")  # what the runtime loads; pack.json is read by name
+
+
 class BundleInvalid(VerticalError):
     """The folder is not a bundle, or a file in it does not match its manifest."""
 
@@ -82,7 +85,14 @@ def problems(bundle: Path, manifest: dict[str, Any] | None = None) -> list[str]:
             found.append(f"{relative}: {path.stat().st_size} bytes, manifest says {expected['bytes']} (truncated or altered)")
         elif sha256_file(path) != expected["sha256"]:
             found.append(f"{relative}: sha256 differs from the manifest (altered)")
-    # files that are not listed are never read by the runtime (the build's metrics.json sits beside them)
+    # onnxruntime-genai, the tokenizers and the index open their folders and pick files by name, so
+    # a file added there could change what is loaded: only listed files may be in them
+    listed = set(manifest["files"])
+    for folder in RUNTIME_FOLDERS:
+        for path in sorted((bundle / folder).rglob("*")) if (bundle / folder).is_dir() else []:
+            relative = path.relative_to(bundle).as_posix()
+            if path.is_file() and relative not in listed:
+                found.append(f"{relative}: not in the manifest (added after export)")
     return found
 
 

@@ -143,6 +143,28 @@ class OnnxChatModel:
         return [int(t) for t in generator.get_sequence(0)[len(ids):]]
 
 
+def _installed(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _load(what: str, path: Path, manifest: dict[str, Any], packages: list[str], make: Callable[[], Any]):
+    """`make()`, with a failure of the ONNX libraries turned into one line that compares the
+    versions the bundle was exported with to the ones installed (the usual cause)."""
+    try:
+        return make()
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
+        exported = manifest.get("versions", {})
+        versions = ", ".join(f"{p} {exported.get(p, '?')} exported / {_installed(p)} here" for p in packages)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VerticalError(f"bundle {path}: cannot load the {what} ({first}); {versions}: install the "
+                            "versions it was exported with") from None
+
+
 def open_bundle(path: Path, verify_files: bool = True):
     """An Assistant over a bundle; the bundle is verified against its manifest first."""
     from vertical.answer import Assistant
@@ -155,8 +177,9 @@ def open_bundle(path: Path, verify_files: bool = True):
         index = RetrievalIndex.load(path / "index")
     except (OSError, ValueError, KeyError) as exc:
         raise VerticalError(f"bundle {path}: the index cannot be read ({exc}); export the bundle again") from None
-    assistant = Assistant(index, OnnxEmbedder(path / "embedder"), OnnxChatModel(path / "model"), pack["system_prompt"],
-                          pack.get("disclaimer", ""), pack["name"])
+    embedder = _load("embedder", path, manifest, ["onnxruntime", "tokenizers"], lambda: OnnxEmbedder(path / "embedder"))
+    model = _load("language model", path, manifest, ["onnxruntime-genai"], lambda: OnnxChatModel(path / "model"))
+    assistant = Assistant(index, embedder, model, pack["system_prompt"], pack.get("disclaimer", ""), pack["name"])
     assistant.manifest = manifest
     return assistant
 

@@ -23,11 +23,12 @@ import logging
 import threading
 import time
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,22 @@ class Limits:
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
+    content: str = ""
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text(cls, value):
+        """OpenAI's content forms: a string, a list of parts (text parts only here), or null."""
+        if value is None:
+            return ""
+        if isinstance(value, list):
+            texts = []
+            for part in value:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported")
+                texts.append(part["text"])
+            return "\n".join(texts)
+        return value
 
 
 class ChatRequest(BaseModel):
@@ -84,6 +100,8 @@ def _parse(raw: bytes, limits: Limits, model_name: str) -> tuple[ChatRequest, in
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:
@@ -103,7 +121,7 @@ def _parse(raw: bytes, limits: Limits, model_name: str) -> tuple[ChatRequest, in
     if request.model not in (None, "", model_name):
         raise ApiError(404, f"model '{request.model}' is not served here; GET /v1/models lists '{model_name}'",
                        code="model_not_found")
-    max_tokens = request.max_completion_tokens or request.max_tokens
+    max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     if max_tokens is None:
         max_tokens = limits.default_max_tokens
     if not 1 <= max_tokens <= limits.max_tokens:
@@ -121,7 +139,8 @@ def create_app(assistant, api_key: str | None = None, limits: Limits | None = No
     """The FastAPI application serving `assistant` (a bundle's, from vertical.export.runtime)."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from starlette.requests import ClientDisconnect
     from starlette.exceptions import HTTPException
     from starlette.concurrency import run_in_threadpool
 
@@ -130,18 +149,37 @@ def create_app(assistant, api_key: str | None = None, limits: Limits | None = No
     limits = limits or Limits()
     app = FastAPI(title=f"vertical: {assistant.name}", docs_url=None, redoc_url=None, openapi_url=None)
     slots = asyncio.Semaphore(limits.max_concurrent)
+    # waiting: admitted requests not yet generating (retrieving, tokenising, or queued for a slot)
     state = {"waiting": 0, "served": 0}
     started = int(time.time())
 
+    @contextlib.contextmanager
+    def admitted():
+        """Count the request as waiting from admission until it holds a slot or gives up, so a
+        burst is turned away (503) before any of it is retrieved or tokenised."""
+        if state["waiting"] >= limits.max_waiting:
+            raise ApiError(503, "the server is busy; retry shortly", "server_error", code="overloaded")
+        state["waiting"] += 1
+        ticket = {"open": True}
+
+        def leave() -> None:
+            if ticket["open"]:
+                ticket["open"] = False
+                state["waiting"] -= 1
+        try:
+            yield leave
+        except BaseException:
+            leave()
+            raise
+
     @contextlib.asynccontextmanager
-    async def generation_slot(stop: threading.Event):
+    async def generation_slot(stop: threading.Event, leave_queue):
         """One of `max_concurrent` generation slots; on leaving (done, error or disconnect) the
         request's generation is told to stop and the slot is freed."""
-        state["waiting"] += 1
         try:
             await slots.acquire()
         finally:
-            state["waiting"] -= 1
+            leave_queue()
         try:
             yield
         finally:
@@ -185,32 +223,36 @@ def create_app(assistant, api_key: str | None = None, limits: Limits | None = No
         if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
             raise ApiError(413, f"request body over {limits.max_body_bytes} bytes", code="request_too_large")
         raw = bytearray()
-        async for part in request.stream():
-            raw += part
-            if len(raw) > limits.max_body_bytes:
-                raise ApiError(413, f"request body over {limits.max_body_bytes} bytes", code="request_too_large")
+        try:
+            async for part in request.stream():
+                raw += part
+                if len(raw) > limits.max_body_bytes:
+                    raise ApiError(413, f"request body over {limits.max_body_bytes} bytes", code="request_too_large")
+        except ClientDisconnect:  # gone while sending the body: nobody to answer
+            return Response(status_code=400)
         body, max_tokens = _parse(bytes(raw), limits, assistant.name)
         question = body.messages[-1].content
         history = [m.model_dump() for m in body.messages[:-1]]
-        if state["waiting"] >= limits.max_waiting:  # checked before any status line is sent
-            raise ApiError(503, "the server is busy; retry shortly", "server_error", code="overloaded")
+        with admitted() as leave_queue:  # 503 when too many are queued, before any status line is sent
+            answer, messages = await run_in_threadpool(assistant.prepare, question, None, history)
+            ids = []
+            if messages is not None:
+                ids = await run_in_threadpool(assistant.model.prompt_ids, messages)
+                if len(ids) + 1 > assistant.model.context_length:
+                    raise ApiError(400, f"the conversation and its sources take {len(ids)} tokens; the model's context "
+                                   f"is {assistant.model.context_length}: send fewer or shorter messages",
+                                   param="messages", code="context_length_exceeded")
+            if body.stream:
+                return _streaming(answer, messages, ids, max_tokens, leave_queue)
+            return await _complete(request, answer, messages, ids, max_tokens, leave_queue)
 
-        answer, messages = await run_in_threadpool(assistant.prepare, question, None, history)
-        ids = []
-        if messages is not None:
-            ids = await run_in_threadpool(assistant.model.prompt_ids, messages)
-            if len(ids) + 1 > assistant.model.context_length:
-                raise ApiError(400, f"the conversation and its sources take {len(ids)} tokens; the model's context is "
-                               f"{assistant.model.context_length}: send fewer or shorter messages",
-                               param="messages", code="context_length_exceeded")
-        reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        sources = [_source_json(s) for s in answer.sources] if not answer.refused else []
+    def _finish_reason(messages, ids: list[int], count: int, max_tokens: int) -> str:
+        """"length" when the answer was cut (max_tokens or the context window), else "stop"."""
+        if messages is None:
+            return "stop"
+        return "length" if count >= max_tokens or len(ids) + count >= assistant.model.context_length else "stop"
 
-        def envelope(kind: str, choice: dict[str, Any], **extra) -> dict[str, Any]:
-            return {"id": reply_id, "object": kind, "created": created, "model": assistant.name,
-                    "choices": [choice], **extra}
-
-        stop = threading.Event()
+    def _pieces(answer, messages, ids: list[int], max_tokens: int, stop: threading.Event):
         pieces = assistant.model.stream_ids(ids, max_tokens, stop) if messages is not None else iter([answer.text])
 
         def next_piece():
@@ -220,46 +262,73 @@ def create_app(assistant, api_key: str | None = None, limits: Limits | None = No
                 return None
             except PromptTooLong as exc:
                 raise ApiError(400, str(exc), code="context_length_exceeded") from None
+        return next_piece
 
-        if not body.stream:
-            produced = []
-            async with generation_slot(stop):
-                while (piece := await run_in_threadpool(next_piece)) is not None:
-                    produced.append(piece)
-            state["served"] += 1
-            answer.text = "".join(produced) if messages is not None else answer.text
-            assistant.finish(answer)
-            finish = "length" if messages is not None and len(produced) >= max_tokens else "stop"
-            usage = {"prompt_tokens": len(ids), "completion_tokens": len(produced) if messages is not None else 0}
-            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-            return envelope("chat.completion", {"index": 0, "message": {"role": "assistant", "content": answer.text},
-                                                "finish_reason": finish},
-                            usage=usage, sources=sources, cited=answer.cited, refused=answer.refused)
+    def _envelope(reply_id: str, created: int, kind: str, choice: dict[str, Any], **extra) -> dict[str, Any]:
+        return {"id": reply_id, "object": kind, "created": created, "model": assistant.name, "choices": [choice], **extra}
+
+    async def _complete(request: Request, answer, messages, ids: list[int], max_tokens: int, leave_queue):
+        reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        sources = [_source_json(s) for s in answer.sources] if not answer.refused else []
+        stop = threading.Event()
+        next_piece = _pieces(answer, messages, ids, max_tokens, stop)
+        produced = []
+        async with generation_slot(stop, leave_queue):
+            # a client that gave up (timed out) while queued or while its answer is generated frees
+            # its slot: ordinary endpoints are not cancelled on a disconnect as streams are
+            while not await request.is_disconnected() and (piece := await run_in_threadpool(next_piece)) is not None:
+                produced.append(piece)
+        if await request.is_disconnected():
+            return Response(status_code=400)
+        state["served"] += 1
+        answer.text = "".join(produced) if messages is not None else answer.text
+        assistant.finish(answer)
+        usage = {"prompt_tokens": len(ids), "completion_tokens": len(produced) if messages is not None else 0}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        finish = _finish_reason(messages, ids, len(produced), max_tokens)
+        return _envelope(reply_id, created, "chat.completion",
+                         {"index": 0, "message": {"role": "assistant", "content": answer.text}, "finish_reason": finish},
+                         usage=usage, sources=sources, cited=answer.cited, refused=answer.refused)
+
+    def _streaming(answer, messages, ids: list[int], max_tokens: int, leave_queue):
+        reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        sources = [_source_json(s) for s in answer.sources] if not answer.refused else []
+        stop = threading.Event()
+        next_piece = _pieces(answer, messages, ids, max_tokens, stop)
 
         async def events():
             count = 0
-            async with generation_slot(stop):  # left on a client disconnect too (the task is cancelled)
-                first = envelope("chat.completion.chunk", {"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                           "finish_reason": None}, sources=sources, refused=answer.refused)
-                yield f"data: {json.dumps(first)}\n\n"
-                try:
+            try:
+                async with generation_slot(stop, leave_queue):  # left on a client disconnect too (the task is cancelled)
+                    first = _envelope(reply_id, created, "chat.completion.chunk",
+                                      {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
+                                      sources=sources, refused=answer.refused)
+                    yield f"data: {json.dumps(first)}\n\n"
                     while (piece := await run_in_threadpool(next_piece)) is not None:
                         count += 1
                         answer.text += piece
-                        chunk = envelope("chat.completion.chunk", {"index": 0, "delta": {"content": piece},
-                                                                   "finish_reason": None})
+                        chunk = _envelope(reply_id, created, "chat.completion.chunk",
+                                          {"index": 0, "delta": {"content": piece}, "finish_reason": None})
                         yield f"data: {json.dumps(chunk)}\n\n"
-                except ApiError as exc:  # the status line is already sent: report in the stream
-                    yield f"data: {json.dumps(exc.body())}\n\ndata: [DONE]\n\n"
-                    return
-                assistant.finish(answer)
-                finish = "length" if messages is not None and count >= max_tokens else "stop"
-                last = envelope("chat.completion.chunk", {"index": 0, "delta": {}, "finish_reason": finish},
-                                cited=answer.cited)
-                yield f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n"
-                state["served"] += 1
+                    assistant.finish(answer)
+                    last = _envelope(reply_id, created, "chat.completion.chunk",
+                                     {"index": 0, "delta": {}, "finish_reason": _finish_reason(messages, ids, count, max_tokens)},
+                                     cited=answer.cited)
+                    yield f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n"
+                    state["served"] += 1
+            except ApiError as exc:  # the status line is already sent: report in the stream
+                yield f"data: {json.dumps(exc.body())}\n\ndata: [DONE]\n\n"
+            except Exception:  # noqa: BLE001 - the same, for a failure of the model itself
+                log.exception("generation failed mid-stream")
+                error = ApiError(500, "internal error while generating; see the server log", "server_error")
+                yield f"data: {json.dumps(error.body())}\n\ndata: [DONE]\n\n"
+            finally:
+                leave_queue()
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        stream = events()
+        weakref.finalize(stream, leave_queue)  # a stream whose client left before it started never runs its finally
+        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
 
     return app
 

@@ -79,20 +79,34 @@ def test_auto_exports_the_student_only_if_it_kept_the_teachers_score(tmp_path, s
     assert folder == tmp_path / ("distill/model" if role == "student" else "edit/model")
 
 
-@pytest.mark.parametrize("damage", ["alter", "truncate", "delete"])
+@pytest.mark.parametrize("damage", ["alter", "truncate", "delete", "add"])
 def test_tampered_bundle_is_refused_naming_the_file(bundle, tmp_path, damage, cli):
     copy = Path(shutil.copytree(bundle, tmp_path / "bundle"))
     target = copy / "index" / "chunks.jsonl"
-    if damage == "alter":
+    if damage == "add":  # the runtime opens these folders whole: an unlisted file could be loaded
+        target = copy / "index" / "chunks.extra.jsonl"
+        target.write_text("{}\n")
+    elif damage == "alter":
         target.write_text(target.read_text().replace("Zorblat", "Zorblax", 1))
     elif damage == "truncate":
         target.write_bytes(target.read_bytes()[:-10])
     else:
         target.unlink()
-    with pytest.raises(BundleInvalid, match="index/chunks.jsonl"):
+    with pytest.raises(BundleInvalid, match=target.relative_to(copy).as_posix()):
         verify(copy)
     code, output = cli("ask", copy, QUESTION)
-    assert code == 1 and "index/chunks.jsonl" in output and "Traceback" not in output
+    assert code == 1 and target.relative_to(copy).as_posix() in output and "Traceback" not in output
+
+
+def test_damaged_manifest_or_a_bundle_given_for_a_build_is_one_line(bundle, tmp_path, cli):
+    copy = Path(shutil.copytree(bundle, tmp_path / "bundle"))
+    code, output = cli("export", copy)  # would have rebuilt stages inside the bundle
+    assert code == 1 and "is an exported bundle, not a build folder" in output and "Traceback" not in output
+    verify(copy)  # untouched
+    (copy / "manifest.json").write_text((copy / "manifest.json").read_text()[:100])
+    for command in (["ask", copy, QUESTION], ["verify", copy]):
+        code, output = cli(*command)
+        assert code == 1 and "manifest.json" in output and "Traceback" not in output, output
 
 
 def test_verify_command_lists_exactly_the_files_that_differ(bundle, tmp_path, cli):
@@ -153,7 +167,7 @@ def test_export_cli_other_quant_and_out(exported_build, tmp_path, cli):
     code, output = cli("export", exported_build, "--quant", "int3")
     assert code == 1 and "--quant int3" in output
     code, output = cli("export", exported_build, "--out", tmp_path / "b4")
-    assert code == 1 and "not empty" in output
+    assert code == 1 and "not an empty folder" in output
 
 
 # ---------------------------------------------------------------- the API
@@ -221,6 +235,9 @@ BAD_REQUESTS = [
     ("messages missing", {"model": "tiny"}, 400, "messages"),
     ("unknown model", _chat(model="gpt-9"), 404, "gpt-9"),
     ("body is a list", [1, 2], 400, "JSON object"),
+    ("max_completion_tokens 0", _chat(max_completion_tokens=0), 400, "max_tokens"),
+    ("image content", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     400, "text content parts"),
 ]
 
 
@@ -235,9 +252,25 @@ def test_malformed_json_and_oversized_body(assistant):
     client = _client(assistant, max_body_bytes=2000)
     reply = client.post("/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"})
     assert reply.status_code == 400 and "not valid JSON" in reply.json()["error"]["message"]
+    reply = client.post("/v1/chat/completions", content=b"[" * 1500, headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and "error" in reply.json()
     reply = client.post("/v1/chat/completions", json=_chat("x" * 5000))
     assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large"
     assert client.get("/nowhere").status_code == 404 and "error" in client.get("/nowhere").json()
+
+
+def test_openai_content_parts_are_read_as_text(assistant):
+    client = _client(assistant)
+    plain = client.post("/v1/chat/completions", json=_chat()).json()
+    parts = client.post("/v1/chat/completions", json={"messages": [
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": [{"type": "text", "text": QUESTION}]}], "max_tokens": 12}).json()
+    assert parts["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+
+
+def test_a_full_queue_is_turned_away_with_503_before_any_work(assistant):
+    reply = _client(assistant, max_waiting=0).post("/v1/chat/completions", json=_chat())
+    assert reply.status_code == 503 and reply.json()["error"]["code"] == "overloaded"
 
 
 def test_concurrent_clients_get_their_own_answers(assistant):
@@ -259,6 +292,7 @@ def test_concurrent_clients_get_their_own_answers(assistant):
             thread.start()
         for thread in threads:
             thread.join(timeout=300)
+        assert client.get("/health").json()["waiting"] == 0  # every admitted request left the queue
     assert len(got) == 12
     for question, text in got.values():
         assert text == expected[question]
@@ -273,4 +307,5 @@ def test_client_disconnect_mid_stream_frees_its_slot(assistant):
     # with one slot, a leaked slot would block this request forever
     reply = client.post("/v1/chat/completions", json=_chat(), timeout=60)
     assert reply.status_code == 200
-    assert client.get("/health").json()["running"] == 0
+    health = client.get("/health").json()
+    assert health["running"] == 0 and health["waiting"] == 0

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vertical.errors import VerticalError
 from vertical.prompting import NO_ANSWER, Source, build_messages, cited_numbers
 
 
@@ -56,6 +57,9 @@ class Assistant:
         from vertical.pipeline import load_manifest
 
         manifest = load_manifest(Path(build_dir))
+        if not manifest.get("pack"):
+            raise VerticalError(f"{build_dir}/manifest.json is unreadable or names no pack: build again with "
+                                f"`vertical build PACK --out {build_dir}`")
         pack = load_pack(manifest.get("pack_dir") or manifest.get("pack"))
         index, embedder = open_index(Path(build_dir))
         return cls(index, embedder, ChatModel(best_model_dir(Path(build_dir))), pack.config.system_prompt,

@@ -200,7 +200,14 @@ def build_cmd(
 # ---------------------------------------------------------------- retrieval and answers
 
 
+def _looks_like_bundle(path: Path) -> bool:
+    return (path / "pack.json").is_file() and (path / "model").is_dir()
+
+
 def _build_dir(path: Path) -> Path:
+    if _looks_like_bundle(path):
+        raise VerticalError(f"{path} is an exported bundle, not a build folder: give the build it came from "
+                            "(builds/<pack>)")
     if not (path / "manifest.json").is_file():
         raise VerticalError(f"{path} is not a build folder (no manifest.json); give builds/<pack> or the --out of a build")
     return path
@@ -238,9 +245,7 @@ def search_cmd(
 
 def _open_assistant(path: Path):
     """A bundle runs on onnxruntime (no torch); a build folder on its torch models."""
-    from vertical.export.bundle import is_bundle
-
-    if is_bundle(path):
+    if _looks_like_bundle(path):  # a damaged manifest is then reported as the bundle's problem
         from vertical.export.runtime import open_bundle
 
         return open_bundle(path)
@@ -281,6 +286,7 @@ def chat_cmd(
     assistant = _open_assistant(build)
     if assistant.disclaimer:
         console.print(assistant.disclaimer, style="dim", markup=False)
+    history: list[dict[str, str]] = []
     while True:
         try:
             question = console.input("[bold]you>[/bold] ").strip()
@@ -288,11 +294,19 @@ def chat_cmd(
             break
         if not question:
             break
-        answer, pieces = assistant.stream(question, None, max_tokens)
-        for piece in pieces:
-            console.print(piece, end="", markup=False, highlight=False)
+        try:
+            answer, pieces = assistant.stream(question, None, max_tokens, history)
+            for piece in pieces:
+                console.print(piece, end="", markup=False, highlight=False)
+        except VerticalError as exc:  # e.g. the conversation outgrew the context: say so, keep chatting
+            console.print()
+            err_console.print(f"error: {exc}", markup=False)
+            history = []
+            continue
         console.print()
         _print_citations(answer)
+        # earlier turns go with the next question (sources are retrieved for the newest one only)
+        history = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": answer.text}][-8:]
 
 
 @index_app.command("add")
@@ -432,8 +446,12 @@ def export_cmd(
         raise VerticalError(f"--quant {quant}: use int4, int8 or fp32")
     if model not in (None, "auto", "student", "teacher"):
         raise VerticalError(f"--model {model}: use auto, student or teacher")
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise VerticalError(f"--out {out} exists and is not an empty folder; choose a new folder")
     overrides = {k: v for k, v in {"quant": quant, "model": model}.items() if v is not None}
     manifest = load_manifest(build)
+    if not manifest.get("pack"):
+        raise VerticalError(f"{build}/manifest.json names no pack: rebuild with `vertical build PACK --out {build}`")
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=False) as progress:
         results = run_build(manifest.get("pack_dir") or manifest["pack"], out=build, steps=["export"],
@@ -442,8 +460,6 @@ def export_cmd(
     bundle = build / "export"
     if out is not None:
         out = out.resolve()
-        if out.exists() and any(out.iterdir()):
-            raise VerticalError(f"--out {out} exists and is not empty; choose a new folder")
         with atomic_dir(out) as tmp:
             shutil.copytree(bundle, tmp, dirs_exist_ok=True)
         bundle = out
