@@ -6,14 +6,26 @@ One row per report: QA accuracy of every model (the bundle's with the model it h
 else tuned, with retrieval) over the base model alone with a 95% interval from the paired per-item
 differences (normal approximation: mean +- 1.96 sd / sqrt(n)). The build's time is the sum of its
 stages' recorded seconds (manifest.json next to the report's build folder, when there is one).
+
+A second table splits each report's items by whether the pack's instruction data asks a similar
+question (at least half of the content words shared, Jaccard): such an item's fact is taught by
+training as well as given by retrieval, so the split shows how much of the margin holds on facts
+the training data does not ask about. (Identical questions are refused by `vertical packs validate`.)
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TAUGHT_JACCARD = 0.5
+STOP = set("a an the of to is are was were be what which who whom whose where when how does do did in at on for "
+           "and or by with from as it its this that under our their".split())
 
 COLUMNS = ["base alone", "base + retrieval", "tuned + retrieval", "edited + retrieval", "student + retrieval",
            "bundle (ONNX)"]
@@ -36,6 +48,55 @@ def build_minutes(report_path: Path) -> str:
     return ""
 
 
+def _content_words(text: str) -> frozenset[str]:
+    return frozenset(w for w in re.sub(r"[^0-9a-z]+", " ", text.lower()).split() if w not in STOP)
+
+
+def taught_questions(report_path: Path) -> set[str] | None:
+    """The report's questions that a training question resembles (None without the build's pack)."""
+    from vertical.pack import load_pack
+
+    manifest = report_path.parent.parent / "manifest.json"
+    if not manifest.is_file():
+        return None
+    data = json.loads(manifest.read_text())
+    pack = load_pack(data.get("pack_dir") or data["pack"])
+    asked = [_content_words(m.content) for conversation in pack.instructions() for m in conversation if m.role == "user"]
+    asked = [words for words in asked if words]
+    report = json.loads(report_path.read_text())
+    taught = set()
+    for item in report["qa"][0]["items"]:
+        words = _content_words(item["question"])
+        if words and any(len(words & other) / len(words | other) >= TAUGHT_JACCARD for other in asked):
+            taught.add(item["question"])
+    return taught
+
+
+def taught_table(paths: list[str]) -> None:
+    print()
+    print("| pack | items a training question resembles | base alone / vertical on them | other items | "
+          "base alone / vertical on them |")
+    print("| --- | --- | --- | --- | --- |")
+    for name in paths:
+        path = Path(name)
+        taught = taught_questions(path)
+        if taught is None:
+            continue
+        report = json.loads(path.read_text())
+        rows = {row["model"]: row for row in report["qa"]}
+        full = next((c for c in ("edited + retrieval", "tuned + retrieval") if c in rows), None)
+        if not full or "base alone" not in rows:
+            continue
+        cells = []
+        for subset in (True, False):
+            def accuracy(model: str) -> str:
+                kept = [i["correct"] for i in rows[model]["items"] if (i["question"] in taught) == subset]
+                return f"{sum(kept) / len(kept):.3f}" if kept else "-"
+            n = sum((i["question"] in taught) == subset for i in rows[full]["items"])
+            cells += [str(n), f"{accuracy('base alone')} / {accuracy(full)}"]
+        print(f"| {report['pack']} | " + " | ".join(cells) + " |")
+
+
 def main(paths: list[str]) -> None:
     print("| pack | QA items | " + " | ".join(COLUMNS) + " | vertical - base alone (95% interval) | build min |")
     print("| --- | --- |" + " --- |" * len(COLUMNS) + " --- | --- |")
@@ -56,3 +117,4 @@ def main(paths: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    taught_table(sys.argv[1:])

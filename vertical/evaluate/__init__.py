@@ -176,7 +176,18 @@ def _build_metrics(build_dir: Path) -> dict[str, Any]:
     from vertical.pipeline import load_manifest
 
     stages = load_manifest(build_dir)["stages"]
-    metrics = {name: entry.get("metrics", {}) for name, entry in stages.items()}
+    return _recorded_metrics({name: entry.get("metrics", {}) for name, entry in stages.items()})
+
+
+def _bundle_metrics(bundle: Path) -> dict[str, Any]:
+    """The same, from what the bundle's manifest kept of its build."""
+    from vertical.export.bundle import read_manifest
+
+    recorded = read_manifest(bundle).get("metrics", {})
+    return _recorded_metrics({**recorded.get("build", {}), "export": recorded.get("export", {})})
+
+
+def _recorded_metrics(metrics: dict[str, dict]) -> dict[str, Any]:
     retrieval = {k: v for k, v in (metrics.get("index", {}).get("retrieval") or metrics.get("index", {})).items()
                  if isinstance(v, (int, float)) and (k.startswith("recall@") or k.startswith("mrr"))}
     export = metrics.get("export", {})
@@ -289,8 +300,7 @@ def evaluate_path(path: Path, qa_file: Path | None = None, edits_file: Path | No
         raise VerticalError("a bundle carries no evaluation set: give --qa FILE (and --edits FILE)")
     edits = read(edits_file, EditRequest.model_validate) if edits_file else (pack.edits() if pack else [])
     report = evaluate(path, qa_items, edits, system_prompt, settings, rag_sources, track)
-    if not is_bundle:
-        report.update(_build_metrics(path))
+    report.update(_bundle_metrics(path) if is_bundle else _build_metrics(path))
     report["pack"] = pack.name if pack else json.loads((path / "pack.json").read_text())["name"]
     report["qa_file"], report["edits_file"] = str(qa_file or "pack qa_eval"), str(edits_file or "pack edits")
     from vertical.io import atomic_dir
