@@ -84,6 +84,9 @@ def open_source(path: Path, redact_feedback: bool = True) -> DemoSource:
         from vertical.pipeline import load_manifest
 
         manifest = load_manifest(path)
+        if not manifest.get("pack"):
+            raise VerticalError(f"{path}/manifest.json is unreadable or names no pack: build again with "
+                                f"`vertical build PACK --out {path}`")
         pack = load_pack(manifest.get("pack_dir") or manifest.get("pack"))
         assistant = Assistant.from_build(path)
         stages = {name: entry.get("metrics", {}) for name, entry in manifest["stages"].items()}
@@ -92,20 +95,73 @@ def open_source(path: Path, redact_feedback: bool = True) -> DemoSource:
                         "run `vertical build PACK` or `vertical export BUILD` first")
 
 
+def _user_error(exc: Exception):
+    import gradio as gr
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError) and exc.errors():  # "prompt: subject 'X' does not occur in prompt"
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return gr.Error(f"{where + ': ' if where else ''}{first['msg']}"[:300])
+    return gr.Error(str(exc).splitlines()[0][:300])
+
+
+def friendly(handler):
+    """A Gradio handler (function or generator) whose failures show as one line in the page: the
+    message of a user error, or a pointer to the log for anything else (never a bare "Error")."""
+    import functools
+    import inspect
+
+    import gradio as gr
+
+    def shown(exc: Exception) -> Exception:
+        if isinstance(exc, gr.Error):
+            return exc
+        if isinstance(exc, (VerticalError, ValueError, OSError)):
+            return _user_error(exc)
+        log.exception("demo: %s failed", handler.__name__)
+        return gr.Error(f"{handler.__name__} failed ({type(exc).__name__}); the demo's log has the details")
+
+    if inspect.isgeneratorfunction(handler):
+        @functools.wraps(handler)
+        def generator(*args, **kwargs):
+            try:
+                yield from handler(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - shown to the user, logged when unexpected
+                raise shown(exc) from None
+        return generator
+
+    @functools.wraps(handler)
+    def function(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            raise shown(exc) from None
+    return function
+
+
 # ---------------------------------------------------------------- chat
+
+
+def inert(text: str) -> str:
+    """Document or model text made safe to render as Markdown: HTML escaped, and link and image
+    brackets escaped, so that a document's `![](https://...)` cannot make the browser fetch a
+    remote image (the demo must not reach outside the machine)."""
+    return html.escape(text).replace("[", "\\[").replace("]", "\\]")
 
 
 def render_answer(answer) -> str:
     """The answer's text, then each cited source as an expandable block: number, title, path, text."""
-    text = html.escape(answer.text.strip()) or "…"
+    text = inert(answer.text.strip()) or "…"
     blocks = []
     for source in answer.citations():
-        summary = f"[{source.number}] {html.escape(source.title)} <code>{html.escape(source.source)}</code>"
+        summary = f"[{source.number}] {inert(source.title)} <code>{html.escape(source.source)}</code>"
         blocks.append(f"<details class='citation'><summary>{summary}</summary>\n\n"
-                      f"{html.escape(source.text)}\n\n</details>")
+                      f"{inert(source.text)}\n\n</details>")
     return text + ("\n\n" + "\n".join(blocks) if blocks else "")
 
 
+@friendly
 def chat_reply(source: DemoSource, question: str, history: list[dict]):
     """Stream an answer into the chat history (messages format); citations appear when it ends."""
     question = (question or "").strip()
@@ -119,7 +175,7 @@ def chat_reply(source: DemoSource, question: str, history: list[dict]):
     text = ""
     for piece in pieces:
         text += piece
-        history[-1] = {"role": "assistant", "content": html.escape(text)}
+        history[-1] = {"role": "assistant", "content": inert(text)}
         yield history, ""
     history[-1] = {"role": "assistant", "content": render_answer(answer)}
     yield history, ""
@@ -144,6 +200,7 @@ def _last_exchange(history: list[dict]) -> tuple[str, str]:
     return question, answer
 
 
+@friendly
 def record_rating(source: DemoSource, history: list[dict], like) -> str:
     from vertical.feedback import Feedback, record
 
@@ -157,6 +214,7 @@ def record_rating(source: DemoSource, history: list[dict], like) -> str:
     return f"Thanks: recorded thumbs {'up' if like.liked else 'down'}."
 
 
+@friendly
 def record_correction(source: DemoSource, history: list[dict], correction: str, subject: str) -> str:
     from vertical.feedback import Feedback, record
 
@@ -172,6 +230,7 @@ def record_correction(source: DemoSource, history: list[dict], correction: str, 
 # ---------------------------------------------------------------- side by side, editing (builds only)
 
 
+@friendly
 def compare(source: DemoSource, question: str) -> tuple[str, str, str]:
     from vertical.prompting import build_messages
 
@@ -188,7 +247,7 @@ def compare(source: DemoSource, question: str) -> tuple[str, str, str]:
             answer.text = models["student"].generate(messages, MAX_TOKENS)
             source.assistant.finish(answer)
         student = render_answer(answer)
-    return html.escape(base.strip() or EMPTY_ANSWER), vertical, student
+    return inert(base.strip() or EMPTY_ANSWER), vertical, student
 
 
 def complete(source: DemoSource, prompt: str) -> str:
@@ -202,6 +261,7 @@ def complete(source: DemoSource, prompt: str) -> str:
     return prompt + chat.tokenizer.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+@friendly
 def apply_edit(source: DemoSource, prompt: str, subject: str, target: str) -> tuple[str, str, list[list]]:
     from vertical.edit import edit_build
     from vertical.pack.schema import EditRequest
@@ -222,6 +282,7 @@ def apply_edit(source: DemoSource, prompt: str, subject: str, target: str) -> tu
     return before, after, rows
 
 
+@friendly
 def roll_back(source: DemoSource, prompt: str) -> str:
     from vertical.edit import rollback
 
@@ -232,6 +293,7 @@ def roll_back(source: DemoSource, prompt: str) -> str:
     return f"Rolled back {', '.join(undone)}. " + (f"Now: {answer}" if answer else "")
 
 
+@friendly
 def trace(source: DemoSource, prompt: str, subject: str) -> str:
     from vertical.edit.trace import trace_build
 
@@ -240,15 +302,10 @@ def trace(source: DemoSource, prompt: str, subject: str) -> str:
     return str(png)
 
 
-def _user_error(exc: Exception):
-    import gradio as gr
-
-    return gr.Error(str(exc).splitlines()[0][:300])
-
-
 # ---------------------------------------------------------------- knowledge base
 
 
+@friendly
 def search(source: DemoSource, query: str, k: int) -> list[list]:
     if not (query or "").strip():
         return []
@@ -264,6 +321,7 @@ def documents(source: DemoSource) -> list[list]:
     return sorted(rows.values())
 
 
+@friendly
 def upload(source: DemoSource, files: list) -> tuple[str, list[list]]:
     from vertical.index import add_documents
 
@@ -286,11 +344,11 @@ def upload(source: DemoSource, files: list) -> tuple[str, list[list]]:
 def report_tables(metrics: dict[str, dict]) -> list[list]:
     """One row per headline number: stage, metric, value."""
     picks = {
-        "index": ["recall@1", "recall@5", "mrr", "chunks", "mode"],
+        "index": ["recall@1", "recall@5", "mrr@10", "chunks", "mode"],
         "tune": ["eval_loss_base", "eval_loss_tuned", "accuracy_base", "accuracy_tuned", "verdict"],
         "edit": ["efficacy", "generalization", "locality", "edits", "method"],
         "distill": ["teacher_score", "student_score", "retention", "speedup", "edit_efficacy", "student_layers"],
-        "export": ["quant", "bundle_mb", "onnx_tokens_per_s", "torch_tokens_per_s", "speedup_vs_torch"],
+        "export": ["model", "quant", "bundle_bytes", "onnx_tokens_per_s", "torch_tokens_per_s", "onnx_speedup"],
     }
     rows = []
     for stage, keys in picks.items():

@@ -197,3 +197,31 @@ def test_demo_on_a_bundle_hides_the_torch_tabs(exported_build, browser, tmp_path
         proc.wait(timeout=30)
     assert outside == []
     assert _outbound(tmp_path / "demo.log") == []
+
+
+def test_rendered_text_cannot_fetch_remote_images_and_handlers_fail_in_one_line():
+    import gradio as gr
+
+    from vertical.app.demo import friendly, inert, report_tables
+    from vertical.errors import VerticalError
+
+    shown = inert("Dose ![chart](https://example.org/x.png) see [1] <img src=x>")
+    assert "![" not in shown and "<img" not in shown and "\\[1\\]" in shown
+
+    @friendly
+    def broken(kind: str):
+        raise VerticalError("the build is locked by another command\nsecond line") if kind == "user" else KeyError("x")
+
+    @friendly
+    def streaming():
+        yield 1
+        raise ValueError("bad value")
+
+    with pytest.raises(gr.Error, match="the build is locked by another command"):
+        broken("user")
+    with pytest.raises(gr.Error, match="broken failed \\(KeyError\\); the demo's log has the details"):
+        broken("bug")
+    with pytest.raises(gr.Error, match="bad value"):
+        list(streaming())
+    rows = report_tables({"index": {"mrr@10": 0.9}, "export": {"onnx_speedup": 7.3, "bundle_bytes": 1}})
+    assert ["index", "mrr@10", 0.9] in rows and ["export", "onnx_speedup", 7.3] in rows
