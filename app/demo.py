@@ -333,8 +333,6 @@ def upload(source: DemoSource, files: list) -> tuple[str, list[list]]:
         source.reload_index()
     message = (f"Added {len(note['added'])}, replaced {len(note['replaced'])}, unchanged {note['unchanged']} "
                f"({note['embedded_chunks']} chunks embedded).")
-    if note["skipped_files"]:
-        message += " Skipped: " + "; ".join(note["skipped_files"])
     return message, documents(source)
 
 

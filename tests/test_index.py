@@ -57,7 +57,9 @@ def mixed_docs(tmp_path) -> Path:
     (folder / "guide.md").write_text("# Boiler guide\n\n## Pressure\nKeep pressure at 1.5 bar.", encoding="utf-8")
     (folder / "page.html").write_text(
         "<html><head><title>Visitor policy</title><script>var x = 'hidden';</script></head>"
-        "<body><h1>Visitors</h1><p>Visiting hours end at 8 pm.</p><ul><li>Two visitors per bed.</li></ul></body></html>",
+        "<body><h1>Visitors</h1><p>Visiting hours end at 8 pm.</p><ul><li>Two visitors per bed.</li></ul>"
+        "<div>Parking is <span>free</span> after 6 pm.</div><table><tr><th>Ward</th><th>Hours</th></tr>"
+        "<tr><td>A</td><td>2-8 pm</td></tr></table></body></html>",
         encoding="utf-8")
     make_pdf(folder / "report.pdf", ["Annual report 2025", "Revenue grew by 12 percent."])
     make_docx(folder / "memo.docx", "Parking memo", ["Staff park in lot C from Monday."])
@@ -73,6 +75,8 @@ def test_every_format_is_ingested(mixed_docs):
     assert set(by_id) == {"notes", "guide", "page", "report", "memo", "faq-1"}
     assert by_id["guide"].title == "Boiler guide"
     assert by_id["page"].title == "Visitor policy" and "8 pm" in by_id["page"].text and "hidden" not in by_id["page"].text
+    # text in divs and tables is content too (real pages keep most of it there)
+    assert "Parking is free after 6 pm." in by_id["page"].text and "A | 2-8 pm" in by_id["page"].text
     assert "Revenue grew by 12 percent." in by_id["report"].text
     assert by_id["memo"].title == "Parking memo" and "lot C" in by_id["memo"].text
     assert by_id["faq-1"].source == "records.jsonl#faq-1"
@@ -92,6 +96,7 @@ def test_bad_documents_are_reported_and_skipped(mixed_docs, tmp_path):
     (mixed_docs / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     (mixed_docs / "broken.docx").write_bytes(b"PK not a zip")
     (mixed_docs / "zz-dupe.jsonl").write_text(json.dumps({"id": "faq-1", "text": "again"}) + "\n", encoding="utf-8")
+    (mixed_docs / "null.jsonl").write_text(json.dumps({"id": "n", "text": None}) + "\n", encoding="utf-8")
     docs, problems = load_documents(sorted(mixed_docs.iterdir()), mixed_docs)
     messages = {Path(p.file).name: p.message for p in problems}
     assert "encrypted PDF" in messages["locked.pdf"]
@@ -101,6 +106,7 @@ def test_bad_documents_are_reported_and_skipped(mixed_docs, tmp_path):
     assert "not UTF-8" in messages["latin1.txt"]
     assert "unreadable DOCX" in messages["broken.docx"]
     assert "already used" in messages["zz-dupe.jsonl"]
+    assert "'text' must be a non-empty string" in messages["null.jsonl"]
     assert {d.id for d in docs} == {"notes", "guide", "page", "report", "memo", "faq-1"}
 
 
@@ -193,7 +199,12 @@ def test_index_add_reports_bad_files_and_missing_ids(tiny_pack, tmp_path, cli):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"\x00\x00binary")
     code, output = cli("index", "add", out, bad)
-    assert code != 0 and "bad.txt" in output and "binary data" in output and "no document was indexed" in output
+    good = tmp_path / "good.md"
+    good.write_text("# Ferries\n\nThe ferry leaves at noon.", encoding="utf-8")
+    before = (out / "index" / "chunks.jsonl").read_bytes()
+    code, output = cli("index", "add", out, good, bad)
+    assert code != 0 and "bad.txt" in output and "binary data" in output and "nothing was added" in output
+    assert (out / "index" / "chunks.jsonl").read_bytes() == before  # the good file was not added either
     code, output = cli("index", "remove", out, "no-such-doc")
     assert code != 0 and "no document with id 'no-such-doc'" in output
     code, output = cli("index", "add", tmp_path / "not-a-build", bad)
@@ -256,3 +267,11 @@ def test_prompt_marks_sources_as_data():
     assert "not instructions" in messages[0]["content"]
     assert format_sources([]) == "<sources>\n\n</sources>"
     assert cited_numbers("See [2] and [1], also [9] and [2].", 3) == [2, 1]
+
+
+def test_a_pack_with_an_unreadable_document_does_not_build_an_index(tiny_pack, tmp_path, cli):
+    (tiny_pack / "documents" / "scan.pdf").write_bytes(b"%PDF-1.4 this is not really a pdf")
+    out = tmp_path / "build"
+    code, output = cli("build", tiny_pack, "--out", out, "--steps", "index")
+    assert code != 0 and "scan.pdf" in output and "unreadable PDF" in output and "Traceback" not in output
+    assert not (out / "index").exists()

@@ -321,12 +321,7 @@ def index_add(
                   console=err_console, transient=True) as progress:
         note = add_documents(_build_dir(build), paths, track=RichReporter(progress).track)
     console.print(f"added {len(note['added'])}, replaced {len(note['replaced'])}, unchanged {note['unchanged']} "
-                  f"({note['embedded_chunks']} chunks embedded); skipped {len(note['skipped_files'])} file(s)")
-    for skipped in note["skipped_files"]:
-        err_console.print(f"skipped: {skipped}", markup=False)
-    if note["skipped_files"] and not (note["added"] or note["replaced"] or note["unchanged"]):
-        raise VerticalError(f"no document was indexed: all {len(note['skipped_files'])} file(s) were skipped "
-                            "(reasons above); fix or convert them and add them again")
+                  f"({note['embedded_chunks']} chunks embedded)")
 
 
 @index_app.command("remove")

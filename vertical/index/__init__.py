@@ -55,8 +55,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
 
     settings = ctx.pack.config.stages.index
     documents, problems = load_documents(ctx.pack.document_files(), ctx.pack.root)
-    if not documents:
-        raise VerticalError(f"pack '{ctx.pack.name}': no readable documents ({len(problems)} skipped); see the warnings above")
+    if problems:  # an index silently missing a document would answer "I don't know" from it
+        raise VerticalError(_unusable(problems, "fix, convert or remove them, then build again"))
     embedder = Embedder(ctx.pack.config.embedder)
     chunks = _chunk_all(documents, embedder.tokenizer, settings)
 
@@ -70,7 +70,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     index = RetrievalIndex(chunks, vectors, meta)
 
     metrics: dict[str, Any] = {
-        "documents": len(documents), "chunks": len(chunks), "skipped_files": [str(p) for p in problems],
+        "documents": len(documents), "chunks": len(chunks),
         "chunks_per_s": round(len(chunks) / max(embed_seconds, 1e-9), 1), "faiss": index.meta["faiss"],
     }
     items = ctx.pack.retrieval_eval()
@@ -181,8 +181,14 @@ def _rewrite_index(build_dir: Path, index: RetrievalIndex, note: dict[str, Any])
         record_outputs(Path(build_dir), "index", metrics)
 
 
+def _unusable(problems: list, what_to_do: str) -> str:
+    lines = "\n".join(f"  {problem}" for problem in problems)
+    return f"{len(problems)} document file(s) cannot be used; {what_to_do}:\n{lines}"
+
+
 def add_documents(build_dir: Path, paths: list[Path], track=None) -> dict[str, Any]:
-    """Add or replace documents (matched by id; unchanged content is not re-embedded)."""
+    """Add or replace documents (matched by id; unchanged content is not re-embedded). Nothing is
+    added when any file cannot be used."""
     index, embedder = open_index(build_dir)
     files = []
     for path in paths:
@@ -195,6 +201,8 @@ def add_documents(build_dir: Path, paths: list[Path], track=None) -> dict[str, A
         else:
             raise VerticalError(f"{path} does not exist")
     documents, problems = load_documents(files)
+    if problems:
+        raise VerticalError(_unusable(problems, "nothing was added; fix, convert or remove them and add again"))
     hashes: dict[str, str] = index.meta.setdefault("doc_hashes", {})
     changed = [d for d in documents if hashes.get(d.id) != d.content_hash]
     unchanged = len(documents) - len(changed)
@@ -213,7 +221,7 @@ def add_documents(build_dir: Path, paths: list[Path], track=None) -> dict[str, A
         hashes[doc.id] = doc.content_hash
     updated = RetrievalIndex(chunks, embeddings, index.meta)
     note = {"added": [d.id for d in changed if d.id not in replaced], "replaced": replaced, "unchanged": unchanged,
-            "embedded_chunks": len(new_chunks), "skipped_files": [str(p) for p in problems]}
+            "embedded_chunks": len(new_chunks)}
     if changed:
         _rewrite_index(build_dir, updated, note)
     return note

@@ -47,7 +47,7 @@ def _decode(path: Path, data: bytes) -> str:
     if _looks_binary(data):
         raise SkipDocument("binary data in a text file; convert it to text or remove it")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark is not text
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise SkipDocument(f"line {line}: not UTF-8; save the file as UTF-8") from None
@@ -62,29 +62,64 @@ def _markdown(path: Path, text: str) -> tuple[str, str, list[int]]:
     return title, text, [m.start() for m in headings]
 
 
-def _html(path: Path, data: bytes) -> tuple[str, str, list[int]]:
-    from bs4 import BeautifulSoup
+# Elements that start a new block of text; everything else (span, a, b, ...) flows inside one.
+_HTML_BLOCKS = {"address", "article", "aside", "blockquote", "br", "caption", "dd", "details", "div", "dl", "dt",
+                "fieldset", "figcaption", "figure", "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6", "header",
+                "hr", "li", "main", "nav", "ol", "p", "pre", "section", "summary", "table", "tbody", "thead", "ul"}
 
-    soup = BeautifulSoup(_decode(path, data), "html.parser")
+
+def _html(path: Path, data: bytes) -> tuple[str, str, list[int]]:
+    """Text blocks of an HTML page in reading order: every text node is kept (a div's text as much
+    as a paragraph's), table rows become "cell | cell" lines, headings mark sections."""
+    from bs4 import BeautifulSoup, Comment, NavigableString, Tag
+
+    text = _decode(path, data)
+    try:
+        soup = BeautifulSoup(text, "html.parser")
+    except Exception as exc:  # bs4 rejects some markup outright
+        raise SkipDocument(f"unreadable HTML ({type(exc).__name__}: {exc})") from None
     for tag in soup(["script", "style", "noscript", "template"]):
         tag.decompose()
     title_tag = soup.find("title") or soup.find("h1")
     title = title_tag.get_text(" ", strip=True) if title_tag else path.stem
-    parts, heading_starts, offset = [], [], 0
-    blocks = soup.find_all(["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "td", "blockquote"])
-    for block in blocks:
-        if block.find(["p", "li", "pre", "td", "blockquote"]):  # a container; its children are blocks too
-            continue
-        text = block.get_text(" ", strip=True)
-        if not text:
-            continue
-        if block.name.startswith("h"):
-            heading_starts.append(offset)
-        parts.append(text)
-        offset += len(text) + 2
-    if not parts:
-        body = soup.get_text("\n", strip=True)
-        parts = [body] if body else []
+    if soup.head is not None:
+        soup.head.decompose()
+    parts: list[str] = []
+    heading_starts: list[int] = []
+    current: list[str] = []
+    offset = 0
+
+    def flush(heading: bool = False) -> None:
+        nonlocal offset
+        block = " ".join(" ".join(current).split())
+        current.clear()
+        if block:
+            if heading:
+                heading_starts.append(offset)
+            parts.append(block)
+            offset += len(block) + 2
+
+    def walk(node) -> None:
+        for child in node.children:
+            if isinstance(child, Comment):
+                continue
+            if isinstance(child, NavigableString):
+                current.append(str(child))
+            elif isinstance(child, Tag):
+                if child.name == "tr":
+                    flush()
+                    cells = [c.get_text(" ", strip=True) for c in child.find_all(["td", "th"], recursive=False)]
+                    current.append(" | ".join(c for c in cells if c))
+                    flush()
+                elif child.name in _HTML_BLOCKS:
+                    flush()
+                    walk(child)
+                    flush(heading=child.name in ("h1", "h2", "h3", "h4", "h5", "h6"))
+                else:
+                    walk(child)
+
+    walk(soup.body or soup)
+    flush()
     return title, "\n\n".join(parts), heading_starts
 
 
@@ -115,9 +150,14 @@ def _docx(path: Path) -> tuple[str, str, list[int]]:
     import docx
 
     try:
-        document = docx.Document(str(path))
+        return _docx_text(docx.Document(str(path)), path)
+    except SkipDocument:
+        raise
     except Exception as exc:  # python-docx raises zipfile/KeyError/ValueError for broken files
         raise SkipDocument(f"unreadable DOCX ({type(exc).__name__}: {exc})") from None
+
+
+def _docx_text(document, path: Path) -> tuple[str, str, list[int]]:
     parts, heading_starts, offset, title = [], [], 0, document.core_properties.title or ""
     for paragraph in document.paragraphs:
         text = paragraph.text.strip()
@@ -155,6 +195,10 @@ def read_file(path: Path, source: str) -> list[Document]:
                 doc_id = str(record["id"])
             except (ValueError, KeyError, TypeError) as exc:
                 raise SkipDocument(f"line {number}: needs a JSON object with 'id' and 'text' ({exc})") from None
+            if not isinstance(text, str) or not text.strip():
+                raise SkipDocument(f"line {number}: 'text' must be a non-empty string")
+            if not isinstance(record.get("title") or "", str) or not isinstance(record.get("source") or "", str):
+                raise SkipDocument(f"line {number}: 'title' and 'source' must be strings")
             title = record.get("title") or doc_id
             docs.append(Document(id=doc_id, title=title, text=text, source=record.get("source") or f"{source}#{doc_id}"))
         return docs

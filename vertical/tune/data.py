@@ -86,12 +86,12 @@ def build_examples(conversations, system_prompt: str, index, embedder, settings,
         answers = embedder.encode([a for _, _, a in rag])
     made = 0
     for (position, question, answer), qvec, avec in zip(rag, questions if rag else [], answers if rag else []):
-        hits = index.search(question, lambda _texts, v=qvec: v[None, :], k=settings.rag_sources - 1)
+        hits = index.search(question, lambda _texts, v=qvec: v[None, :], k=max(1, settings.rag_sources - 1))
         chunks = [h.chunk for h in hits]
         used = {c.doc_id for c in chunks}
         others = [row for row in rng.sample(range(len(index.chunks)), min(len(index.chunks), 32))
                   if index.chunks[row].doc_id not in used]
-        if others:  # one distractor from another document, so citing is a choice
+        if others and settings.rag_sources > 1:  # one distractor from another document, so citing is a choice
             chunks.append(index.chunks[others[0]])
         rng.shuffle(chunks)  # the supporting source is not always [1]
         support = [float(index.embeddings[row_of[c.id]] @ avec) for c in chunks]
@@ -112,8 +112,9 @@ def build_examples(conversations, system_prompt: str, index, embedder, settings,
         pool = rng.sample(range(len(index.chunks)), min(len(index.chunks), 64))
         pool.sort(key=lambda row: float(index.embeddings[row] @ qvec))  # least related first
         chunks = [index.chunks[row] for row in pool[: settings.rag_sources]]
-        if float(index.embeddings[pool[0]] @ qvec) >= threshold:
-            continue
+        closest = pool[min(settings.rag_sources, len(pool)) - 1]  # the most related of the sources given
+        if float(index.embeddings[closest] @ qvec) >= threshold:
+            continue  # a source might answer it after all: "I don't know" would be the wrong lesson
         sources = [_source(i + 1, c) for i, c in enumerate(chunks)]
         rebuild = lambda found, q=question: build_messages(system_prompt, q, found) + [  # noqa: E731
             {"role": "assistant", "content": NO_ANSWER}]
