@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,11 @@ def test_cli_edit_then_rollback_is_bit_exact(edited_build, cli, tmp_path, tiny_m
     # the manifest knows the new files: the next build keeps the rolled-back state
     pack_dir = json.loads((edited_build / "manifest.json").read_text())["pack_dir"]
     assert pipeline.build(pack_dir, out=edited_build, steps=["edit"], base_model=str(tiny_model_dir))[-1].status == "skipped"
+    # a new edit after rollbacks gets a new number: edit-0002 already named the undone one
+    copy = Path(shutil.copytree(edited_build, tmp_path / "copy"))
+    code, output = cli("edit", copy, "--requests", requests, "--method", "memit")
+    assert code == 0, output
+    assert [json.loads(line)["id"] for line in (copy / "edit" / "log.jsonl").read_text().splitlines()] == ["edit-0003"]
 
 
 def test_edits_can_be_reapplied_to_a_copy(edited_build):

@@ -78,6 +78,8 @@ BAD_PACKS = [
     ("eval question in training", lambda p: (_write(p, "instructions/train.jsonl", '{"instruction": "Where is Lake Vor?", "output": "North."}\n'),
                                             _write(p, "eval/qa.jsonl", '{"question": "q", "answer": "a"}\n{"question": "where is lake vor", "answer": "north"}\n')),
      "qa.jsonl:2: this question is also in the training data (instructions/train.jsonl line 1)"),
+    ("MEMIT layers not increasing", lambda p: _write(p, "pack.yaml", (p / "pack.yaml").read_text() + "  edit: {hparams: {layers: [8, 4]}}\n"),
+     "layers must be a non-empty list of increasing layer numbers"),
     ("empty documents folder", lambda p: [f.unlink() for f in (p / "documents").iterdir()], "no documents"),
     ("non-UTF-8 document", lambda p: _write(p, "documents/bad.txt", b"ok line\n\xc3\x28 broken\n"), "bad.txt:2: not UTF-8"),
     ("empty document", lambda p: _write(p, "documents/empty.md", ""), "empty.md: document is empty"),
@@ -129,6 +131,9 @@ def test_packs_init_from_docs(cli, tmp_path):
     assert problems == []
     assert pack.config.disclaimer == load_pack("medical").config.disclaimer
     assert [p.name for p in pack.document_files()] == ["policy.md"]
+    # the template's own settings only: written-out defaults would override the model's tuned edit layer
+    assert pack.config.stages.model_dump(exclude_unset=True) == load_pack("medical").config.stages.model_dump(exclude_unset=True)
+    assert "edit" not in (tmp_path / "acme" / "pack.yaml").read_text()
     # refusing to overwrite is also a one-line error
     code, output = cli("packs", "init", "acme", "--docs", docs, "--dir", tmp_path / "acme")
     assert code != 0 and "already exists" in output

@@ -178,7 +178,8 @@ def _true_targets(editor: Editor, requests) -> list[str]:
     return [r.target_true or greedy_target(editor.model, editor.tokenizer, r.prompt) for r in requests]
 
 
-def _write(out: Path, editor: Editor, previous: list[dict], applied: list[tuple[dict, dict]], previous_dir: Path | None) -> list[dict]:
+def _write(out: Path, editor: Editor, previous: list[dict], applied: list[tuple[dict, dict]], previous_dir: Path | None,
+           rolled_back: list[str] = ()) -> list[dict]:
     """Write model/, log.jsonl and deltas/ into `out` (a temporary folder the caller renames)."""
     import shutil
 
@@ -191,8 +192,12 @@ def _write(out: Path, editor: Editor, previous: list[dict], applied: list[tuple[
         for entry in previous:
             shutil.copy2(previous_dir / entry["file"], out / entry["file"])
     entries = list(previous)
+    # numbers are never reused: an id rolled back earlier names a different edit in metrics.json
+    issued = [int(i.split("-")[-1]) for i in [e["id"] for e in entries] + list(rolled_back) if i.split("-")[-1].isdigit()]
+    number = max(issued, default=0)
     for entry, tensors in applied:
-        entry = {**entry, "id": f"edit-{len(entries) + 1:04d}", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        number += 1
+        entry = {**entry, "id": f"edit-{number:04d}", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         entry["file"] = f"deltas/{entry['id']}.safetensors"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / entry["file"]))
         entries.append(entry)
@@ -287,9 +292,9 @@ def edit_build(build_dir: Path, requests_file: Path, method: str | None = None) 
                              _document_texts(pack) if settings.hparams.mom2 == "stats" else [])
         metrics, applied = _run_edits(editor, requests, method)
         metrics["requests_file"] = str(requests_file)
+        history = json.loads((edit_dir / "metrics.json").read_text()) if (edit_dir / "metrics.json").is_file() else {}
         with atomic_dir(edit_dir) as tmp:
-            _write(tmp, editor, previous, applied, edit_dir if previous else None)
-            history = json.loads((edit_dir / "metrics.json").read_text()) if (edit_dir / "metrics.json").is_file() else {}
+            _write(tmp, editor, previous, applied, edit_dir if previous else None, history.get("rolled_back", []))
             atomic_write_json(tmp / "metrics.json", {**history, "last_command": metrics})
         record_outputs(build_dir, "edit", json.loads((edit_dir / "metrics.json").read_text()))
     return metrics
@@ -318,6 +323,7 @@ def rollback(build_dir: Path, edit_id: str | None = None) -> list[str]:
         weights_files = sorted((edit_dir / "model").glob("*.safetensors"))
         with atomic_dir(edit_dir) as tmp:
             shutil.copytree(edit_dir / "model", tmp / "model")
+            restored: set[str] = set()
             for weights in weights_files:
                 state = load_file(str(weights))
                 touched = False
@@ -327,9 +333,14 @@ def rollback(build_dir: Path, edit_id: str | None = None) -> list[str]:
                         if name in state:
                             state[name] = saved[f"before.{name}"]
                             touched = True
+                            restored.add(name)
                 if touched:
                     (tmp / "model" / weights.name).unlink()
                     save_file(state, str(tmp / "model" / weights.name), metadata={"format": "pt"})
+            lost = sorted({name for entry in undone for name in entry["weights"]} - restored)
+            if lost:  # raised inside atomic_dir: the edit folder stays as it was
+                raise VerticalError(f"cannot roll back: {lost[0]} is in no weights file of {edit_dir / 'model'}; "
+                                    "the edit log and the model do not belong together (build again with --force edit)")
             (tmp / "deltas").mkdir()
             for entry in entries[:cut]:
                 shutil.copy2(edit_dir / entry["file"], tmp / entry["file"])

@@ -56,9 +56,15 @@ class Batch:
     lookup: list[int]  # last subject token of each row
 
 
-def batch_prompts(tokenizer, texts: list[str], subjects: list[str]) -> Batch:
+def in_contexts(templates: list[str], prompt: str) -> tuple[list[str], list[int]]:
+    """The prompt behind each context prefix, and where in each text the prompt begins."""
+    return [t.format(prompt) for t in templates], [t.index("{}") for t in templates]
+
+
+def batch_prompts(tokenizer, texts: list[str], subjects: list[str], starts: list[int] | None = None) -> Batch:
     rows = [encode(tokenizer, text) for text in texts]
-    lookup = [subject_span(tokenizer, text, subject)[1] - 1 for text, subject in zip(texts, subjects)]
+    starts = starts or [0] * len(texts)
+    lookup = [subject_span(tokenizer, text, subject, start)[1] - 1 for text, subject, start in zip(texts, subjects, starts)]
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id or 0
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
@@ -85,8 +91,8 @@ def capture_keys(layout: FFNLayout, layers: list[int]):
 def keys_at(model, tokenizer, layout: FFNLayout, layers: list[int], request: EditRequest, templates: list[str],
             per_context: bool = False) -> dict[int, torch.Tensor]:
     """k* for each layer: [m] averaged over contexts, or [contexts, m] with per_context."""
-    texts = [t.format(request.prompt) for t in templates]
-    batch = batch_prompts(tokenizer, texts, [request.subject] * len(texts))
+    texts, starts = in_contexts(templates, request.prompt)
+    batch = batch_prompts(tokenizer, texts, [request.subject] * len(texts), starts)
     with torch.inference_mode(), capture_keys(layout, layers) as seen:
         model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
     rows = torch.arange(len(texts))
@@ -148,11 +154,11 @@ def target_delta(model, tokenizer, layout: FFNLayout, request: EditRequest, laye
     from vertical.models.registry import autocast
 
     new_ids = target_ids(tokenizer, request.target_new)
-    rewrite = [t.format(request.prompt) for t in templates]
+    rewrite, starts = in_contexts(templates, request.prompt)
     kl_prompt = f"{request.subject} is a"
     rows = [encode(tokenizer, text) + new_ids[:-1] for text in rewrite] + [encode(tokenizer, kl_prompt)]
     prompt_lengths = [len(encode(tokenizer, text)) for text in rewrite]
-    lookup = [subject_span(tokenizer, text, request.subject)[1] - 1 for text in rewrite]
+    lookup = [subject_span(tokenizer, text, request.subject, start)[1] - 1 for text, start in zip(rewrite, starts)]
     lookup.append(subject_span(tokenizer, kl_prompt, request.subject)[1] - 1)
     split = SplitRows.cut(rows, lookup, tokenizer.pad_token_id or 0)
     # positions from here on count from each row's subject token (suffix column 0)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 HPARAMS_DIR = Path(__file__).with_name("hparams")
 
@@ -36,6 +36,15 @@ class EditHyperParams(BaseModel):
     ft_lr: float = Field(5e-4, gt=0)
     ft_norm_constraint: float = Field(5e-4, ge=0, description="max change of any weight entry (L-inf)")
     seed: int = 0
+
+
+    @field_validator("layers")
+    @classmethod
+    def _increasing(cls, value):
+        # MEMIT targets the last listed layer and spreads the change over the ones below it
+        if isinstance(value, list) and (not value or any(b <= a for a, b in zip(value, value[1:]))):
+            raise ValueError("layers must be a non-empty list of increasing layer numbers, e.g. [4, 5, 6, 7, 8]")
+        return value
 
 
 def load_hparams(model_name: str, overrides: dict | None = None) -> EditHyperParams:

@@ -82,6 +82,8 @@ def memit(model, tokenizer, layout: FFNLayout, requests: list[EditRequest], laye
         R = torch.cat(residuals).T.double()  # [d, n*c]
         C = cov[layer].double() if layer in cov else torch.eye(K.shape[0], dtype=torch.float64)
         A = hp.mom2_update_weight * C + K @ K.T
+        # the same tiny ridge as ROME's solve: C from fewer tokens than the FFN is wide is singular
+        A += 1e-6 * A.diagonal().mean().clamp(min=1e-12) * torch.eye(A.shape[0], dtype=A.dtype)
         update = torch.linalg.solve(A, (R @ K.T).T).T.float()  # R K^T A^-1 (A symmetric)
         _check(update, f"MEMIT batch at layer {layer}")
         weight = layout.down_proj(layer).weight
@@ -93,10 +95,10 @@ def memit(model, tokenizer, layout: FFNLayout, requests: list[EditRequest], laye
 
 def _residual_at(model, tokenizer, layout: FFNLayout, layer: int, request: EditRequest, templates: list[str]):
     """Layer `layer`'s residual output at the subject's last token, one row per context."""
-    from vertical.edit.compute import batch_prompts
+    from vertical.edit.compute import batch_prompts, in_contexts
 
-    texts = [t.format(request.prompt) for t in templates]
-    batch = batch_prompts(tokenizer, texts, [request.subject] * len(texts))
+    texts, starts = in_contexts(templates, request.prompt)
+    batch = batch_prompts(tokenizer, texts, [request.subject] * len(texts), starts)
     seen = {}
 
     def hook(_module, _args, output):

@@ -10,12 +10,14 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
-def subject_span(tokenizer, prompt: str, subject: str) -> tuple[int, int]:
-    """[start, end) token positions of the subject's first occurrence in the prompt.
+def subject_span(tokenizer, prompt: str, subject: str, after: int = 0) -> tuple[int, int]:
+    """[start, end) token positions of the subject's first occurrence in the prompt at or after
+    character `after` (where the edit's own prompt begins behind a context prefix, so a subject
+    that the sampled prefix happens to mention is not the one edited).
 
     Found through character offsets, so it is right whatever the tokenizer does at the subject's
     boundaries (a leading space merged into the first subject token, for example)."""
-    at = prompt.find(subject)
+    at = prompt.find(subject, after)
     if at < 0:
         raise VerticalError(f"subject {subject!r} does not occur in prompt {prompt!r}")
     encoding = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)

@@ -341,7 +341,8 @@ def init_pack(name: str, docs: Path, template: str | None = None, dest: Path | N
             "given and cite them like [1]. If the sources do not contain the answer, say that you do not know."),
         "disclaimer": base.disclaimer if base else "",
         "data": {"documents": ["documents"]},
-        "stages": base.stages.model_dump() if base else {},
+        # only what the template sets: written-out defaults would override the model's tuned edit settings
+        "stages": base.stages.model_dump(exclude_unset=True) if base else {},
     }
     try:
         PackConfig.model_validate(settings)
