@@ -292,33 +292,50 @@ def decode_speeds(models: dict[str, Any], tokenizer, new_tokens: int = 48, runs:
 def _reapply_edits(ctx, model_dir: Path, kept: list[int]) -> dict[str, Any] | None:
     """Run the teacher's logged edits again on the student, at the student layers that correspond
     to the teacher's edited layers, and measure them (deltas cannot be copied: the shapes match
-    but the student's keys and values differ)."""
-    from vertical.edit import Editor, _document_texts, _model_name, _run_edits, read_log
+    but the student's keys and values differ). Consecutive edits of one method are replayed
+    together, in the log's order (a build's ROME edits, then a later `vertical edit --method memit`)."""
+    from vertical.distill.student import student_layer
+    from vertical.edit import Editor, _document_texts, _model_name, _run_edits, _true_targets, measure, read_log
     from vertical.edit.hparams import load_hparams
     from vertical.pack.schema import EditRequest
-    from vertical.distill.student import student_layer
 
     entries = read_log(ctx.build_dir / "edit")
     if not entries:
         return None
-    requests = [EditRequest.model_validate(r) for entry in entries for r in entry["requests"]]
-    method = entries[0]["method"]
-    teacher_layers = sorted({layer for entry in entries for layer in entry["layers"]})
-    layers = sorted({student_layer(layer, kept) for layer in teacher_layers})
+    groups: list[tuple[str, list[dict]]] = []
+    for entry in entries:
+        if groups and groups[-1][0] == entry["method"]:
+            groups[-1][1].append(entry)
+        else:
+            groups.append((entry["method"], [entry]))
     settings = ctx.pack.config.stages.edit
     model_name = _model_name(ctx.build_dir)
     overrides = settings.hparams.model_dump(exclude_unset=True)
     default_layers = load_hparams(model_name, overrides).layers
-    span = len(default_layers) if isinstance(default_layers, list) else len(layers)
-    if method == "memit" and len(layers) < span:  # MEMIT spreads over a span; keep its width in the student
-        start = max(0, min(layers[0], len(kept) - span))
-        layers = list(range(start, start + span))
-    overrides.update(layer=layers[0], layers=layers)
     editor = Editor.load(model_dir, model_name, overrides,
                          _document_texts(ctx.pack) if settings.hparams.mom2 == "stats" else [])
-    metrics, _ = _run_edits(editor, requests, method, ctx.reporter.track)
+    everything = [EditRequest.model_validate(r) for entry in entries for r in entry["requests"]]
+    true_targets = _true_targets(editor, everything) if len(groups) > 1 else None
+    runs = []
+    for method, group in groups:
+        requests = [EditRequest.model_validate(r) for entry in group for r in entry["requests"]]
+        teacher_layers = sorted({layer for entry in group for layer in entry["layers"]})
+        layers = sorted({student_layer(layer, kept) for layer in teacher_layers})
+        span = len(default_layers) if isinstance(default_layers, list) else len(layers)
+        if method == "memit" and len(layers) < span:  # MEMIT spreads over a span; keep its width in the student
+            start = max(0, min(layers[0], len(kept) - span))
+            layers = list(range(start, start + span))
+        editor.hp = load_hparams(model_name, {**overrides, "layer": layers[0], "layers": layers})
+        metrics, _ = _run_edits(editor, requests, method, ctx.reporter.track)
+        runs.append({**metrics, "teacher_layers": teacher_layers, "student_layers": layers})
     editor.model.save_pretrained(model_dir, safe_serialization=True)
-    return {**metrics, "teacher_layers": teacher_layers, "student_layers": layers}
+    if len(runs) == 1:
+        return runs[0]
+    after = measure(editor, everything, true_targets)  # every edit, once all are in
+    return {"method": "+".join(method for method, _ in groups), "edits": len(everything), "runs": runs,
+            "after": after, **{k: after[k] for k in ("efficacy", "generalization", "locality", "fluency")},
+            "teacher_layers": sorted({l for r in runs for l in r["teacher_layers"]}),
+            "student_layers": sorted({l for r in runs for l in r["student_layers"]})}
 
 
 def run(ctx, out: Path) -> dict[str, Any]:
