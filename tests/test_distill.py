@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,6 +146,22 @@ def test_distill_stage_trains_a_smaller_student_and_reapplies_edits(exported_bui
     assert set(edits["before"]) == set(edits["after"]) and edits["seconds_per_edit"] > 0
     student = load_causal_lm(exported_build / "distill" / "model")
     assert student.config.num_hidden_layers == 2
+
+
+def test_a_later_memit_edit_is_replayed_on_the_student_with_memit(exported_build, tmp_path, cli):
+    build = Path(shutil.copytree(exported_build, tmp_path / "build"))
+    manifest = json.loads((build / "manifest.json").read_text())
+    requests = tmp_path / "memit.jsonl"
+    requests.write_text(json.dumps({"prompt": "The Siln river flows into", "subject": "Siln", "target_new": "Lake Vor",
+                                    "target_true": "the sea"}) + "\n")
+    code, output = cli("edit", build, "--requests", requests, "--method", "memit")
+    assert code == 0, output
+    result = pipeline.build(manifest["pack_dir"], out=build, steps=["distill"],
+                            base_model=manifest["stages"]["base"]["inputs"]["base_model"])[-1]
+    edits = result.metrics["edits"]
+    assert result.status == "done" and edits["method"] == "rome+memit" and edits["edits"] == 2
+    assert [run["method"] for run in edits["runs"]] == ["rome", "memit"]
+    assert set(edits["after"]) >= {"efficacy", "generalization", "locality"}
 
 
 def test_distill_resumes_from_its_checkpoint(tmp_path, monkeypatch):
