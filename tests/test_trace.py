@@ -54,8 +54,10 @@ def test_shapes_tokens_and_subject_range(traces, model, tokenizer):
 
 def test_restoring_the_last_state_gives_the_clean_answer_back(traces, model, tokenizer):
     result = traces["hidden"]
-    assert abs(result.p_clean - result.p_corrupt) > 1e-4  # the corruption did something to undo
-    assert result.scores[-1, -1] == pytest.approx(result.p_clean, rel=1e-4, abs=1e-6)
+    # the corruption moved P(answer) by more than the tolerance the restore is checked with, so the
+    # check below can fail (the random tiny model's next-token distribution is nearly flat)
+    assert abs(result.p_clean - result.p_corrupt) > 2e-4 * result.p_clean
+    assert result.scores[-1, -1] == pytest.approx(result.p_clean, rel=1e-4, abs=0)
     # The clean answer is really the model's top next token.
     import torch
 
