@@ -32,16 +32,6 @@ class BundleInvalid(VerticalError):
     """The folder is not a bundle, or a file in it does not match its manifest."""
 
 
-def is_bundle(path: Path) -> bool:
-    manifest = Path(path) / MANIFEST
-    if not manifest.is_file():
-        return False
-    try:
-        return json.loads(manifest.read_text(encoding="utf-8")).get("format") == FORMAT
-    except (ValueError, UnicodeDecodeError):
-        return False
-
-
 def list_files(folder: Path) -> dict[str, dict[str, Any]]:
     """Every file under `folder` except the manifest: relative path -> size and sha256."""
     files = {}
