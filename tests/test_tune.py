@@ -180,3 +180,45 @@ def test_half_written_checkpoint_is_not_resumed(tmp_path):
     assert _last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-5"
     assert not (tmp_path / "checkpoint-10").exists()
     assert _last_complete_checkpoint(tmp_path / "none") is None
+
+
+def test_answer_loss_equals_the_models_own_loss(tokenizer, tiny_model_dir, tmp_path):
+    """The trainer projects to the vocabulary only where a label is: same loss and gradients as
+    the model's full-vocabulary loss, including a row with two answers and rows of unequal length."""
+    import torch
+    from peft import get_peft_model
+
+    from vertical.models import load_causal_lm
+    from vertical.tune import lora_config, make_trainer
+
+    settings = TuneSettings(batch_size=3, gradient_accumulation=1, lora_rank=4, lora_dropout=0.0)
+    hp = hyperparameters(settings, 1000)
+    conversations = [
+        [{"role": "user", "content": "Colour of Zorblat?"}, {"role": "assistant", "content": "Purple."}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is Quentar, the old city?"},
+         {"role": "assistant", "content": "In the cold valley."}, {"role": "user", "content": "And Mirrow?"},
+         {"role": "assistant", "content": "By the sea."}],
+        [{"role": "user", "content": "Name the river."}, {"role": "assistant", "content": "The Sable, which floods."}],
+    ]
+    features = [tokenize(tokenizer, messages, 512)[0] for messages in conversations]
+    torch.manual_seed(0)
+    model = get_peft_model(load_causal_lm(tiny_model_dir), lora_config(settings, hp))
+    model.train()
+    trainer = make_trainer(model, tokenizer, features, settings, hp, tmp_path / "out")
+    batch = trainer.data_collator(features)
+    assert (batch["labels"][:, 1:] != -100).any(0).float().mean() < 0.8  # the test covers skipped columns
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    ours, our_grads = loss_and_grads(lambda: trainer.compute_loss(model, dict(batch)))
+    theirs, their_grads = loss_and_grads(lambda: model(**batch).loss)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours, theirs)
+    assert max(float((a - b).abs().max() / (b.abs().max() + 1e-12)) for a, b in zip(our_grads, their_grads)) < 1e-4
+    # over an accumulated batch the sum is divided by the count Trainer passes, as the model does
+    count = int((batch["labels"][:, 1:] != -100).sum()) * 2
+    halved = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(count))
+    assert torch.allclose(halved, ours / 2, atol=1e-5)
