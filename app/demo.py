@@ -14,6 +14,7 @@ outside the machine.
 import html
 import json
 import logging
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -327,9 +328,14 @@ def upload(source: DemoSource, files: list) -> tuple[str, list[list]]:
 
     if not files:
         return "Choose files to add.", documents(source)
-    paths = [Path(f if isinstance(f, str) else f.name) for f in files]
-    with source.lock:
-        note = add_documents(source.path, paths)
+    uploads = [Path(f if isinstance(f, str) else f.name) for f in files]
+    names = [path.name for path in uploads]
+    if len(set(names)) < len(names):
+        raise VerticalError("two of the files have the same name; a document's name is its id: rename one")
+    # Gradio keeps uploads under random temporary folders: cite each by its own file name instead
+    with source.lock, tempfile.TemporaryDirectory() as scratch:
+        staged = [Path(shutil.copy2(path, Path(scratch) / path.name)) for path in uploads]
+        note = add_documents(source.path, staged, root=Path(scratch))
         source.reload_index()
     message = (f"Added {len(note['added'])}, replaced {len(note['replaced'])}, unchanged {note['unchanged']} "
                f"({note['embedded_chunks']} chunks embedded).")

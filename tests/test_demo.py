@@ -225,3 +225,26 @@ def test_rendered_text_cannot_fetch_remote_images_and_handlers_fail_in_one_line(
         list(streaming())
     rows = report_tables({"index": {"mrr@10": 0.9}, "export": {"onnx_speedup": 7.3, "bundle_bytes": 1}})
     assert ["index", "mrr@10", 0.9] in rows and ["export", "onnx_speedup", 7.3] in rows
+
+
+def test_uploaded_documents_are_cited_by_their_file_name(demo_build, tmp_path):
+    """Gradio hands over uploads under random temporary folders; the index names the file itself."""
+    import gradio as gr
+
+    from vertical.app.demo import open_source, upload
+
+    source = open_source(demo_build)
+    gradio_tmp = tmp_path / "gradio" / "3f9a1c"
+    gradio_tmp.mkdir(parents=True)
+    note = gradio_tmp / "ward-rota.md"
+    note.write_text("# Ward rota\n\nThe Quentar ward changes shift at seven in the morning.\n")
+    message, rows = upload(source, [str(note)])
+    assert message.startswith("Added 1"), message
+    assert ["ward-rota", "Ward rota", "ward-rota.md", 1] in rows
+    hit = source.assistant.index.search("When does the Quentar ward change shift?", source.assistant.embedder.encode, 1)
+    assert hit[0].chunk.source == "ward-rota.md"
+    other = tmp_path / "gradio" / "77b2e0"
+    other.mkdir()
+    (other / "ward-rota.md").write_text("# Another\n\ntext\n")
+    with pytest.raises(gr.Error, match="same name"):
+        upload(source, [str(note), str(other / "ward-rota.md")])

@@ -206,7 +206,7 @@ def test_answer_loss_equals_the_models_own_loss(tokenizer, tiny_model_dir, tmp_p
     model.train()
     trainer = make_trainer(model, tokenizer, features, settings, hp, tmp_path / "out")
     batch = trainer.data_collator(features)
-    assert (batch["labels"][:, 1:] != -100).any(0).float().mean() < 0.8  # the test covers skipped columns
+    assert (batch["labels"][:, 1:] != -100).float().mean() < 0.5  # most positions have no label
 
     def loss_and_grads(compute):
         model.zero_grad()

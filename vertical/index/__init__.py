@@ -186,9 +186,9 @@ def _unusable(problems: list, what_to_do: str) -> str:
     return f"{len(problems)} document file(s) cannot be used; {what_to_do}:\n{lines}"
 
 
-def add_documents(build_dir: Path, paths: list[Path], track=None) -> dict[str, Any]:
+def add_documents(build_dir: Path, paths: list[Path], track=None, root: Path | None = None) -> dict[str, Any]:
     """Add or replace documents (matched by id; unchanged content is not re-embedded). Nothing is
-    added when any file cannot be used."""
+    added when any file cannot be used. Citations name each file as given, or relative to `root`."""
     index, embedder = open_index(build_dir)
     files = []
     for path in paths:
@@ -200,7 +200,7 @@ def add_documents(build_dir: Path, paths: list[Path], track=None) -> dict[str, A
             files.append(path)
         else:
             raise VerticalError(f"{path} does not exist")
-    documents, problems = load_documents(files)
+    documents, problems = load_documents(files, root)
     if problems:
         raise VerticalError(_unusable(problems, "nothing was added; fix, convert or remove them and add again"))
     hashes: dict[str, str] = index.meta.setdefault("doc_hashes", {})

@@ -58,11 +58,11 @@ def lora_config(settings, hp: dict[str, Any]):
 
 
 def _answer_loss_trainer():
-    """transformers' Trainer with a loss that runs the vocabulary projection only at the columns
-    where some row of the batch has a label. With retrieved sources in the prompt most of an
-    example's tokens are prompt, and SmolLM2's 49k-word head costs per position about what eight of
-    its 30 layers do: computing (and back-propagating) those logits was a fifth of each step for
-    nothing. The loss is the same token-weighted cross-entropy as the model's own."""
+    """transformers' Trainer with a loss that runs the vocabulary projection only at the positions
+    that have a label. With retrieved sources in the prompt most of an example's tokens are
+    prompt, and SmolLM2's 49k-word head costs per position about what eight of its 30 layers do:
+    computing and back-propagating those logits was about a fifth of each step, for nothing. The
+    loss is the model's own token-weighted cross-entropy."""
     import torch
     from transformers import Trainer
 
@@ -70,18 +70,22 @@ def _answer_loss_trainer():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = dict(inputs)
             targets = inputs.pop("labels")[:, 1:]  # the token each position predicts
-            columns = (targets != -100).any(0).nonzero().squeeze(-1)
-            # through the model's own forward (not its inner modules): DDP and accelerate stay in charge
-            outputs = model(**inputs, logits_to_keep=columns)
-            chosen = targets[:, columns]
-            loss = torch.nn.functional.cross_entropy(outputs.logits.float().flatten(0, 1), chosen.flatten(),
-                                                     ignore_index=-100, reduction="sum")
+            rows, columns = (targets != -100).nonzero(as_tuple=True)
+            # the head sees the labelled positions' hidden states only; the forward itself stays the
+            # model's own (not its inner modules), so DDP and accelerate stay in charge
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            handle = head.register_forward_pre_hook(lambda _module, args: (args[0][rows, columns],))
+            try:
+                outputs = model(**inputs)
+            finally:
+                handle.remove()
+            loss = torch.nn.functional.cross_entropy(outputs.logits.float(), targets[rows, columns], reduction="sum")
             if num_items_in_batch is not None:  # counted over the whole accumulated batch (and every device)
                 loss = loss / num_items_in_batch
                 if self.args.average_tokens_across_devices:
                     loss = loss * self.accelerator.num_processes  # DDP averages the gradients again
             else:
-                loss = loss / (chosen != -100).sum().clamp(min=1)
+                loss = loss / max(len(rows), 1)
             return (loss, outputs) if return_outputs else loss
 
     return AnswerLossTrainer
