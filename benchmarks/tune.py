@@ -2,10 +2,13 @@
 loop on the same model, data and batch shape, and the share of this machine's matmul throughput
 that training reaches. Both run in this one process, one after the other.
 
-    python benchmarks/tune.py [--model PATH] [--steps 8] [--batch 4] [--seq 512]
+    python benchmarks/tune.py [--model PATH] [--steps 8] [--batch 4] [--seq 512] [--answer-share 1.0]
 
 --model defaults to the converted default base model (run `vertical models pull smollm2-135m-instruct`
 first). Every batch is exactly --batch x --seq tokens (no padding), so both sides do the same work.
+--answer-share < 1 labels only the last share of each row, as in the pack's examples, where the
+prompt with its retrieved sources is most of the tokens: the plain loop computes the model's own
+loss over every position's logits, the stage's Trainer the logits of labelled positions only.
 FLOPs per trained token are counted as 4 x parameters for LoRA (forward 2N, backward through the
 frozen weights 2N; the adapters' own share is negligible), the usual 6N minus the frozen weight
 gradients.
@@ -47,6 +50,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--answer-share", type=float, default=1.0, help="labelled share at the end of each row")
     args = parser.parse_args()
     model_dir = Path(args.model) if args.model else ensure_local(resolve_base_model("smollm2-135m-instruct"))
     tokenizer = load_tokenizer(model_dir)
@@ -54,7 +58,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     n = args.steps * args.batch
-    features = [{"input_ids": ids, "attention_mask": [1] * args.seq, "labels": ids}
+    prompt = args.seq - max(1, round(args.answer_share * args.seq))
+    features = [{"input_ids": ids, "attention_mask": [1] * args.seq, "labels": [-100] * prompt + ids[prompt:]}
                 for ids in torch.randint(100, tokenizer.vocab_size - 1, (n, args.seq)).tolist()]
     settings = TuneSettings(batch_size=args.batch, gradient_accumulation=1, epochs=1)
     hp = hyperparameters(settings, n_params)
@@ -77,8 +82,9 @@ def main() -> None:
     for step in range(args.steps):
         batch = features[step * args.batch:(step + 1) * args.batch]
         ids = torch.tensor([f["input_ids"] for f in batch])
+        labels = torch.tensor([f["labels"] for f in batch])
         with autocast():  # the same mixed precision the stage's Trainer uses
-            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -88,7 +94,7 @@ def main() -> None:
     stage_tps, plain_tps = tokens / stage_seconds, tokens / plain_seconds
     reached = 4 * n_params * stage_tps / 1e9
     print(f"model {model_dir.name}: {n_params / 1e6:.1f}M parameters, {args.steps} steps of {args.batch}x{args.seq} tokens, "
-          f"{'bf16 autocast' if bf16_supported() else 'fp32'}")
+          f"{'bf16 autocast' if bf16_supported() else 'fp32'}, labels on the last {args.seq - prompt} tokens of each row")
     print(f"tune stage (Trainer)  {stage_tps:10.1f} tokens/s")
     print(f"plain PEFT loop       {plain_tps:10.1f} tokens/s")
     print(f"ratio stage/plain     {stage_tps / plain_tps:10.2f}   (goal: >= 0.90)")
