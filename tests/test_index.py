@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from vertical import pipeline
 from vertical.index import add_documents, open_index, remove_documents
@@ -275,3 +276,13 @@ def test_a_pack_with_an_unreadable_document_does_not_build_an_index(tiny_pack, t
     code, output = cli("build", tiny_pack, "--out", out, "--steps", "index")
     assert code != 0 and "scan.pdf" in output and "unreadable PDF" in output and "Traceback" not in output
     assert not (out / "index").exists()
+
+
+def test_chunks_longer_than_the_embedders_window_are_refused(tiny_pack, tmp_path, cli):
+    config = yaml.safe_load((tiny_pack / "pack.yaml").read_text())
+    config.setdefault("stages", {}).setdefault("index", {})["chunk_tokens"] = 400
+    (tiny_pack / "pack.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "build"
+    code, output = cli("build", tiny_pack, "--out", out, "--steps", "index")
+    assert code != 0 and "chunk_tokens is 400" in output and "256-token window" in output, output
+    assert "Traceback" not in output and not (out / "index").exists()

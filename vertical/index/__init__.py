@@ -58,6 +58,10 @@ def run(ctx, out: Path) -> dict[str, Any]:
     if problems:  # an index silently missing a document would answer "I don't know" from it
         raise VerticalError(_unusable(problems, "fix, convert or remove them, then build again"))
     embedder = Embedder(ctx.pack.config.embedder)
+    if settings.chunk_tokens > embedder.max_tokens:  # the embedder would silently drop each chunk's tail
+        raise VerticalError(f"{ctx.pack.root / 'pack.yaml'}: stages.index.chunk_tokens is {settings.chunk_tokens}, "
+                            f"longer than the {embedder.max_tokens}-token window of the embedder "
+                            f"{ctx.pack.config.embedder}; set it to {embedder.max_tokens} or less")
     chunks = _chunk_all(documents, embedder.tokenizer, settings)
 
     started = time.perf_counter()
