@@ -31,10 +31,26 @@ def inputs(ctx) -> dict[str, Any]:
             "retrieval_eval": ctx.pack.fingerprint("retrieval_eval")}
 
 
+def student_ships(settings, retention: float | None) -> tuple[bool, str]:
+    """Whether `stages.export` ships the distilled student rather than the teacher, and why. `auto`
+    ships it only if it kept at least `min_retention` of the teacher's QA score: a faster model that
+    lost the pack's answers is no deployment; without a QA score to judge by, the student ships."""
+    if settings.model == "student":
+        return True, "asked for (stages.export.model: student)"
+    if settings.model == "teacher":
+        return False, "asked for (stages.export.model: teacher)"
+    if retention is None:
+        return True, "no QA score to compare the student with the teacher"
+    if retention >= settings.min_retention:
+        return True, f"retention {retention:.2f} >= {settings.min_retention}"
+    return False, f"student retention {retention:.2f} < {settings.min_retention}"
+
+
 def _model_to_export(ctx, settings) -> tuple[Path, str, str]:
-    """(model folder, "student" | "teacher", why). `auto` ships the student only if it kept at least
-    `min_retention` of the teacher's QA score: a faster model that lost the pack's answers is no
-    deployment; a build without QA items to judge by ships the student."""
+    """(model folder, "student" | "teacher", why), by student_ships on the distill stage's retention."""
+    from vertical.distill import EDITS_SKIPPED
+    from vertical.edit import read_log
+    from vertical.errors import VerticalError
     from vertical.generation import best_model_dir
 
     student = ctx.build_dir / "distill" / "model"
@@ -43,20 +59,19 @@ def _model_to_export(ctx, settings) -> tuple[Path, str, str]:
         if settings.model != "teacher":
             log.warning("export: the build has no distilled student (run the distill stage); exporting the teacher")
         return teacher, "teacher", "no distilled student"
-    if settings.model == "student":
-        return student, "student", "asked for (stages.export.model: student)"
-    if settings.model == "teacher":
-        return teacher, "teacher", "asked for (stages.export.model: teacher)"
     distill = json.loads((student.parent / "metrics.json").read_text()) if (student.parent / "metrics.json").is_file() else {}
-    retention = distill.get("retention")
-    if retention is None:
-        return student, "student", "no QA score to compare the student with the teacher"
-    if retention >= settings.min_retention:
-        return student, "student", f"retention {retention:.2f} >= {settings.min_retention}"
-    log.warning("export: the student keeps %.0f%% of the teacher's QA score (below stages.export.min_retention=%s); "
-                "exporting the teacher (stages.export.model: student forces the student)",
-                100 * retention, settings.min_retention)
-    return teacher, "teacher", f"student retention {retention:.2f} < {settings.min_retention}"
+    ships, reason = student_ships(settings, distill.get("retention"))
+    if not ships:
+        if settings.model == "auto":
+            log.warning("export: the student keeps %.0f%% of the teacher's QA score (below stages.export.min_retention"
+                        "=%s); exporting the teacher (stages.export.model: student forces the student)",
+                        100 * distill["retention"], settings.min_retention)
+        return teacher, "teacher", reason
+    if distill.get(EDITS_SKIPPED) and read_log(ctx.build_dir / "edit"):
+        raise VerticalError("the distilled student lacks the build's knowledge edits (the distill stage gives them only "
+                            "to a student that will ship): set stages.export.model: student in pack.yaml and run "
+                            "`vertical build PACK` again, which re-runs distill with the edits")
+    return student, "student", reason
 
 
 def _agreement_prompts(ctx, assistant, count: int) -> list[list[dict[str, str]]]:

@@ -164,6 +164,31 @@ def test_a_later_memit_edit_is_replayed_on_the_student_with_memit(exported_build
     assert set(edits["after"]) >= {"efficacy", "generalization", "locality"}
 
 
+def test_a_student_that_will_not_ship_is_not_given_the_edits(exported_build, tmp_path, cli):
+    import yaml
+
+    from vertical.distill import EDITS_SKIPPED
+
+    build = Path(shutil.copytree(exported_build, tmp_path / "build"))
+    manifest = json.loads((build / "manifest.json").read_text())
+    pack = Path(shutil.copytree(manifest["pack_dir"], tmp_path / "pack"))
+    config = yaml.safe_load((pack / "pack.yaml").read_text())
+    config["stages"]["export"]["model"] = "teacher"
+    (pack / "pack.yaml").write_text(yaml.safe_dump(config))
+    result = pipeline.build(pack, out=build, steps=["distill"],
+                            base_model=manifest["stages"]["base"]["inputs"]["base_model"])[-1]
+    assert result.status == "ran"  # the export choice is one of the stage's inputs
+    assert "edits" not in result.metrics and "teacher" in result.metrics[EDITS_SKIPPED]
+    # forcing that student out later would ship it without the edits: refused, saying what to do
+    code, output = cli("export", build, "--model", "student")
+    assert code == 1 and "lacks the build's knowledge edits" in output and "Traceback" not in output
+    from vertical.evaluate import evaluate_path
+
+    report, summary = evaluate_path(build, out=tmp_path / "report")
+    assert set(summary["edits"]) == {"base", "edited", "bundle (ONNX)"}  # no student row: it has no edits
+    assert "The student was not given the edits" in (report / "report.md").read_text()
+
+
 def test_distill_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     import vertical.distill as distill
 

@@ -8,7 +8,8 @@
          document text
       -> sequence-level distillation: KL and cross-entropy on the answers the teacher itself
          generates for the pack's prompts
-      -> the teacher's edit log re-applied to the student, and measured
+      -> the teacher's edit log re-applied to the student, and measured, if the student will ship
+         (stages.export: a student the export stage passes over for the teacher is not edited)
       -> distill/model/ and metrics.json (teacher_score, student_score, retention, speedup, edits)
 
 Training checkpoints into the build's scratch folder every few steps, so a killed build resumes
@@ -30,6 +31,7 @@ from vertical.io import sha256_text
 log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 20  # optimizer steps
+EDITS_SKIPPED = "edits_skipped"  # metrics key: why the edits were not re-applied to the student
 PROBE_SEQUENCES = 8  # sequences on which the candidate layer layouts are compared
 
 
@@ -39,6 +41,8 @@ def inputs(ctx) -> dict[str, Any]:
     pack = ctx.pack
     return {"instructions": pack.fingerprint("instructions"), "system_prompt": sha256_text(pack.config.system_prompt),
             "settings": pack.config.stages.distill.model_dump(), "tune_settings": pack.config.stages.tune.model_dump(),
+            # whether the student ships decides whether it is given the edits
+            "export_choice": pack.config.stages.export.model_dump(include={"model", "min_retention"}),
             **sample_inputs(pack)}
 
 
@@ -341,8 +345,10 @@ def _reapply_edits(ctx, model_dir: Path, kept: list[int]) -> dict[str, Any] | No
 def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.answer import retrieve
     from vertical.distill.student import choose_layers, make_student
+    from vertical.edit import read_log
     from vertical.evaluate import stage_questions
     from vertical.evaluate.qa import TorchLM, known_predictions, score_qa, write_predictions
+    from vertical.export import student_ships
     from vertical.generation import best_model_dir
     from vertical.index import open_index
     from vertical.models import load_causal_lm, load_tokenizer
@@ -395,20 +401,32 @@ def run(ctx, out: Path) -> dict[str, Any]:
     del teacher
     lap("teacher_qa_and_speeds")
 
-    edits = _reapply_edits(ctx, out / "model", kept)
+    def score_student() -> None:
+        student_qa = score_qa(TorchLM(student, tokenizer), qa_items, system, retriever, ctx.reporter.track,
+                              answer_tokens)
+        metrics["student_score"] = student_qa["accuracy"]
+        metrics["retention"] = round(student_qa["accuracy"] / teacher_score, 4) if teacher_score else None
+        metrics["qa_questions"] = len(qa_items)
+        write_predictions(out / "qa_predictions.json", [("teacher + retrieval", teacher_dir, teacher_qa),
+                                                        ("student + retrieval", out / "model", student_qa)])
+
+    if qa_items:
+        score_student()
+    lap("student_qa")
+    # Re-applying the edits costs minutes; a student the export stage will pass over for the teacher
+    # (it lost the pack's answers) does not need them.
+    ships, why = student_ships(ctx.pack.config.stages.export, metrics.get("retention"))
+    edits = _reapply_edits(ctx, out / "model", kept) if ships else None
     if edits is not None:
         metrics["edits"] = edits
         metrics["edit_efficacy"] = edits["efficacy"]
         student = load_causal_lm(out / "model")
-    lap("edits_reapplied")
-    if qa_items:
-        student_qa = score_qa(TorchLM(student, tokenizer), qa_items, system, retriever, ctx.reporter.track,
-                              answer_tokens)
-        metrics["student_score"] = student_qa["accuracy"]
-        write_predictions(out / "qa_predictions.json", [("teacher + retrieval", teacher_dir, teacher_qa),
-                                                        ("student + retrieval", out / "model", student_qa)])
-        metrics["retention"] = round(metrics["student_score"] / teacher_score, 4) if teacher_score else None
-        metrics["qa_questions"] = len(qa_items)
-    lap("student_qa")
+        lap("edits_reapplied")
+        if qa_items:  # the student as it ships, with the edits
+            score_student()
+            lap("student_qa_after_edits")
+    elif not ships and read_log(ctx.build_dir / "edit"):
+        metrics[EDITS_SKIPPED] = f"the student will not be exported ({why})"
+        log.info("distill: edits not re-applied: %s", metrics[EDITS_SKIPPED])
     metrics["phase_seconds"] = clock.seconds
     return metrics

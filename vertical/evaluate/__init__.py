@@ -143,6 +143,12 @@ def evaluate(path: Path, qa_items: list, edits: list, system_prompt: str, settin
             manifest = read_manifest(folder)
             report["bundle_model"] = {**manifest.get("model", {}),
                                       "reason": manifest.get("metrics", {}).get("export", {}).get("model_reason")}
+    if build_dir is not None and (build_dir / "distill" / "metrics.json").is_file():
+        from vertical.distill import EDITS_SKIPPED
+
+        skipped = json.loads((build_dir / "distill" / "metrics.json").read_text()).get(EDITS_SKIPPED)
+        if skipped:
+            report["student_edits_skipped"] = skipped
     build_index = None
     if any(kind == "torch" for _, kind, _, _ in rows):
         from vertical.index import open_index
@@ -164,6 +170,8 @@ def evaluate(path: Path, qa_items: list, edits: list, system_prompt: str, settin
                                  "seconds": round(time.perf_counter() - started, 1),
                                  "reused_from_earlier_stages": result["reused"], "items": result["items"]})
             log.info("eval: %s QA accuracy %s", name, result["accuracy"])
+        if name == "student + retrieval" and "student_edits_skipped" in report:
+            continue  # it was not given the edits: its scores would be the base's
         if edits and name in ("base alone", "edited + retrieval", "student + retrieval", "bundle (ONNX)"):
             label = {"base alone": "base", "edited + retrieval": "edited", "student + retrieval": "student",
                      "bundle (ONNX)": "bundle (ONNX)"}[name]

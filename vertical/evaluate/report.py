@@ -35,6 +35,8 @@ def markdown(report: dict[str, Any]) -> str:
         for row in report["edits"]:
             lines.append(f"| {row['model']} | {_fmt(row['efficacy'])} | {_fmt(row['generalization'])} "
                          f"| {_fmt(row['locality'])} |")
+        if report.get("student_edits_skipped"):
+            lines += ["", f"The student was not given the edits: {report['student_edits_skipped']}."]
         lines += ["", "![Edits](edits.png)", ""]
     for key, title in (("retrieval", "Retrieval (build index, PyTorch embedder)"),
                        ("retrieval_bundle", "Retrieval (bundle index, ONNX embedder)"), ("speed", "Speed")):
