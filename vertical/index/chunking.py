@@ -42,7 +42,8 @@ def _section_at(doc: Document, offset: int) -> str:
     if index < 0:
         return ""
     start = doc.heading_starts[index]
-    line = doc.text[start:doc.text.find("\n", start) if "\n" in doc.text[start:] else len(doc.text)]
+    end = doc.text.find("\n", start)  # no slice of the rest of the text: that made long documents quadratic
+    line = doc.text[start:end if end >= 0 else len(doc.text)]
     return line.lstrip("#").strip()[:120]
 
 
@@ -55,6 +56,7 @@ def chunk_document(doc: Document, tokenizer, chunk_tokens: int, overlap: int) ->
         return []
     starts = [s for s, _ in offsets]
     blocks, sentences = _boundaries(doc)
+    cut_chars = set(blocks) | set(sentences)  # once per document: a set per chunk made long texts quadratic
     chunks: list[Chunk] = []
     first = 0
     while first < len(offsets):
@@ -71,13 +73,12 @@ def chunk_document(doc: Document, tokenizer, chunk_tokens: int, overlap: int) ->
             ))
         if last >= len(offsets):
             break
-        first = _overlap_start(starts, max(last - overlap, first + 1), last, blocks, sentences)
+        first = _overlap_start(starts, max(last - overlap, first + 1), last, cut_chars)
     return chunks
 
 
-def _overlap_start(starts: list[int], candidate: int, last: int, blocks: list[int], sentences: list[int]) -> int:
+def _overlap_start(starts: list[int], candidate: int, last: int, cut_chars: set[int]) -> int:
     """Start the overlap at the first block or sentence start inside it, not mid-sentence."""
-    cut_chars = set(blocks) | set(sentences)
     for token in range(candidate, last):
         if starts[token] in cut_chars:
             return token
