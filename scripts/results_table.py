@@ -1,6 +1,6 @@
 """The README's results table from eval reports (BUILD/eval/report.json or a `vertical eval --out`).
 
-    python scripts/results_table.py builds/legal/eval/report.json builds/finance/eval/report.json ...
+    python scripts/results_table.py builds/legal/eval/report.json builds/finance ...   (a build folder: its eval report)
 
 One row per report: QA accuracy of every model (the bundle's with the model it holds), and the margin of the full vertical model (edited,
 else tuned, with retrieval) over the base model alone with a 95% interval from the paired per-item
@@ -116,5 +116,10 @@ def main(paths: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
-    taught_table(sys.argv[1:])
+    # a build folder stands for its eval/report.json
+    reports = [str(Path(a) / "eval" / "report.json") if Path(a).is_dir() else a for a in sys.argv[1:]]
+    missing = [r for r in reports if not Path(r).is_file()]
+    if missing:
+        sys.exit(f"no eval report at {', '.join(missing)}: give BUILD/eval/report.json or a build folder")
+    main(reports)
+    taught_table(reports)
