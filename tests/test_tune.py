@@ -79,15 +79,17 @@ def test_tune_stage_outputs_and_learns(tiny_pack, tmp_path, tiny_model_dir, monk
     monkeypatch.setenv("VERTICAL_BF16", "0")
     from transformers import AutoModelForCausalLM
 
-    _with_tune(tiny_pack, epochs=12, learning_rate=3e-2, batch_size=2, gradient_accumulation=1, eval_holdout=0,
-               lora_rank=4, save_steps=100)
+    # rank 16 at 1e-2 falls ~0.9 below its start; rank 4 at 3e-2 plateaued ~0.2 below it, and on an
+    # AVX2-only CPU (other rounding) just short of the old 0.2 threshold (2 December)
+    _with_tune(tiny_pack, epochs=12, learning_rate=1e-2, batch_size=2, gradient_accumulation=1, eval_holdout=0,
+               lora_rank=16, lora_alpha=32, save_steps=100)
     out = tmp_path / "b"
     results = pipeline.build(tiny_pack, out=out, steps=["tune"], base_model=str(tiny_model_dir))
     assert [r.name for r in results] == ["base", "index", "tune"]
     metrics = json.loads((out / "tune" / "metrics.json").read_text())
     for key in ("accuracy_base", "accuracy_tuned", "train_tokens_per_s", "train_loss", "verdict", "lora_rank"):
         assert key in metrics
-    assert metrics["lora_rank"] == 4 and metrics["train_tokens"] > 0
+    assert metrics["lora_rank"] == 16 and metrics["train_tokens"] > 0
     base = AutoModelForCausalLM.from_pretrained(out / "base" / "model")
     adapted = PeftModel.from_pretrained(base, out / "tune" / "adapter")
     merged = AutoModelForCausalLM.from_pretrained(out / "tune" / "merged")
@@ -100,7 +102,7 @@ def test_tune_stage_outputs_and_learns(tiny_pack, tmp_path, tiny_model_dir, monk
         assert not torch.allclose(fresh_base(ids).logits, merged(ids).logits, atol=1e-4)
     # it learned: the training loss fell well below where it started (~ln(vocab) for a random model)
     curve = metrics["train_loss_curve"]
-    assert len(curve) >= 6 and sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.2, curve
+    assert len(curve) >= 6 and sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.5, curve
     assert pipeline.build(tiny_pack, out=out, steps=["tune"], base_model=str(tiny_model_dir))[-1].status == "skipped"
 
 
