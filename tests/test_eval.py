@@ -67,6 +67,25 @@ def test_known_answers_are_reused_only_for_the_same_prompt_and_answer_length():
         assert fresh["reused"] == 0 and fresh["accuracy"] == 0.0
 
 
+def test_short_answers_are_batched_by_prompt_length_and_land_on_their_own_items():
+    class EchoLM(ScriptedLM):
+        batches: list[list[int]] = []
+
+        def generate_batch(self, conversations, max_new_tokens):
+            self.batches.append([len(c[-1]["content"]) for c in conversations])
+            return [c[-1]["content"].split()[-1] for c in conversations]  # the question's last word
+
+    lengths = [30, 3, 17, 9, 25, 1, 12, 40, 6, 21]  # out of order, more than one batch of 8
+    items = [QAItem(question="x " * n + f"w{n}", answer=f"w{n}") for n in lengths]
+    items.append(QAItem(question="Is it?", choices=["yes", "no"], label="yes"))
+    lm = EchoLM({"yes": -0.1})
+    result = score_qa(lm, items, "sys")
+    assert result["accuracy"] == 1.0  # every answer came back to the item that asked it
+    assert [r["prediction"] for r in result["items"][:-1]] == [f"w{n}" for n in lengths]
+    flat = [n for batch in lm.batches for n in batch]
+    assert flat == sorted(flat) and [len(b) for b in lm.batches] == [8, 2]
+
+
 def test_edit_scores_follow_the_counterfact_definitions():
     request = EditRequest(prompt="The mayor of Quentar is", subject="Quentar", target_new="Bram Kett",
                           target_true="Ada Morrow", rephrase=["Quentar's mayor is"],

@@ -126,20 +126,24 @@ def _teacher_answers(teacher, tokenizer, prompts: list[list[dict]], max_new_toke
             cached = None
         if isinstance(cached, list) and len(cached) == len(prompts):
             return cached
-    answers: list[list[int]] = []
+    answers: list[list[int]] = [[] for _ in prompts]
+    # batches of similar length: a left-padded batch costs its longest prompt times its size, and the
+    # prompts mix bare questions with ones carrying retrieved sources
+    order = sorted(range(len(prompts)), key=lambda i: sum(len(m["content"]) for m in prompts[i]))
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        for start in range(0, len(prompts), 16):
-            batch = tokenizer.apply_chat_template(prompts[start:start + 16], add_generation_prompt=True, padding=True,
+        for start in range(0, len(order), 16):
+            rows = order[start:start + 16]
+            batch = tokenizer.apply_chat_template([prompts[i] for i in rows], add_generation_prompt=True, padding=True,
                                                   return_tensors="pt", return_dict=True)
             with torch.inference_mode(), autocast():
                 out = teacher.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                        pad_token_id=tokenizer.pad_token_id)
-            for row in out[:, batch["input_ids"].shape[1]:].tolist():
+            for i, row in zip(rows, out[:, batch["input_ids"].shape[1]:].tolist()):
                 while row and row[-1] == tokenizer.pad_token_id and row[-1] != tokenizer.eos_token_id:
                     row.pop()
-                answers.append(row)
+                answers[i] = row
     finally:
         tokenizer.padding_side = side
     atomic_write_json(cache, answers)
