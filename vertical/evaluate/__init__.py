@@ -97,6 +97,11 @@ def _open(kind: str, folder: Path, build_index: tuple | None):
 # ---------------------------------------------------------------- edits, for any model
 
 
+# the QA rows whose models are also scored on the edits, and their names in the edits table
+EDIT_ROWS = {"base alone": "base", "edited + retrieval": "edited", "student + retrieval": "student",
+             "bundle (ONNX)": "bundle (ONNX)"}
+
+
 def edit_scores(lm, requests, true_targets: list[str]) -> dict[str, float | None]:
     """Efficacy, generalization and locality of `requests` on a TorchLM or OnnxLM."""
     from vertical.edit.metrics import compared_pairs, tally
@@ -170,11 +175,9 @@ def evaluate(path: Path, qa_items: list, edits: list, system_prompt: str, settin
                                  "seconds": round(time.perf_counter() - started, 1),
                                  "reused_from_earlier_stages": result["reused"], "items": result["items"]})
             log.info("eval: %s QA accuracy %s", name, result["accuracy"])
-        if name == "student + retrieval" and "student_edits_skipped" in report:
-            continue  # it was not given the edits: its scores would be the base's
-        if edits and name in ("base alone", "edited + retrieval", "student + retrieval", "bundle (ONNX)"):
-            label = {"base alone": "base", "edited + retrieval": "edited", "student + retrieval": "student",
-                     "bundle (ONNX)": "bundle (ONNX)"}[name]
+        label = EDIT_ROWS.get(name)
+        # a student that was not given the edits has no edit scores of its own to show
+        if edits and label and not (label == "student" and "student_edits_skipped" in report):
             report["edits"].append({"model": label, **edit_scores(lm, edits, true_targets)})
     return report
 
