@@ -104,7 +104,7 @@ def test_distillation_loss_is_zero_only_when_the_student_matches():
 
 
 def test_selected_logits_equal_the_full_forward_at_those_positions(tmp_path):
-    from vertical.distill import selected_logits
+    from vertical.models import selected_logits
 
     model = load_causal_lm(make_tiny_model(tmp_path / "m", layers=2))
     ids = torch.tensor([[5, 9, 3, 7, 11, 2], [4, 4, 6, 1, 0, 0]])
@@ -114,6 +114,19 @@ def test_selected_logits_equal_the_full_forward_at_those_positions(tmp_path):
         full = model(input_ids=ids, attention_mask=mask).logits
         picked = selected_logits(model, ids, mask, rows, columns)
     assert torch.allclose(picked, full[rows, columns], atol=1e-5)
+
+
+def test_held_out_loss_is_the_models_own_loss_on_the_labelled_tokens(tmp_path):
+    from vertical.evaluate.qa import mean_loss
+
+    model = load_causal_lm(make_tiny_model(tmp_path / "m", layers=2))
+    features = [{"input_ids": [5, 9, 3, 7, 11, 2], "attention_mask": [1] * 6, "labels": [-100, -100, -100, 7, 11, 2]},
+                {"input_ids": [4, 4, 6, 1], "attention_mask": [1] * 4, "labels": [-100, -100, 6, 1]}]
+    with torch.no_grad():  # the model's token-weighted cross-entropy: 3 + 2 labelled tokens
+        losses = [float(model(input_ids=torch.tensor([f["input_ids"]]), labels=torch.tensor([f["labels"]])).loss)
+                  for f in features]
+    expected = (3 * losses[0] + 2 * losses[1]) / 5
+    assert mean_loss(model, features, batch_size=2) == pytest.approx(expected, rel=1e-4)
 
 
 def test_student_trains_on_answers_and_documents_not_on_prompts():

@@ -188,24 +188,12 @@ def _batch(sequences: list[dict], pad_id: int):
     return ids, mask, rows, columns, targets, weights
 
 
-def selected_logits(model, ids, mask, rows, columns):
-    """Logits at the (row, position) pairs only: the decoder runs on every token, the vocabulary
-    projection on the ones the loss reads."""
-    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[rows, columns])
-    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2/3 cap their logits
-    if cap:
-        import torch
-
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
 def train_student(student, teacher, sequences: list[dict], settings, pad_id: int, work: Path, track) -> dict[str, Any]:
     """The distillation loop: AdamW, warmup then cosine decay, bf16 autocast where native,
     a checkpoint every CHECKPOINT_EVERY steps (resumed after a kill)."""
     import torch
 
+    from vertical.models import selected_logits
     from vertical.models.registry import autocast
 
     torch.manual_seed(settings.seed)

@@ -317,9 +317,11 @@ def known_predictions(build_dir: Path, model_dir: Path) -> dict[str, dict]:
 
 def mean_loss(model, features: list[dict], batch_size: int = 4) -> float:
     """Mean next-token loss over the labelled (assistant) tokens of tokenised examples (bf16
-    autocast where native, as the QA scoring; the log-softmax itself is taken in fp32)."""
+    autocast where native, as the QA scoring; the log-softmax itself is taken in fp32). The
+    vocabulary projection runs at the labelled positions only, as in training."""
     import torch
 
+    from vertical.models import selected_logits
     from vertical.models.registry import autocast
 
     total, count = 0.0, 0
@@ -330,11 +332,9 @@ def mean_loss(model, features: list[dict], batch_size: int = 4) -> float:
             pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
             ids = torch.tensor([pad(f["input_ids"], 0) for f in batch])
             mask = torch.tensor([pad(f["attention_mask"], 0) for f in batch])
-            labels = torch.tensor([pad(f["labels"], -100) for f in batch])
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            target = labels[:, 1:]
-            losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1),
-                                                       ignore_index=-100, reduction="sum")
-            total += float(losses)
-            count += int((target != -100).sum())
+            targets = torch.tensor([pad(f["labels"], -100) for f in batch])[:, 1:]  # what each position predicts
+            rows, columns = (targets != -100).nonzero(as_tuple=True)
+            logits = selected_logits(model, ids, mask, rows, columns)
+            total += float(torch.nn.functional.cross_entropy(logits.float(), targets[rows, columns], reduction="sum"))
+            count += len(rows)
     return total / max(count, 1)

@@ -10,6 +10,7 @@ from vertical.models.registry import (
     load_tokenizer,
     resolve_base_model,
     resolve_embedder,
+    selected_logits,
 )
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "load_tokenizer",
     "resolve_base_model",
     "resolve_embedder",
+    "selected_logits",
 ]

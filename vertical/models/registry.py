@@ -287,6 +287,19 @@ def load_causal_lm(path: Path, dtype: Any = None):
     return model
 
 
+def selected_logits(model, ids, mask, rows, columns):
+    """Logits at the (row, position) pairs only: the decoder runs on every token, the vocabulary
+    projection on the ones the loss reads."""
+    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[rows, columns])
+    cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2/3 cap their logits
+    if cap:
+        import torch
+
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def resolve_embedder(spec: str = DEFAULT_EMBEDDER) -> Path:
     """Return the folder of a sentence-transformers model: a registry name or a local folder."""
     if spec in EMBEDDERS:

@@ -158,9 +158,11 @@ def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.evaluate.qa import TorchLM, known_predictions, mean_loss, score_qa, write_predictions
     from vertical.index import open_index
     from vertical.models import load_causal_lm, load_tokenizer
+    from vertical.pipeline import PhaseClock
     from vertical.tune.data import build_examples
 
     settings = ctx.pack.config.stages.tune
+    clock = PhaseClock()
     system_prompt = ctx.pack.config.system_prompt
     base_dir = ctx.stage_dir("base") / "model"
     tokenizer = load_tokenizer(base_dir)
@@ -193,6 +195,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
         log.warning("tune: only %d training examples (%s), fewer than one batch of %d; add examples or lower "
                     "stages.tune.batch_size", len(train_features), files, settings.batch_size)
     kinds = {kind: sum(e.kind == kind for e in train_examples) for kind in ("plain", "rag", "no-answer", "given-sources")}
+    clock.lap("examples")
 
     qa_items = stage_questions(ctx.pack, settings.eval_questions)
     answer_tokens = ctx.pack.config.stages.eval.answer_tokens
@@ -210,6 +213,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
         base_qa = score_qa(TorchLM(model, tokenizer), qa_items, system_prompt, retriever, ctx.reporter.track,
                            answer_tokens, known_predictions(ctx.build_dir, base_dir))
         metrics["accuracy_base"] = base_qa["accuracy"]
+    clock.lap("base_loss_and_qa")
 
     model.train()
     from transformers import set_seed
@@ -231,6 +235,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     metrics.update(train_loss=round(result.training_loss, 4), train_seconds=round(seconds, 1),
                    train_tokens=tokens_seen, resumed=resume, world_size=trainer.args.world_size,
                    train_tokens_per_s=round(tokens_seen / seconds, 1) if seconds and not resume else None)
+    clock.lap("training")
     if not main:
         return metrics
 
@@ -245,6 +250,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     merged.config.use_cache = True  # turned off for gradient checkpointing; models are saved for inference
     merged.save_pretrained(out / "merged", safe_serialization=True)
     tokenizer.save_pretrained(out / "merged")
+    clock.lap("merge_and_save")
     metrics["eval_loss_tuned"] = round(mean_loss(merged, eval_features), 4) if eval_features else None
     if qa_items:
         tuned_qa = score_qa(TorchLM(merged, tokenizer), qa_items, system_prompt, retriever, ctx.reporter.track,
@@ -254,6 +260,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
         write_predictions(out / "qa_predictions.json", [("base + retrieval", base_dir, base_qa),
                                                         ("tuned + retrieval", out / "merged", tuned_qa)])
     metrics["verdict"] = _verdict(metrics)
+    clock.lap("tuned_loss_and_qa")
+    metrics["phase_seconds"] = clock.seconds
     return metrics
 
 
