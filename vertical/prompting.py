@@ -70,6 +70,12 @@ def build_messages(system_prompt: str, question: str, sources: list[Source] | No
     return [{"role": "system", "content": system}, *turns, {"role": "user", "content": user}]
 
 
+def prompt_length(messages: list[dict[str, str]]) -> int:
+    """A cheap stand-in for a chat prompt's token count, to batch prompts of similar length: a
+    left-padded batch costs its longest prompt times its size."""
+    return sum(len(m["content"]) for m in messages)
+
+
 def cited_numbers(answer: str, available: int) -> list[int]:
     """The source numbers an answer cites, in order of first citation, ignoring invented ones."""
     seen = dict.fromkeys(int(n) for n in _CITATION.findall(answer) if 1 <= int(n) <= available)

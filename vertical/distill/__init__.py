@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vertical.io import sha256_text
+from vertical.prompting import prompt_length
 
 log = logging.getLogger(__name__)
 
@@ -127,9 +128,8 @@ def _teacher_answers(teacher, tokenizer, prompts: list[list[dict]], max_new_toke
         if isinstance(cached, list) and len(cached) == len(prompts):
             return cached
     answers: list[list[int]] = [[] for _ in prompts]
-    # batches of similar length: a left-padded batch costs its longest prompt times its size, and the
-    # prompts mix bare questions with ones carrying retrieved sources
-    order = sorted(range(len(prompts)), key=lambda i: sum(len(m["content"]) for m in prompts[i]))
+    # batches of similar length: the prompts mix bare questions with ones carrying retrieved sources
+    order = sorted(range(len(prompts)), key=lambda i: prompt_length(prompts[i]))
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:

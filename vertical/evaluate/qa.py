@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vertical.pack.schema import QAItem
-from vertical.prompting import Source, build_messages
+from vertical.prompting import Source, build_messages, prompt_length
 
 Retriever = Callable[[str], list[Source]]
 ANSWER_PREFIX = "Answer:"
@@ -243,7 +243,7 @@ def score_qa(lm, items: list[QAItem], system_prompt: str, retriever: Retriever |
     # about 11% padding (games), sorted 4%.
     choice = [i for i in range(len(items)) if i not in reused and items[i].choices]
     short = sorted((i for i in range(len(items)) if i not in reused and not items[i].choices),
-                   key=lambda i: sum(len(m["content"]) for m in prompts[i]))
+                   key=lambda i: prompt_length(prompts[i]))
     pending: list[int] = []
 
     def flush() -> None:
