@@ -226,3 +226,25 @@ def test_distill_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     result = pipeline.build(pack, out=tmp_path / "b", steps=["distill"], base_model=str(model))[-1]
     assert result.metrics["resumed_at_step"] == distill.CHECKPOINT_EVERY
     assert result.metrics["steps"] == 24
+
+
+@pytest.mark.parametrize("go_on", [True, False])
+def test_the_halfway_check_can_stop_the_training_there(tmp_path, go_on):
+    from vertical.distill import train_student
+    from vertical.pack.schema import DistillSettings
+
+    teacher = load_causal_lm(make_tiny_model(tmp_path / "four", layers=4))
+    student = make_student(teacher, [0, 3])
+    sequences = [{"input_ids": list(range(3 + i, 15 + i)), "positions": [8, 9, 10], "targets": [-100] * 3}
+                 for i in range(4)]
+    calls = []
+
+    def check() -> bool:
+        calls.append(student.training)
+        return go_on
+
+    result = train_student(student, teacher, sequences, DistillSettings(steps=6, batch_size=2), 0, tmp_path,
+                           lambda items, _n, _label: items, check)
+    assert calls == [False]  # called once, the student in eval mode
+    assert result["steps"] == (6 if go_on else 3) and len(result["loss_curve"]) == result["steps"]
+    assert result["stopped_at_step"] == (None if go_on else 3)

@@ -54,7 +54,8 @@ def test_bundle_lists_every_file_with_its_hash(bundle):
     assert {"onnxruntime", "onnxruntime-genai", "vertical"} <= set(manifest["versions"])
     export = manifest["metrics"]["export"]
     assert export["bundle_bytes"] == sum(f["bytes"] for f in files.values())
-    assert set(export["agreement_by_quant"]) == {"fp32", "int8", "int4"}
+    # a model this small is not worth an int4 build (see INT4_FROM_PARAMETERS)
+    assert set(export["agreement_by_quant"]) == {"fp32", "int8"} and export["quant_candidates"] == ["int8"]
     assert export["onnx_tokens_per_s"] > 0 and export["torch_tokens_per_s"] > 0
     assert manifest["metrics"]["build"]["distill"]["student_layers"] == 2
     pack = json.loads((bundle / "pack.json").read_text())

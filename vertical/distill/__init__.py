@@ -24,6 +24,7 @@ import math
 import random
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from vertical.io import sha256_text
@@ -188,9 +189,11 @@ def _batch(sequences: list[dict], pad_id: int):
     return ids, mask, rows, columns, targets, weights
 
 
-def train_student(student, teacher, sequences: list[dict], settings, pad_id: int, work: Path, track) -> dict[str, Any]:
+def train_student(student, teacher, sequences: list[dict], settings, pad_id: int, work: Path, track,
+                  check: Callable[[], bool] | None = None) -> dict[str, Any]:
     """The distillation loop: AdamW, warmup then cosine decay, bf16 autocast where native,
-    a checkpoint every CHECKPOINT_EVERY steps (resumed after a kill)."""
+    a checkpoint every CHECKPOINT_EVERY steps (resumed after a kill). `check`, called once halfway
+    (the student in eval mode), may end the training there by returning False."""
     import torch
 
     from vertical.models import selected_logits
@@ -224,7 +227,17 @@ def train_student(student, teacher, sequences: list[dict], settings, pad_id: int
     student.train()
     teacher.eval()
     tokens, started = 0, time.perf_counter()
+    halfway, stopped_at = settings.steps // 2, None
     for step in track(range(step, settings.steps), settings.steps - step, "distilling the student"):
+        if check is not None and 0 < halfway == step:
+            student.eval()
+            checked = time.perf_counter()
+            go_on = check()
+            started += time.perf_counter() - checked  # the check's QA is not training time
+            if not go_on:
+                stopped_at = step
+                break
+            student.train()
         ids, mask, rows, columns, targets, weights = _batch([sequences[i] for i in batches[step % len(batches)]],
                                                              pad_id)
         with torch.no_grad(), autocast():
@@ -247,7 +260,8 @@ def train_student(student, teacher, sequences: list[dict], settings, pad_id: int
     student.eval()
     seconds = time.perf_counter() - started
     window = max(1, len(curve) // 5)
-    return {"steps": settings.steps, "resumed_at_step": resumed_at, "train_seconds": round(seconds, 1),
+    return {"steps": stopped_at or settings.steps, "stopped_at_step": stopped_at, "resumed_at_step": resumed_at,
+            "train_seconds": round(seconds, 1),
             "train_tokens_per_s": round(tokens / seconds, 1) if seconds > 0 and tokens else None,
             "kd_loss_start": _mean(c[0] for c in curve[:window]), "kd_loss_end": _mean(c[0] for c in curve[-window:]),
             "loss_curve": curve[:: max(1, len(curve) // 50)]}
@@ -370,40 +384,64 @@ def run(ctx, out: Path) -> dict[str, Any]:
                                "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
                                "student_parameters": sum(p.numel() for p in student.parameters()),
                                "sequences": len(sequences), **counts}
+    tune = ctx.pack.config.stages.tune
+    qa_items = stage_questions(ctx.pack, tune.eval_questions)  # the questions the tune stage scores
+    answer_tokens = ctx.pack.config.stages.eval.answer_tokens
+    retriever = lambda question: retrieve(index, embedder.encode, question, tune.rag_sources)[0]  # noqa: E731
+    system = ctx.pack.config.system_prompt
+    teacher_score = None
+    if qa_items:
+        teacher_qa = score_qa(TorchLM(teacher, tokenizer), qa_items, system, retriever, ctx.reporter.track,
+                              answer_tokens, known_predictions(ctx.build_dir, teacher_dir))
+        teacher_score = metrics["teacher_score"] = teacher_qa["accuracy"]
+    # the student's shape, hence its speed, is final here: training and the edits change values only
+    speeds = decode_speeds({"teacher": teacher, "student": student}, tokenizer)
+    metrics.update(teacher_tokens_per_s=speeds["teacher"], student_tokens_per_s=speeds["student"],
+                   speedup=round(speeds["student"] / speeds["teacher"], 3))
+    lap("teacher_qa_and_speeds")
+
+    scored: dict[str, Any] = {}
+
+    def score_student() -> float | None:
+        scored["qa"] = score_qa(TorchLM(student, tokenizer), qa_items, system, retriever, ctx.reporter.track,
+                                answer_tokens)
+        metrics["student_score"] = scored["qa"]["accuracy"]
+        metrics["retention"] = round(scored["qa"]["accuracy"] / teacher_score, 4) if teacher_score else None
+        metrics["qa_questions"] = len(qa_items)
+        return metrics["retention"]
+
+    def worth_finishing() -> bool:
+        """Halfway, a student far from the retention the export asks for will not get there in the
+        other half (the legal, finance and games students kept 0.00-0.27 after all their steps):
+        it stops, and the bundle ships the teacher."""
+        retention = score_student()
+        metrics["retention_halfway"] = retention
+        if retention is not None and retention < export.min_retention / 2:
+            metrics["stopped_early"] = (f"retention {retention:.2f} halfway, below half of the {export.min_retention} "
+                                        "the export needs: the bundle ships the teacher")
+            log.info("distill: training stops halfway: %s", metrics["stopped_early"])
+            return False
+        return True
+
+    export = ctx.pack.config.stages.export
+    # the check only matters where retention decides what ships (stages.export.model: auto)
+    check = worth_finishing if qa_items and teacher_score and export.model == "auto" else None
     if sequences and settings.steps:
         metrics.update(train_student(student, teacher, sequences, settings, tokenizer.pad_token_id, work,
-                                     ctx.reporter.track))
+                                     ctx.reporter.track, check))
+    del teacher
     student.save_pretrained(out / "model", safe_serialization=True)
     tokenizer.save_pretrained(out / "model")
     lap("training")
 
-    tune = ctx.pack.config.stages.tune
-    qa_items = stage_questions(ctx.pack, tune.eval_questions)  # the questions the tune stage scores
-    answer_tokens = ctx.pack.config.stages.eval.answer_tokens
-    if qa_items:
-        retriever = lambda question: retrieve(index, embedder.encode, question, tune.rag_sources)[0]  # noqa: E731
-        system = ctx.pack.config.system_prompt
-        teacher_qa = score_qa(TorchLM(teacher, tokenizer), qa_items, system, retriever, ctx.reporter.track,
-                              answer_tokens, known_predictions(ctx.build_dir, teacher_dir))
-        teacher_score = metrics["teacher_score"] = teacher_qa["accuracy"]
-    # the student's shape, hence its speed, is final here: the edits re-applied below change values only
-    speeds = decode_speeds({"teacher": teacher, "student": student}, tokenizer)
-    metrics.update(teacher_tokens_per_s=speeds["teacher"], student_tokens_per_s=speeds["student"],
-                   speedup=round(speeds["student"] / speeds["teacher"], 3))
-    del teacher
-    lap("teacher_qa_and_speeds")
-
-    def score_student() -> None:
-        student_qa = score_qa(TorchLM(student, tokenizer), qa_items, system, retriever, ctx.reporter.track,
-                              answer_tokens)
-        metrics["student_score"] = student_qa["accuracy"]
-        metrics["retention"] = round(student_qa["accuracy"] / teacher_score, 4) if teacher_score else None
-        metrics["qa_questions"] = len(qa_items)
+    def write_scores() -> None:  # once the student is saved: its predictions are keyed by its weights
         write_predictions(out / "qa_predictions.json", [("teacher + retrieval", teacher_dir, teacher_qa),
-                                                        ("student + retrieval", out / "model", student_qa)])
+                                                        ("student + retrieval", out / "model", scored["qa"])])
 
     if qa_items:
-        score_student()
+        if metrics.get("stopped_at_step") is None:  # a stopped student was scored at the check
+            score_student()
+        write_scores()
     lap("student_qa")
     # Re-applying the edits costs minutes; a student the export stage will pass over for the teacher
     # (it lost the pack's answers) does not need them.
@@ -416,6 +454,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
         lap("edits_reapplied")
         if qa_items:  # the student as it ships, with the edits
             score_student()
+            write_scores()
             lap("student_qa_after_edits")
     elif not ships and read_log(ctx.build_dir / "edit"):
         metrics[EDITS_SKIPPED] = f"the student will not be exported ({why})"
