@@ -106,6 +106,17 @@ def test_sample_keeps_the_mix_and_is_seeded():
     assert sample_items(items, 0, 0) == items
 
 
+def test_the_report_says_where_the_students_training_stopped():
+    from vertical.evaluate.report import markdown
+
+    row = {"model": "student + retrieval", "accuracy": 0.1, "choice": {"accuracy": None, "n": 0},
+           "short": {"accuracy": 0.1, "n": 10}}
+    report = {"pack": "p", "qa": [row], "questions": 10, "edits": [], "method": {}}
+    assert "training stopped" not in markdown(report)
+    report["student_stopped_early"] = "at step 30: retention 0.10 halfway, below half of the 0.9 the export needs"
+    assert "The student's training stopped at step 30: retention 0.10 halfway" in markdown(report)
+
+
 def test_eval_of_a_build_scores_every_model_and_writes_the_report(exported_build, tmp_path, cli):
     code, output = cli("eval", exported_build, "--out", tmp_path / "report")
     assert code == 0, output

@@ -23,8 +23,8 @@ import logging
 import math
 import random
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from vertical.io import sha256_text
@@ -400,6 +400,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
                    speedup=round(speeds["student"] / speeds["teacher"], 3))
     lap("teacher_qa_and_speeds")
 
+    export = ctx.pack.config.stages.export
     scored: dict[str, Any] = {}
 
     def score_student() -> float | None:
@@ -423,7 +424,6 @@ def run(ctx, out: Path) -> dict[str, Any]:
             return False
         return True
 
-    export = ctx.pack.config.stages.export
     # the check only matters where retention decides what ships (stages.export.model: auto)
     check = worth_finishing if qa_items and teacher_score and export.model == "auto" else None
     if sequences and settings.steps:

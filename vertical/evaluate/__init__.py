@@ -151,9 +151,11 @@ def evaluate(path: Path, qa_items: list, edits: list, system_prompt: str, settin
     if build_dir is not None and (build_dir / "distill" / "metrics.json").is_file():
         from vertical.distill import EDITS_SKIPPED
 
-        skipped = json.loads((build_dir / "distill" / "metrics.json").read_text()).get(EDITS_SKIPPED)
-        if skipped:
-            report["student_edits_skipped"] = skipped
+        distill = json.loads((build_dir / "distill" / "metrics.json").read_text())
+        if distill.get(EDITS_SKIPPED):
+            report["student_edits_skipped"] = distill[EDITS_SKIPPED]
+        if distill.get("stopped_early"):
+            report["student_stopped_early"] = f"at step {distill['stopped_at_step']}: {distill['stopped_early']}"
     build_index = None
     if any(kind == "torch" for _, kind, _, _ in rows):
         from vertical.index import open_index

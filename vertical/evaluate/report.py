@@ -28,6 +28,8 @@ def markdown(report: dict[str, Any]) -> str:
         if bundle:
             reason = f" ({bundle['reason']})" if bundle.get("reason") else ""
             lines += ["", f"The bundle holds the {bundle.get('role')}, {bundle.get('quant')}{reason}."]
+        if report.get("student_stopped_early"):
+            lines += ["", f"The student's training stopped {report['student_stopped_early']}."]
         lines += ["", "![QA accuracy](qa.png)", ""]
     if report["edits"]:
         lines += [f"## Knowledge edits ({report['edit_requests']} requests)", "",
