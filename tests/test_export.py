@@ -62,6 +62,18 @@ def test_bundle_lists_every_file_with_its_hash(bundle):
     assert pack["disclaimer"] == "Test disclaimer." and pack["system_prompt"]
 
 
+def test_the_bundles_embedder_returns_vectors_in_the_texts_order(bundle):
+    import numpy as np
+
+    from vertical.export.runtime import OnnxEmbedder
+
+    texts = ["a long text about the notice period of a supply agreement and how it renews", "short", "",
+             "a text of middling length", "tiny"]
+    embedder = OnnxEmbedder(bundle / "embedder")
+    together = embedder.encode(texts, batch_size=2)
+    assert np.allclose(together, np.concatenate([embedder.encode([t]) for t in texts]), atol=1e-4)
+
+
 @pytest.mark.parametrize("setting, retention, role", [
     ("auto", 0.95, "student"), ("auto", 0.43, "teacher"), ("auto", None, "student"),
     ("student", 0.43, "student"), ("teacher", 0.95, "teacher")])

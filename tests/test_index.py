@@ -118,6 +118,17 @@ def embedder():
     return Embedder("all-minilm-l6-v2")
 
 
+ORDER_TEXTS = ["a much longer text about the termination of a supply agreement and its notice period", "short",
+               "a text of middling length about fees", "", "tiny text", "another long one about the liability cap, "
+               "indemnities and the insurance that must back them"]
+
+
+def test_texts_batched_by_length_come_back_in_their_own_order(embedder):
+    together = embedder.encode(ORDER_TEXTS, batch_size=2)
+    alone = np.concatenate([embedder.encode([text]) for text in ORDER_TEXTS])
+    assert np.allclose(together, alone, atol=1e-5)
+
+
 def test_chunks_respect_size_spans_and_overlap(embedder):
     paragraphs = [f"Paragraph {i} opens here. The committee reviewed the budget and agreed on the plan. "
                   f"Members asked for a second review of the costs before the end of the year." for i in range(14)]
