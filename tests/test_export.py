@@ -71,7 +71,11 @@ def test_the_bundles_embedder_returns_vectors_in_the_texts_order(bundle):
              "a text of middling length", "tiny"]
     embedder = OnnxEmbedder(bundle / "embedder")
     together = embedder.encode(texts, batch_size=2)
-    assert np.allclose(together, np.concatenate([embedder.encode([t]) for t in texts]), atol=1e-4)
+    alone = np.concatenate([embedder.encode([t]) for t in texts])
+    # not equal: the int8 graph quantises each batch's activations with one scale, so a text's vector
+    # moves a little with its batchmates (cosine 0.97-1.0 here); each must still be its own text's
+    similarity = together @ alone.T
+    assert list(similarity.argmax(1)) == list(range(len(texts))) and similarity.diagonal().min() > 0.9
 
 
 @pytest.mark.parametrize("setting, retention, role", [
