@@ -354,7 +354,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.edit import read_log
     from vertical.evaluate import stage_questions
     from vertical.evaluate.qa import TorchLM, known_predictions, score_qa, write_predictions
-    from vertical.export import student_ships
+    from vertical.export import student_ships, student_worth_finishing
     from vertical.generation import best_model_dir
     from vertical.index import open_index
     from vertical.models import load_causal_lm, load_tokenizer
@@ -401,28 +401,24 @@ def run(ctx, out: Path) -> dict[str, Any]:
     lap("teacher_qa_and_speeds")
 
     export = ctx.pack.config.stages.export
-    scored: dict[str, Any] = {}
+    student_qa: dict[str, Any] | None = None  # the student's latest QA result, as its predictions record it
 
     def score_student() -> float | None:
-        scored["qa"] = score_qa(TorchLM(student, tokenizer), qa_items, system, retriever, ctx.reporter.track,
-                                answer_tokens)
-        metrics["student_score"] = scored["qa"]["accuracy"]
-        metrics["retention"] = round(scored["qa"]["accuracy"] / teacher_score, 4) if teacher_score else None
+        nonlocal student_qa
+        student_qa = score_qa(TorchLM(student, tokenizer), qa_items, system, retriever, ctx.reporter.track,
+                              answer_tokens)
+        metrics["student_score"] = student_qa["accuracy"]
+        metrics["retention"] = round(student_qa["accuracy"] / teacher_score, 4) if teacher_score else None
         metrics["qa_questions"] = len(qa_items)
         return metrics["retention"]
 
     def worth_finishing() -> bool:
-        """Halfway, a student far from the retention the export asks for will not get there in the
-        other half (the legal, finance and games students kept 0.00-0.27 after all their steps):
-        it stops, and the bundle ships the teacher."""
-        retention = score_student()
-        metrics["retention_halfway"] = retention
-        if retention is not None and retention < export.min_retention / 2:
-            metrics["stopped_early"] = (f"retention {retention:.2f} halfway, below half of the {export.min_retention} "
-                                        "the export needs: the bundle ships the teacher")
-            log.info("distill: training stops halfway: %s", metrics["stopped_early"])
-            return False
-        return True
+        metrics["retention_halfway"] = score_student()
+        go_on, why = student_worth_finishing(export, metrics["retention_halfway"])
+        if not go_on:
+            metrics["stopped_early"] = why
+            log.info("distill: training stops halfway: %s", why)
+        return go_on
 
     # the check only matters where retention decides what ships (stages.export.model: auto)
     check = worth_finishing if qa_items and teacher_score and export.model == "auto" else None
@@ -436,7 +432,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
 
     def write_scores() -> None:  # once the student is saved: its predictions are keyed by its weights
         write_predictions(out / "qa_predictions.json", [("teacher + retrieval", teacher_dir, teacher_qa),
-                                                        ("student + retrieval", out / "model", scored["qa"])])
+                                                        ("student + retrieval", out / "model", student_qa)])
 
     if qa_items:
         if metrics.get("stopped_at_step") is None:  # a stopped student was scored at the check
@@ -445,7 +441,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     lap("student_qa")
     # Re-applying the edits costs minutes; a student the export stage will pass over for the teacher
     # (it lost the pack's answers) does not need them.
-    ships, why = student_ships(ctx.pack.config.stages.export, metrics.get("retention"))
+    ships, why = student_ships(export, metrics.get("retention"))
     edits = _reapply_edits(ctx, out / "model", kept) if ships else None
     if edits is not None:
         metrics["edits"] = edits
