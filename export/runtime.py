@@ -49,11 +49,9 @@ class OnnxEmbedder:
 
     def encode(self, texts: list[str], batch_size: int = 32,
                track: Callable[[Iterable, int, str], Iterator] | None = None) -> np.ndarray:
-        from vertical.index.store import in_order, length_batches
-
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        order, batches = length_batches(texts, batch_size)
+        batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
         iterator = track(batches, len(batches), f"embedding {len(texts)} texts") if track else batches
         parts = []
         for batch in iterator:
@@ -62,7 +60,7 @@ class OnnxEmbedder:
                      "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
                      "token_type_ids": np.array([e.type_ids for e in encoded], dtype=np.int64)}
             parts.append(self.session.run(None, {k: v for k, v in feeds.items() if k in self._inputs})[0])
-        return in_order(np.concatenate(parts).astype(np.float32), order)
+        return np.concatenate(parts).astype(np.float32)
 
     def encode_query(self, texts: list[str]) -> np.ndarray:
         return self.encode(texts)

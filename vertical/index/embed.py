@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from vertical.index.store import in_order, length_batches
 from vertical.models.registry import quiet_loads, resolve_embedder
 
 log = logging.getLogger(__name__)
@@ -32,14 +31,14 @@ class Embedder:
         """L2-normalised float32 embeddings, one row per text; batches reported through `track`."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        order, batches = length_batches(texts, batch_size)
+        batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
         iterator = track(batches, len(batches), f"embedding {len(texts)} texts") if track else batches
         parts = [
             self.model.encode(batch, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
                               show_progress_bar=False)
             for batch in iterator
         ]
-        return in_order(np.concatenate(parts).astype(np.float32), order)
+        return np.concatenate(parts).astype(np.float32)
 
     def encode_query(self, texts: list[str]) -> np.ndarray:
         """Embed queries; a query longer than the embedder's limit is truncated, with a warning."""

@@ -35,24 +35,6 @@ RRF_K = 60  # reciprocal-rank fusion constant, as in Cormack et al. (2009)
 CANDIDATES = 50  # how deep each retriever looks before fusion
 
 
-# Both encoders (the build's sentence-transformers one, the bundle's ONNX one) batch this way.
-
-
-def length_batches(texts: list[str], batch_size: int) -> tuple[list[int], list[list[str]]]:
-    """The texts in batches of similar length (a batch is padded to its longest text: medical's
-    chunks in file order padded 30% more tokens than sorted), and the order they were put in."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    ordered = [texts[i] for i in order]
-    return order, [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
-
-
-def in_order(vectors: np.ndarray, order: list[int]) -> np.ndarray:
-    """Rows computed in `order` put back in the texts' own order."""
-    result = np.empty_like(vectors)
-    result[order] = vectors
-    return result
-
-
 @dataclass
 class Hit:
     chunk: Chunk
