@@ -13,6 +13,8 @@ import logging
 import shutil
 import subprocess
 import sys
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from vertical.errors import VerticalError
@@ -107,24 +109,45 @@ def export_embedder(spec: str, out: Path, quantize: bool = True) -> dict:
         raise VerticalError(f"embedder {spec}: only BERT-style encoders (with token_type_ids) can be exported")
     batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
     full = out / "model.fp32.onnx"
-    torch.onnx.export(Pooled().eval(), (sample["input_ids"], sample["attention_mask"], sample["token_type_ids"]),
-                      str(full), input_names=["input_ids", "attention_mask", "token_type_ids"],
-                      output_names=["sentence_embedding"], dynamo=True, external_data=False,
-                      dynamic_shapes={name: {0: batch, 1: length}
-                                      for name in ("input_ids", "attention_mask", "token_type_ids")})
-    if quantize:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
+    with _library_advice_hidden():
+        torch.onnx.export(Pooled().eval(), (sample["input_ids"], sample["attention_mask"], sample["token_type_ids"]),
+                          str(full), input_names=["input_ids", "attention_mask", "token_type_ids"],
+                          output_names=["sentence_embedding"], dynamo=True, external_data=False, verbose=False,
+                          dynamic_shapes={name: {0: batch, 1: length}
+                                          for name in ("input_ids", "attention_mask", "token_type_ids")})
+        if quantize:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantize_dynamic(str(full), str(out / "model.onnx"), weight_type=QuantType.QInt8)
-        full.unlink()
-    else:
-        full.rename(out / "model.onnx")
+            quantize_dynamic(str(full), str(out / "model.onnx"), weight_type=QuantType.QInt8)
+            full.unlink()
+        else:
+            full.rename(out / "model.onnx")
     tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
     info = {"spec": spec, "dim": int(encoder.config.hidden_size), "max_tokens": int(st.max_seq_length),
             "pad_id": int(tokenizer.pad_token_id), "pad_token": tokenizer.pad_token, "pooling": "mean",
             "normalized": True, "quantized": quantize}
     (out / "embedder.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
+
+
+@contextmanager
+def _library_advice_hidden():
+    """The embedder export's known library chatter, hidden from the build's output: torch.onnx's
+    notes on optional operators (torchvision's) and renamed axes, and onnxruntime's suggestion to
+    pre-process before quantising (its shape inference; dynamic int8 of this encoder works without).
+    Errors still surface."""
+    loggers = [logging.getLogger(), logging.getLogger("torch.onnx")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def prefix_agreement(reference: list[int], other: list[int]) -> float:

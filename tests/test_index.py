@@ -123,7 +123,7 @@ ORDER_TEXTS = ["a much longer text about the termination of a supply agreement a
                "indemnities and the insurance that must back them"]
 
 
-def test_texts_batched_by_length_come_back_in_their_own_order(embedder):
+def test_texts_embedded_in_batches_equal_texts_embedded_alone(embedder):
     together = embedder.encode(ORDER_TEXTS, batch_size=2)
     alone = np.concatenate([embedder.encode([text]) for text in ORDER_TEXTS])
     assert np.allclose(together, alone, atol=1e-5)

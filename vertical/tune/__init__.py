@@ -243,7 +243,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     # the adapter names its base relative to the build, not by this machine's absolute path:
     # a build folder stays valid when moved, and two builds of one pack are byte-identical
     model.peft_config["default"].base_model_name_or_path = "../../base/model"
-    model.save_pretrained(out / "adapter")
+    model.save_pretrained(out / "adapter", save_embedding_layers=False)  # the vocabulary is never changed
     tokenizer.save_pretrained(out / "adapter")
     _make_reproducible(out / "adapter")
     merged = model.merge_and_unload().to("cpu")  # scored on the CPU, as every other stage's models
