@@ -25,8 +25,10 @@ class Strict(BaseModel):
 class IndexSettings(Strict):
     """Retrieval index: how documents are cut into chunks and how they are searched."""
 
-    chunk_tokens: int = Field(200, ge=32, le=512, description="chunk size in embedder tokens")
-    chunk_overlap: int = Field(32, ge=0, le=256, description="tokens shared by neighbouring chunks")
+    chunk_tokens: int = Field(128, ge=32, le=512, description="chunk size in embedder tokens; against 200, 128 made "
+                              "the shipped packs' retrieval prompts 21% shorter and their base model answered 59 of "
+                              "180 items right instead of 53 (2 December)")
+    chunk_overlap: int = Field(24, ge=0, le=256, description="tokens shared by neighbouring chunks")
     retrieval: Literal["auto", "dense", "bm25", "hybrid"] = Field(
         "auto", description="search mode; auto keeps whichever scores best on the retrieval eval set")
     top_k: int = Field(4, ge=1, le=20, description="chunks given to the model as sources")

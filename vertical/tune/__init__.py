@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -219,7 +220,9 @@ def run(ctx, out: Path) -> dict[str, Any]:
     from transformers import set_seed
 
     set_seed(settings.seed)  # LoRA's A matrices start random: the same seed, the same adapter every run
-    model = get_peft_model(model, lora_config(settings, hp))
+    with warnings.catch_warnings():  # peft asks the model a question transformers 5 renamed; nothing to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(model, lora_config(settings, hp))
     work = ctx.work_dir("tune")
     trainer = make_trainer(model, tokenizer, train_features, settings, hp, work / "checkpoints")
     checkpoint = _last_complete_checkpoint(work / "checkpoints")
