@@ -44,15 +44,14 @@ def main() -> None:
     items = sample_items(pack.qa_eval(), settings.questions, settings.seed)
     system, k = pack.config.system_prompt, pack.config.stages.tune.rag_sources
     work = args.work or Path(tempfile.mkdtemp(prefix="chunk-size-"))
-    model = lm = None
+    lm = None
     rows = []
     for tokens, overlap in sizes:
         out = work / f"chunks-{tokens}"
         pipeline.build(args.pack, out=out, steps=["base", "index"],
                        settings={"index": {"chunk_tokens": tokens, "chunk_overlap": overlap}})
         if lm is None:  # the same base model for every size
-            model = load_causal_lm(out / "base" / "model")
-            lm = TorchLM(model, load_tokenizer(out / "base" / "model"))
+            lm = TorchLM(load_causal_lm(out / "base" / "model"), load_tokenizer(out / "base" / "model"))
         index, embedder = open_index(out)
         retriever = lambda q: retrieve(index, embedder.encode, q, k)[0]  # noqa: B023, E731
         lengths = [len(lm.chat_ids(build_messages(system, item.question, retriever(item.question)))) for item in items]
