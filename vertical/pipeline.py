@@ -307,6 +307,8 @@ def _run_stage(ctx: BuildContext, stage: Stage, manifest: dict[str, Any], forced
             log.warning("stage %s: output files are missing or corrupt; rebuilding", stage.name)
     ranks.share((inputs_hash, skip))
     if skip:
+        # a kill between the manifest write and the scratch removal below leaves the scratch behind
+        shutil.rmtree(ctx.build_dir / ".work" / stage.name, ignore_errors=True)
         ctx.reporter.stage(stage.name, "skipped", "inputs unchanged")
         return StageResult(stage.name, "skipped", 0.0, previous.get("metrics", {}))
 
