@@ -66,7 +66,8 @@ def main() -> None:
     tokens = n * args.seq
 
     # 1. the stage's Trainer
-    model = get_peft_model(load_causal_lm(model_dir).train(), lora_config(settings, hp))
+    base = load_causal_lm(model_dir).train()
+    model = get_peft_model(base, lora_config(base, settings, hp))
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(model, tokenizer, features, settings, hp, Path(tmp), save_strategy="no",
                                train_sampling_strategy="sequential", disable_tqdm=True, logging_steps=1000,
@@ -76,7 +77,8 @@ def main() -> None:
         stage_seconds = time.perf_counter() - started
 
     # 2. a minimal PEFT loop: same model, adapters, batches, optimizer and learning rate
-    model = get_peft_model(load_causal_lm(model_dir).train(), lora_config(settings, hp))
+    base = load_causal_lm(model_dir).train()
+    model = get_peft_model(base, lora_config(base, settings, hp))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=hp["learning_rate"])
     started = time.perf_counter()
     for step in range(args.steps):

@@ -120,6 +120,31 @@ def test_defaults_by_model_size():
     assert hyperparameters(TuneSettings(lora_rank=4), 135_000_000) == {"lora_rank": 4, "lora_alpha": 8, "learning_rate": 1e-3}
 
 
+def test_adapters_sit_in_the_top_layers_and_gradients_stop_there(tmp_path):
+    import torch
+    from peft import get_peft_model
+
+    from tests.conftest import make_tiny_model
+    from vertical.models import load_causal_lm
+    from vertical.tune import lora_config, lora_targets
+
+    base = load_causal_lm(make_tiny_model(tmp_path / "three", layers=3))
+    assert lora_targets(base, TuneSettings(lora_layers=1.0)) == "all-linear"
+    top_two = lora_targets(base, TuneSettings(lora_layers=0.67))
+    assert {name.split(".")[2] for name in top_two} == {"1", "2"} and len(top_two) == 14  # 7 linear layers each
+    assert lora_targets(base, TuneSettings(lora_layers=0.34, target_modules=["q_proj", "v_proj"])) == [
+        "model.layers.2.self_attn.q_proj", "model.layers.2.self_attn.v_proj"]
+
+    model = get_peft_model(base, lora_config(base, TuneSettings(lora_layers=0.67), hyperparameters(TuneSettings(), 1000)))
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".layers.1." in name or ".layers.2." in name for name in trainable)
+    seen = {}
+    layer0 = model.base_model.model.model.layers[0]
+    layer0.register_forward_hook(lambda _m, _a, out: seen.update(out=out[0] if isinstance(out, tuple) else out))
+    model(input_ids=torch.tensor([[3, 4, 5, 6]])).logits.sum().backward()
+    assert not seen["out"].requires_grad  # nothing below the lowest adapted layer is back-propagated
+
+
 def test_tune_resumes_after_kill(tiny_pack, tmp_path, tiny_model_dir):
     _with_tune(tiny_pack, epochs=20, batch_size=1, gradient_accumulation=1, eval_holdout=0, eval_questions=0,
                save_steps=5, lora_rank=4)
@@ -204,7 +229,8 @@ def test_answer_loss_equals_the_models_own_loss(tokenizer, tiny_model_dir, tmp_p
     ]
     features = [tokenize(tokenizer, messages, 512)[0] for messages in conversations]
     torch.manual_seed(0)
-    model = get_peft_model(load_causal_lm(tiny_model_dir), lora_config(settings, hp))
+    base = load_causal_lm(tiny_model_dir)
+    model = get_peft_model(base, lora_config(base, settings, hp))
     model.train()
     trainer = make_trainer(model, tokenizer, features, settings, hp, tmp_path / "out")
     batch = trainer.data_collator(features)

@@ -51,11 +51,37 @@ def hyperparameters(settings, n_params: int) -> dict[str, Any]:
             "learning_rate": settings.learning_rate or rate}
 
 
-def lora_config(settings, hp: dict[str, Any]):
+def lora_targets(model, settings) -> list[str] | str:
+    """The modules that get adapters: `target_modules` (every linear layer by default) in the top
+    `lora_layers` share of the decoder layers. Gradients then stop at the lowest adapted layer, so
+    the layers below cost a forward pass only."""
+    import re
+
+    import torch
+
+    if settings.lora_layers >= 1:
+        return settings.target_modules
+    count = model.config.num_hidden_layers
+    first = count - max(1, round(count * settings.lora_layers))
+    wanted = None if settings.target_modules == "all-linear" else set(settings.target_modules)
+    names = []
+    for name, module in model.named_modules():
+        layer = re.search(r"\.layers\.(\d+)\.", name)  # the decoder layer stack of Llama-style models
+        if (isinstance(module, torch.nn.Linear) and layer and int(layer.group(1)) >= first
+                and (wanted is None or name.rsplit(".", 1)[-1] in wanted)):
+            names.append(name)
+    if not names:
+        log.warning("tune: no '.layers.N.' linear modules found in %s; adapting all layers (stages.tune.lora_layers "
+                    "is ignored)", type(model).__name__)
+        return settings.target_modules
+    return names
+
+
+def lora_config(model, settings, hp: dict[str, Any]):
     from peft import LoraConfig
 
     return LoraConfig(r=hp["lora_rank"], lora_alpha=hp["lora_alpha"], lora_dropout=settings.lora_dropout,
-                      target_modules=settings.target_modules, task_type="CAUSAL_LM")
+                      target_modules=lora_targets(model, settings), task_type="CAUSAL_LM")
 
 
 def _answer_loss_trainer():
@@ -222,7 +248,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     set_seed(settings.seed)  # LoRA's A matrices start random: the same seed, the same adapter every run
     with warnings.catch_warnings():  # peft asks the model a question transformers 5 renamed; nothing to act on
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = get_peft_model(model, lora_config(settings, hp))
+        model = get_peft_model(model, lora_config(model, settings, hp))
     work = ctx.work_dir("tune")
     trainer = make_trainer(model, tokenizer, train_features, settings, hp, work / "checkpoints")
     checkpoint = _last_complete_checkpoint(work / "checkpoints")
