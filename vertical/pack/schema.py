@@ -49,8 +49,8 @@ class TuneSettings(Strict):
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     lora_layers: float = Field(0.67, gt=0, le=1, description="share of the decoder layers, counted from the top, "
-                               "that get adapters: below the lowest adapted layer nothing is back-propagated (on "
-                               "SmolLM2-135M, 20 of 30 layers made a training step about 18% faster than all 30)")
+                               "that get adapters: below the lowest adapted layer nothing is back-propagated (legal, "
+                               "SmolLM2-135M in fp32: 20 of 30 layers trained in 239 s instead of 309)")
     learning_rate: float | None = Field(None, gt=0, lt=1)
     epochs: float = Field(1.0, gt=0, le=20)
     max_length: int = Field(512, ge=32, le=32768, description="tokens; retrieved sources are shortened to fit, other long examples truncated")
