@@ -17,21 +17,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> None:
-    import torch
     from peft import get_peft_model
+
+    from benchmarks.tune import random_features, stage_trainer_seconds
 
     from vertical.models import ensure_local, load_causal_lm, load_tokenizer, resolve_base_model
     from vertical.models.registry import bf16_supported
     from vertical.pack.schema import TuneSettings
-    from vertical.tune import hyperparameters, lora_config, make_trainer
+    from vertical.tune import hyperparameters, lora_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
@@ -44,24 +43,16 @@ def main() -> None:
     model_dir = Path(args.model) if args.model else ensure_local(resolve_base_model("smollm2-135m-instruct"))
     tokenizer = load_tokenizer(model_dir)
 
-    torch.manual_seed(0)
     n = args.steps * args.batch
     prompt = args.seq - max(1, round(args.answer_share * args.seq))
-    features = [{"input_ids": ids, "attention_mask": [1] * args.seq, "labels": [-100] * prompt + ids[prompt:]}
-                for ids in torch.randint(100, tokenizer.vocab_size - 1, (n, args.seq)).tolist()]
+    features = random_features(tokenizer, n, args.seq, args.answer_share)
     results = {}
     for share in [float(s) for s in args.shares.split(",")]:
         settings = TuneSettings(batch_size=args.batch, gradient_accumulation=1, epochs=1, lora_layers=share)
         base = load_causal_lm(model_dir).train()
         hp = hyperparameters(settings, sum(p.numel() for p in base.parameters()))
         model = get_peft_model(base, lora_config(base, settings, hp))
-        with tempfile.TemporaryDirectory() as tmp:
-            trainer = make_trainer(model, tokenizer, features, settings, hp, Path(tmp), save_strategy="no",
-                                   train_sampling_strategy="sequential", disable_tqdm=True, logging_steps=1000,
-                                   warmup_steps=0)
-            started = time.perf_counter()
-            trainer.train()
-            results[share] = n * args.seq / (time.perf_counter() - started)
+        results[share] = n * args.seq / stage_trainer_seconds(model, tokenizer, features, settings, hp)
         adapted = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"lora_layers {share:4.2f}: {results[share]:8.1f} tokens/s, {adapted / 1e6:.2f}M adapter parameters",
               flush=True)

@@ -36,6 +36,29 @@ def matmul_gflops(size: int = 2048, repeats: int = 10, dtype=None) -> float:
     return 2 * size ** 3 * repeats / (time.perf_counter() - started) / 1e9
 
 
+def random_features(tokenizer, rows: int, seq: int, answer_share: float) -> list[dict]:
+    """`rows` rows of `seq` random ids (seeded), the last `answer_share` of each labelled."""
+    import torch
+
+    torch.manual_seed(0)
+    prompt = seq - max(1, round(answer_share * seq))
+    return [{"input_ids": ids, "attention_mask": [1] * seq, "labels": [-100] * prompt + ids[prompt:]}
+            for ids in torch.randint(100, tokenizer.vocab_size - 1, (rows, seq)).tolist()]
+
+
+def stage_trainer_seconds(model, tokenizer, features: list[dict], settings, hp: dict) -> float:
+    """Seconds the tune stage's Trainer takes for one epoch over `features`, in file order, no saving."""
+    from vertical.tune import make_trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(model, tokenizer, features, settings, hp, Path(tmp), save_strategy="no",
+                               train_sampling_strategy="sequential", disable_tqdm=True, logging_steps=1000,
+                               warmup_steps=0)
+        started = time.perf_counter()
+        trainer.train()
+        return time.perf_counter() - started
+
+
 def main() -> None:
     import torch
     from peft import get_peft_model
@@ -43,7 +66,7 @@ def main() -> None:
     from vertical.models import ensure_local, load_causal_lm, load_tokenizer, resolve_base_model
     from vertical.models.registry import autocast, bf16_supported
     from vertical.pack.schema import TuneSettings
-    from vertical.tune import hyperparameters, lora_config, make_trainer
+    from vertical.tune import hyperparameters, lora_config
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
@@ -56,11 +79,9 @@ def main() -> None:
     tokenizer = load_tokenizer(model_dir)
     n_params = sum(p.numel() for p in load_causal_lm(model_dir).parameters())
 
-    torch.manual_seed(0)
     n = args.steps * args.batch
     prompt = args.seq - max(1, round(args.answer_share * args.seq))
-    features = [{"input_ids": ids, "attention_mask": [1] * args.seq, "labels": [-100] * prompt + ids[prompt:]}
-                for ids in torch.randint(100, tokenizer.vocab_size - 1, (n, args.seq)).tolist()]
+    features = random_features(tokenizer, n, args.seq, args.answer_share)
     settings = TuneSettings(batch_size=args.batch, gradient_accumulation=1, epochs=1)
     hp = hyperparameters(settings, n_params)
     tokens = n * args.seq
@@ -68,13 +89,7 @@ def main() -> None:
     # 1. the stage's Trainer
     base = load_causal_lm(model_dir).train()
     model = get_peft_model(base, lora_config(base, settings, hp))
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = make_trainer(model, tokenizer, features, settings, hp, Path(tmp), save_strategy="no",
-                               train_sampling_strategy="sequential", disable_tqdm=True, logging_steps=1000,
-                               warmup_steps=0)
-        started = time.perf_counter()
-        trainer.train()
-        stage_seconds = time.perf_counter() - started
+    stage_seconds = stage_trainer_seconds(model, tokenizer, features, settings, hp)
 
     # 2. a minimal PEFT loop: same model, adapters, batches, optimizer and learning rate
     base = load_causal_lm(model_dir).train()
