@@ -50,16 +50,16 @@ def student_ships(settings, retention: float | None) -> tuple[bool, str]:
 
 
 def student_worth_finishing(settings, retention_at_check: float | None) -> tuple[bool, str]:
-    """A third of the way through distillation, whether the rest of the training can still make the
+    """Halfway through distillation, whether the rest of the training can still make the
     student ship under `auto` (the only choice retention decides), and why. A student below half
     of `min_retention` then will not double its score in the remaining steps (the legal, finance
     and games students kept 0.00-0.27 after all 60 steps; legal's had 0.22 at step 20 and at 30)."""
     if retention_at_check is None:
         return True, "no QA score to compare the student with the teacher"
     if retention_at_check < settings.min_retention / 2:
-        return False, (f"retention {retention_at_check:.2f} a third of the way, below half of the "
+        return False, (f"retention {retention_at_check:.2f} halfway, below half of the "
                        f"{settings.min_retention} the export needs: the bundle ships the teacher")
-    return True, f"retention {retention_at_check:.2f} a third of the way"
+    return True, f"retention {retention_at_check:.2f} halfway"
 
 
 def _model_to_export(ctx, settings) -> tuple[Path, str, str]:

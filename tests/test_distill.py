@@ -229,7 +229,7 @@ def test_distill_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("go_on", [True, False])
-def test_the_check_a_third_of_the_way_can_stop_the_training_there(tmp_path, go_on):
+def test_the_check_halfway_can_stop_the_training_there(tmp_path, go_on):
     from vertical.distill import train_student
     from vertical.pack.schema import DistillSettings
 
@@ -246,5 +246,5 @@ def test_the_check_a_third_of_the_way_can_stop_the_training_there(tmp_path, go_o
     result = train_student(student, teacher, sequences, DistillSettings(steps=6, batch_size=2), 0, tmp_path,
                            lambda items, _n, _label: items, check)
     assert calls == [False]  # called once, the student in eval mode
-    assert result["steps"] == (6 if go_on else 2) and len(result["loss_curve"]) == result["steps"]
-    assert result["stopped_at_step"] == (None if go_on else 2)
+    assert result["steps"] == (6 if go_on else 3) and len(result["loss_curve"]) == result["steps"]
+    assert result["stopped_at_step"] == (None if go_on else 3)

@@ -113,8 +113,8 @@ def test_the_report_says_where_the_students_training_stopped():
            "short": {"accuracy": 0.1, "n": 10}}
     report = {"pack": "p", "qa": [row], "questions": 10, "edits": [], "method": {}}
     assert "training stopped" not in markdown(report)
-    report["student_stopped_early"] = "at step 20: retention 0.10 a third of the way, below half of the 0.9 the export needs"
-    assert "The student's training stopped at step 20: retention 0.10 a third of the way" in markdown(report)
+    report["student_stopped_early"] = "at step 20: retention 0.10 halfway, below half of the 0.9 the export needs"
+    assert "The student's training stopped at step 20: retention 0.10 halfway" in markdown(report)
 
 
 def test_eval_of_a_build_scores_every_model_and_writes_the_report(exported_build, tmp_path, cli):

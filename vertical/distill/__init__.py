@@ -192,8 +192,8 @@ def _batch(sequences: list[dict], pad_id: int):
 def train_student(student, teacher, sequences: list[dict], settings, pad_id: int, work: Path, track,
                   check: Callable[[], bool] | None = None) -> dict[str, Any]:
     """The distillation loop: AdamW, warmup then cosine decay, bf16 autocast where native,
-    a checkpoint every CHECKPOINT_EVERY steps (resumed after a kill). `check`, called once a third of
-    the way (the student in eval mode), may end the training there by returning False."""
+    a checkpoint every CHECKPOINT_EVERY steps (resumed after a kill). `check`, called once halfway
+    (the student in eval mode), may end the training there by returning False."""
     import torch
 
     from vertical.models import selected_logits
@@ -227,7 +227,7 @@ def train_student(student, teacher, sequences: list[dict], settings, pad_id: int
     student.train()
     teacher.eval()
     tokens, started = 0, time.perf_counter()
-    check_at, stopped_at = settings.steps // 3, None
+    check_at, stopped_at = settings.steps // 2, None
     for step in track(range(step, settings.steps), settings.steps - step, "distilling the student"):
         if check is not None and 0 < check_at == step:
             student.eval()
@@ -417,7 +417,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
         go_on, why = student_worth_finishing(export, metrics["retention_at_check"])
         if not go_on:
             metrics["stopped_early"] = why
-            log.info("distill: training stops a third of the way: %s", why)
+            log.info("distill: training stops halfway: %s", why)
         return go_on
 
     # the check only matters where retention decides what ships (stages.export.model: auto)
