@@ -1,5 +1,6 @@
-"""Retrieval benchmark: indexing throughput and query latency of vertical's index stage beside a
-plain sentence-transformers + FAISS loop, at 1k, 10k and 100k chunks, measured in one run.
+"""Retrieval benchmark: indexing throughput and query latency of vertical's index stage (its ONNX
+int8 embedder, FAISS + BM25) beside a plain sentence-transformers + FAISS loop, at 1k, 10k and
+100k chunks, measured in one run.
 
     python benchmarks/retrieval.py [--sizes 1000,10000,100000] [--max-embed 1000] [--queries 100]
 
@@ -24,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vertical.index.chunking import chunk_document  # noqa: E402
 from vertical.index.documents import Document  # noqa: E402
-from vertical.index.embed import Embedder  # noqa: E402
 from vertical.index.store import RetrievalIndex  # noqa: E402
 
 WORDS = ("patient dose therapy trial cohort risk outcome infection renal cardiac insulin sepsis antibiotic "
@@ -47,11 +47,13 @@ def p50(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def run_size(n: int, embedder: Embedder, max_embed: int, n_queries: int, real_vectors: np.ndarray | None):
+def run_size(n: int, embedder, tokenizer, plain_model, max_embed: int, n_queries: int,
+             real_vectors: np.ndarray | None):
+    """`embedder`: the index stage's ONNX embedder; `plain_model`: the same model in sentence-transformers."""
     import faiss
 
     docs = synthetic_documents(n)
-    chunks = [c for d in docs for c in chunk_document(d, embedder.tokenizer, 200, 32)]
+    chunks = [c for d in docs for c in chunk_document(d, tokenizer, 200, 32)]
     texts = [c.embedding_text() for c in chunks]
     embedded_for_real = n <= max_embed or real_vectors is None
 
@@ -70,7 +72,7 @@ def run_size(n: int, embedder: Embedder, max_embed: int, n_queries: int, real_ve
 
     # plain loop: sentence-transformers encode + FAISS flat inner product
     started = time.perf_counter()
-    plain_vectors = (embedder.model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+    plain_vectors = (plain_model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
                                            show_progress_bar=False) if embedded_for_real else vectors)
     if not embedded_for_real:
         started = time.perf_counter()
@@ -90,7 +92,7 @@ def run_size(n: int, embedder: Embedder, max_embed: int, n_queries: int, real_ve
         index.search(q, embedder.encode, k=5, mode="dense")
         dense_ms.append((time.perf_counter() - t) * 1000)
         t = time.perf_counter()
-        qv = embedder.model.encode([q], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        qv = plain_model.encode([q], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
         plain.search(qv, 5)
         plain_ms.append((time.perf_counter() - t) * 1000)
     return {
@@ -108,12 +110,23 @@ def main() -> None:
     parser.add_argument("--max-embed", type=int, default=1_000)
     parser.add_argument("--queries", type=int, default=100)
     args = parser.parse_args()
-    embedder = Embedder("all-minilm-l6-v2")
+    import tempfile
+
+    from sentence_transformers import SentenceTransformer
+
+    from vertical.export.convert import export_embedder
+    from vertical.index import EMBEDDER, _chunk_tokenizer, _embedder
+    from vertical.models.registry import resolve_embedder
+
+    folder = Path(tempfile.mkdtemp())
+    export_embedder("all-minilm-l6-v2", folder / EMBEDDER)  # as the index stage does
+    embedder, tokenizer = _embedder(folder), _chunk_tokenizer(folder)
+    plain_model = SentenceTransformer(str(resolve_embedder("all-minilm-l6-v2")), device="cpu", local_files_only=True)
     real_vectors = None
     print(f"{'chunks':>8} {'faiss':>6} {'vertical ch/s':>14} {'plain ch/s':>11} {'ratio':>6} "
           f"{'hybrid ms':>10} {'dense ms':>9} {'plain ms':>9} {'dense/plain':>11}  index time covers")
     for size in (int(s) for s in args.sizes.split(",")):
-        result = run_size(size, embedder, args.max_embed, args.queries, real_vectors)
+        result = run_size(size, embedder, tokenizer, plain_model, args.max_embed, args.queries, real_vectors)
         if result["vectors"] is not None:
             real_vectors = result["vectors"]
         print(f"{result['chunks']:>8} {result['faiss']:>6} {result['vertical_chunks_per_s']:>14.1f} "

@@ -1,7 +1,7 @@
 """Stage `export`, and the torch-free runtime that serves what it writes (imported as vertical.export).
 
     student (distill/model, if it kept the teacher's score) or teacher -> onnxruntime-genai model builder -> model/
-    sentence embedder -> ONNX (int8) -> embedder/; the index re-embedded with it -> index/
+    the index stage's ONNX embedder -> embedder/, its index -> index/ (the vectors the build searched)
     pack.json (system prompt, disclaimer), manifest.json (sha256 of every file, versions, metrics)
 
 With `quant: auto` the stage keeps int8; from 1B parameters up it builds int4 too and keeps it
@@ -153,9 +153,9 @@ def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.base import count_parameters
     from vertical.distill import decode_tokens_per_s
     from vertical.export.bundle import FORMAT, FORMAT_VERSION, MANIFEST, list_files
-    from vertical.export.convert import export_embedder, export_language_model, prefix_agreement
+    from vertical.export.convert import export_language_model, prefix_agreement
     from vertical.export.runtime import OnnxChatModel, OnnxEmbedder
-    from vertical.index import calibrate_threshold, evaluate
+    from vertical.index import EMBEDDER
     from vertical.index.store import RetrievalIndex
     from vertical.models import load_causal_lm, load_tokenizer
     from vertical.pipeline import PhaseClock
@@ -168,19 +168,12 @@ def run(ctx, out: Path) -> dict[str, Any]:
     clock = PhaseClock()
     lap = clock.lap
 
-    # the embedder, and the index re-embedded with it: queries and chunks must share one encoder
-    ctx.reporter.stage("export", "running", "embedder to ONNX")
-    embedder_info = export_embedder(config.embedder, out / "embedder")
+    # the index and its embedder as the build searched them (the index stage embedded with the ONNX graph)
+    built = ctx.stage_dir("index")
+    shutil.copytree(built / EMBEDDER, out / "embedder")
+    embedder_info = json.loads((out / "embedder" / "embedder.json").read_text(encoding="utf-8"))
     embedder = OnnxEmbedder(out / "embedder")
-    built = RetrievalIndex.load(ctx.stage_dir("index"))
-    vectors = embedder.encode([c.embedding_text() for c in built.chunks], track=ctx.reporter.track)
-    index = RetrievalIndex(built.chunks, vectors, {**built.meta, "embedder": f"onnx:{config.embedder}"})
-    items = ctx.pack.retrieval_eval()
-    if items:
-        metrics["retrieval"] = evaluate(index, embedder, items, index.meta["mode"])
-        calibration = calibrate_threshold(index, embedder, [item.question for item in items])
-        index.meta["threshold"] = calibration["threshold"]
-        metrics["retrieval"]["threshold"] = calibration["threshold"]
+    index = RetrievalIndex.load(built)
     index.save(out / "index")
     lap("embedder_and_index")
 

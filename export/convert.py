@@ -1,9 +1,9 @@
-"""Conversion to ONNX (needs torch; runs at export time only, never in the runtime).
+"""Conversion to ONNX (needs torch; runs in the build, never in the runtime).
 
 - the language model: onnxruntime-genai's model builder (GQA attention with a KV cache,
   weight-only int4/int8 MatMulNBits or fp32), run as its documented command line;
-- the sentence embedder: torch.onnx.export of the encoder with mean pooling and L2
-  normalisation inside the graph, then onnxruntime's dynamic int8 quantisation.
+- the sentence embedder (in the index stage): torch.onnx.export of the encoder with mean pooling
+  and L2 normalisation inside the graph, then onnxruntime's dynamic int8 quantisation.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,8 +81,27 @@ def halve_embedding_table(model_path: Path) -> None:
               location=data.name, size_threshold=1024)
 
 
+# The files of each embedder exported in this process, by (model folder, quantize): the export is
+# deterministic and takes ~8 s, and one process (a test session, a script) may build many indexes.
+_EXPORTED: dict[tuple[str, bool], dict[str, bytes]] = {}
+
+
 def export_embedder(spec: str, out: Path, quantize: bool = True) -> dict:
     """The sentence embedder as one ONNX graph (ids -> normalised mean-pooled vector)."""
+    from vertical.models.registry import resolve_embedder
+
+    key = (str(resolve_embedder(spec)), quantize)
+    if key not in _EXPORTED:
+        with tempfile.TemporaryDirectory() as scratch:
+            _export_embedder(spec, Path(scratch), quantize)
+            _EXPORTED[key] = {p.name: p.read_bytes() for p in sorted(Path(scratch).iterdir())}
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in _EXPORTED[key].items():
+        (out / name).write_bytes(data)
+    return json.loads(_EXPORTED[key]["embedder.json"])
+
+
+def _export_embedder(spec: str, out: Path, quantize: bool) -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -127,7 +147,6 @@ def export_embedder(spec: str, out: Path, quantize: bool = True) -> dict:
             "pad_id": int(tokenizer.pad_token_id), "pad_token": tokenizer.pad_token, "pooling": "mean",
             "normalized": True, "quantized": quantize}
     (out / "embedder.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    return info
 
 
 @contextmanager

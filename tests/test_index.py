@@ -112,33 +112,29 @@ def test_bad_documents_are_reported_and_skipped(mixed_docs, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def embedder():
-    from vertical.index.embed import Embedder
+def index_dir(tmp_path_factory) -> Path:
+    """An index folder holding only the exported embedder, as the index stage writes it."""
+    from vertical.export.convert import export_embedder
+    from vertical.index import EMBEDDER
 
-    return Embedder("all-minilm-l6-v2")
-
-
-ORDER_TEXTS = ["a much longer text about the termination of a supply agreement and its notice period", "short",
-               "a text of middling length about fees", "", "tiny text", "another long one about the liability cap, "
-               "indemnities and the insurance that must back them"]
-
-
-def test_texts_embedded_in_batches_equal_texts_embedded_alone(embedder):
-    together = embedder.encode(ORDER_TEXTS, batch_size=2)
-    alone = np.concatenate([embedder.encode([text]) for text in ORDER_TEXTS])
-    assert np.allclose(together, alone, atol=1e-5)
+    folder = tmp_path_factory.mktemp("index")
+    export_embedder("all-minilm-l6-v2", folder / EMBEDDER)
+    return folder
 
 
-def test_chunks_respect_size_spans_and_overlap(embedder):
+def test_chunks_respect_size_spans_and_overlap(index_dir):
+    from vertical.index import _chunk_tokenizer
+
+    tokenizer = _chunk_tokenizer(index_dir)
     paragraphs = [f"Paragraph {i} opens here. The committee reviewed the budget and agreed on the plan. "
                   f"Members asked for a second review of the costs before the end of the year." for i in range(14)]
     text = "# Title\n\n" + "\n\n".join(paragraphs)
     doc = Document(id="d", title="Title", text=text, source="d.md", heading_starts=[0])
-    chunks = chunk_document(doc, embedder.tokenizer, chunk_tokens=120, overlap=20)
+    chunks = chunk_document(doc, tokenizer, chunk_tokens=120, overlap=20)
     assert len(chunks) > 3
     for chunk in chunks:
         assert text[chunk.start:chunk.end].strip() == chunk.text
-        assert len(embedder.tokenizer(chunk.text, add_special_tokens=False)["input_ids"]) <= 120
+        assert len(tokenizer(chunk.text, add_special_tokens=False)["input_ids"]) <= 120
     assert chunks[0].start == 0 and chunks[-1].end == len(text)
     for before, after in zip(chunks, chunks[1:]):
         assert after.start < before.end, "neighbouring chunks overlap"
@@ -165,11 +161,11 @@ def test_index_stage_metrics_and_persistence(tiny_pack, tmp_path, monkeypatch):
     assert 0 < metrics["threshold"] < 1 and metrics["no_answer"]["offtopic_refused"] >= 0.9
 
     # loading never re-embeds documents: only queries are encoded
-    from vertical.index.embed import Embedder
+    from vertical.export.runtime import OnnxEmbedder
 
     calls = []
-    original = Embedder.encode
-    monkeypatch.setattr(Embedder, "encode", lambda self, texts, *a, **k: calls.append(len(texts)) or original(self, texts, *a, **k))
+    original = OnnxEmbedder.encode
+    monkeypatch.setattr(OnnxEmbedder, "encode", lambda self, texts, *a, **k: calls.append(len(texts)) or original(self, texts, *a, **k))
     index, embedder = open_index(out)
     hits = index.search("Where do fishermen catch silver trout?", embedder.encode, k=2)
     assert hits[0].chunk.doc_id == "lake-vor"

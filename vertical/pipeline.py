@@ -51,7 +51,8 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("base", "resolve the base model into a local safetensors folder", (), "vertical.base:run", "vertical.base:inputs"),
-    Stage("index", "chunk, embed and index the pack's documents; measure retrieval", (), "vertical.index:run", "vertical.index:inputs"),
+    Stage("index", "embedder to ONNX; chunk, embed and index the pack's documents; measure retrieval", (), "vertical.index:run", "vertical.index:inputs",
+          version=2),
     Stage("tune", "LoRA fine-tuning on the pack's instructions, retrieval-aware", ("base", "index"), "vertical.tune:run",
           "vertical.tune:inputs", distributed=True),
     Stage("edit", "write the pack's knowledge edits into the FFN weights (ROME / MEMIT)", ("base",), "vertical.edit:run",

@@ -206,8 +206,6 @@ def _recorded_metrics(metrics: dict[str, dict]) -> dict[str, Any]:
     export = metrics.get("export", {})
     distill = metrics.get("distill", {})
     return {"retrieval": retrieval,
-            "retrieval_bundle": {k: v for k, v in (export.get("retrieval") or {}).items()
-                                 if k.startswith("recall@") or k.startswith("mrr")},
             "speed": {k: v for k, v in {"teacher_tokens_per_s (torch)": distill.get("teacher_tokens_per_s"),
                                         "student_tokens_per_s (torch)": distill.get("student_tokens_per_s"),
                                         "bundle_tokens_per_s (ONNX)": export.get("onnx_tokens_per_s"),

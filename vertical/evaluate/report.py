@@ -40,8 +40,7 @@ def markdown(report: dict[str, Any]) -> str:
         if report.get("student_edits_skipped"):
             lines += ["", f"The student was not given the edits: {report['student_edits_skipped']}."]
         lines += ["", "![Edits](edits.png)", ""]
-    for key, title in (("retrieval", "Retrieval (build index, PyTorch embedder)"),
-                       ("retrieval_bundle", "Retrieval (bundle index, ONNX embedder)"), ("speed", "Speed")):
+    for key, title in (("retrieval", "Retrieval (the index the build and the bundle search)"), ("speed", "Speed")):
         if report.get(key):
             lines += [f"## {title}", "", "| metric | value |", "| --- | --- |"]
             lines += [f"| {k} | {_fmt(v)} |" for k, v in report[key].items()] + [""]

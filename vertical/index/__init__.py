@@ -1,5 +1,6 @@
 """Stage `index`: the pack's documents as a searchable, citable retrieval index.
 
+    embedder -> ONNX (int8), kept in index/embedder/ (the build's stages and the bundle embed with it)
     documents -> chunks (embedder tokens, block boundaries, overlap) -> embeddings (normalised)
               -> FAISS (exact, or HNSW above a size threshold) + BM25 -> fused by reciprocal rank
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("dense", "bm25", "hybrid")
 DEFAULT_THRESHOLD = 0.25  # used when a pack has no retrieval evaluation set to calibrate on
+EMBEDDER = "embedder"  # index/embedder/: the sentence embedder as one ONNX graph
 
 __all__ = ["Hit", "RetrievalIndex", "add_documents", "inputs", "open_index", "remove_documents", "run"]
 
@@ -50,25 +52,43 @@ def _chunk_all(documents: list[Document], tokenizer, settings) -> list[Chunk]:
     return [c for doc in documents for c in chunk_document(doc, tokenizer, settings.chunk_tokens, settings.chunk_overlap)]
 
 
+def _embedder(folder: Path):
+    from vertical.export.runtime import OnnxEmbedder
+
+    return OnnxEmbedder(folder / EMBEDDER)
+
+
+def _chunk_tokenizer(folder: Path):
+    """The embedder's tokenizer with character offsets and without its truncation, for chunking."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(folder / EMBEDDER / "tokenizer.json"))
+
+
 def run(ctx, out: Path) -> dict[str, Any]:
-    from vertical.index.embed import Embedder
+    from vertical.export.convert import export_embedder
 
     settings = ctx.pack.config.stages.index
     documents, problems = load_documents(ctx.pack.document_files(), ctx.pack.root)
     if problems:  # an index silently missing a document would answer "I don't know" from it
         raise VerticalError(_unusable(problems, "fix, convert or remove them, then build again"))
-    embedder = Embedder(ctx.pack.config.embedder)
+    # The embedder the bundle will ship, from the start: the build's stages then search exactly the
+    # vectors the bundle holds, nothing is embedded twice, and the int8 graph embeds more than twice
+    # as fast as the PyTorch model on 2 CPU cores (benchmarks/embedder.py: 2.3x on medical's chunks)
+    ctx.reporter.stage("index", "running", "embedder to ONNX")
+    export_embedder(ctx.pack.config.embedder, out / EMBEDDER)
+    embedder = _embedder(out)
     if settings.chunk_tokens > embedder.max_tokens:  # the embedder would silently drop each chunk's tail
         raise VerticalError(f"{ctx.pack.root / 'pack.yaml'}: stages.index.chunk_tokens is {settings.chunk_tokens}, "
                             f"longer than the {embedder.max_tokens}-token window of the embedder "
                             f"{ctx.pack.config.embedder}; set it to {embedder.max_tokens} or less")
-    chunks = _chunk_all(documents, embedder.tokenizer, settings)
+    chunks = _chunk_all(documents, _chunk_tokenizer(out), settings)
 
     started = time.perf_counter()
-    vectors = embedder.encode([c.embedding_text() for c in chunks], settings.batch_size, ctx.reporter.track)
+    vectors = embedder.encode([c.embedding_text() for c in chunks], track=ctx.reporter.track)
     embed_seconds = time.perf_counter() - started
 
-    meta = {"embedder": ctx.pack.config.embedder, "dim": embedder.dim, "mode": "hybrid", "top_k": settings.top_k,
+    meta = {"embedder": f"onnx:{ctx.pack.config.embedder}", "dim": embedder.dim, "mode": "hybrid", "top_k": settings.top_k,
             "chunk_tokens": settings.chunk_tokens, "chunk_overlap": settings.chunk_overlap,
             "threshold": DEFAULT_THRESHOLD, "doc_hashes": {d.id: d.content_hash for d in documents}}
     index = RetrievalIndex(chunks, vectors, meta)
@@ -159,18 +179,18 @@ def calibrate_threshold(index: RetrievalIndex, embedder, questions: list[str]) -
 
 def open_index(build_dir: Path):
     """Load a build's index and its embedder (for search and answers); nothing is re-embedded."""
-    from vertical.index.embed import Embedder
-
     folder = Path(build_dir) / "index"
-    if not (folder / "index.json").is_file():
-        raise VerticalError(f"{build_dir} has no retrieval index; run `vertical build PACK --steps index` first")
-    index = RetrievalIndex.load(folder)
-    return index, Embedder(index.meta["embedder"])
+    if not (folder / "index.json").is_file() or not (folder / EMBEDDER / "model.onnx").is_file():
+        raise VerticalError(f"{build_dir} has no retrieval index of this version; run "
+                            "`vertical build PACK --steps index` first")
+    return RetrievalIndex.load(folder), _embedder(folder)
 
 
 def _rewrite_index(build_dir: Path, index: RetrievalIndex, note: dict[str, Any]) -> None:
     """Save the updated index atomically and record its new file hashes in the build manifest,
     so the next `vertical build` keeps it instead of treating it as corrupt."""
+    import shutil
+
     from vertical.io import exclusive_lock
     from vertical.pipeline import record_outputs
 
@@ -180,6 +200,7 @@ def _rewrite_index(build_dir: Path, index: RetrievalIndex, note: dict[str, Any])
         metrics.setdefault("updates", []).append(note)
         metrics["documents"], metrics["chunks"] = len(index.doc_ids()), len(index.chunks)
         with atomic_dir(folder) as tmp:
+            shutil.copytree(folder / EMBEDDER, tmp / EMBEDDER)
             index.save(tmp)
             atomic_write_json(tmp / "metrics.json", metrics)
         record_outputs(Path(build_dir), "index", metrics)
@@ -215,7 +236,7 @@ def add_documents(build_dir: Path, paths: list[Path], track=None, root: Path | N
 
     # new documents are cut exactly like the ones the build indexed
     settings = IndexSettings(chunk_tokens=index.meta["chunk_tokens"], chunk_overlap=index.meta["chunk_overlap"])
-    new_chunks = _chunk_all(changed, embedder.tokenizer, settings)
+    new_chunks = _chunk_all(changed, _chunk_tokenizer(Path(build_dir) / "index"), settings)
     vectors = embedder.encode([c.embedding_text() for c in new_chunks], track=track)
     drop = {d.id for d in changed}
     keep = [i for i, c in enumerate(index.chunks) if c.doc_id not in drop]

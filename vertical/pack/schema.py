@@ -32,7 +32,6 @@ class IndexSettings(Strict):
     retrieval: Literal["auto", "dense", "bm25", "hybrid"] = Field(
         "auto", description="search mode; auto keeps whichever scores best on the retrieval eval set")
     top_k: int = Field(4, ge=1, le=20, description="chunks given to the model as sources")
-    batch_size: int = Field(64, ge=1, le=1024, description="embedding batch size")
 
     @model_validator(mode="after")
     def _overlap_smaller_than_chunk(self) -> "IndexSettings":
