@@ -81,8 +81,8 @@ def halve_embedding_table(model_path: Path) -> None:
               location=data.name, size_threshold=1024)
 
 
-# The files of each embedder exported in this process, by (model folder, quantize): the export is
-# deterministic and takes ~8 s, and one process (a test session, a script) may build many indexes.
+# The files of each embedder exported in this process, by (model folder, quantize): an export takes
+# ~8 s, one process (a test session, a script) may build many indexes, and so each gets the same bytes.
 _EXPORTED: dict[tuple[str, bool], dict[str, bytes]] = {}
 
 
