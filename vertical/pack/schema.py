@@ -84,8 +84,8 @@ class DistillSettings(Strict):
     learning_rate: float = Field(1e-3, gt=0, lt=1, description="AdamW peak rate (warmup, then cosine decay); 1e-3 healed the legal student faster than 2e-4 (KD loss 1.42 vs 1.74 after 60 steps)")
     max_length: int = Field(512, ge=32, le=32768, description="tokens per training sequence (retrieved sources are shortened to fit, as in tune)")
     teacher_answers: int = Field(16, ge=0, description="pack prompts the teacher answers for sequence-level distillation "
-                                 "(32 until the twelfth round: generating them took 90 s of medical's fp32 build, and "
-                                 "40 steps of 4 drawn sequences met their cross-entropy term in 3 steps)")
+                                 "(32 until the twelfth round: 108 s of medical's AVX2 build, 49 s with 16, and 40 steps "
+                                 "of 4 sequences drawn from about 700 met their cross-entropy term in 3 steps)")
     answer_tokens: int = Field(96, ge=8, le=2048, description="longest teacher answer generated")
     documents: int = Field(64, ge=0, description="document chunks used as plain text for token-level distillation")
     seed: int = 0
