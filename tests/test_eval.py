@@ -47,6 +47,8 @@ def test_choice_is_the_most_probable_and_short_answers_match_whole_words():
     # a citation is not an answer: "[2]" must not count for the gold answer "2"
     assert not is_correct("The cap is set in [2] and [1, 3].", "2") and is_correct("It takes 2 days [1].", "2")
     assert is_correct("It costs £60.", "60") and is_correct("about 86 days", "86.0") and not is_correct("1.5", "1.05")
+    assert is_correct("It takes 2 working days.", "two working days") and is_correct("within one hour", "1 hour")
+    assert not is_correct("someone called", "1") and not is_correct("twelve", "2")
     items = [QAItem(question="Is it?", choices=["yes", "no"], label="yes"), QAItem(question="Limit?", answer="90 days")]
     right = score_qa(ScriptedLM({"yes": -0.1}, "It is 90 days [1]."), items, "sys")
     wrong = score_qa(ScriptedLM({"no": -0.1}, "It is 60 days."), items, "sys")

@@ -16,7 +16,7 @@ import yaml
 from vertical import pipeline
 from vertical.pack.schema import TuneSettings
 from vertical.tune import _verdict, hyperparameters
-from vertical.tune.data import IGNORE, build_examples, tokenize
+from vertical.tune.data import IGNORE, build_examples, share_evenly, tokenize
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,18 @@ def _with_tune(pack: Path, **settings) -> None:
     config = yaml.safe_load((pack / "pack.yaml").read_text())
     config["stages"]["tune"] = settings
     (pack / "pack.yaml").write_text(yaml.safe_dump(config))
+
+
+def test_the_example_cap_is_shared_evenly_between_files():
+    # file 0 is a large borrowed set, file 1 a small hand-written one, file 2 smaller than its share
+    tagged = [(0, f"big{i}") for i in range(50)] + [(1, f"own{i}") for i in range(12)] + [(2, "one")]
+    tagged = [tagged[i] for i in [*range(0, 63, 2), *range(1, 63, 2)]]  # any order
+    chosen = share_evenly(tagged, 21)
+    assert len(chosen) == 21
+    assert sum(c.startswith("big") for c in chosen) == 10 and sum(c.startswith("own") for c in chosen) == 10
+    assert "one" in chosen
+    assert chosen == [item for _, item in tagged if item in chosen]  # the given order is kept
+    assert share_evenly(tagged, None) == share_evenly(tagged, 100) == [item for _, item in tagged]
 
 
 def test_retrieval_aware_examples_cite_and_refuse(tiny_pack, tmp_path):

@@ -54,7 +54,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("index", "embedder to ONNX; chunk, embed and index the pack's documents; measure retrieval", (), "vertical.index:run", "vertical.index:inputs",
           version=2),
     Stage("tune", "LoRA fine-tuning on the pack's instructions, retrieval-aware", ("base", "index"), "vertical.tune:run",
-          "vertical.tune:inputs", distributed=True),
+          "vertical.tune:inputs", version=2, distributed=True),
     Stage("edit", "write the pack's knowledge edits into the FFN weights (ROME / MEMIT)", ("base",), "vertical.edit:run",
           "vertical.edit:inputs", uses=("tune",)),
     Stage("distill", "a smaller student learns from the best model; edits re-applied", ("base", "index"),

@@ -30,8 +30,8 @@ METHOD = {
     "qa_choice": "multiple-choice items: the choice with the highest summed log-probability as the continuation "
                  "of 'Answer:' after the chat prompt (label accuracy)",
     "qa_short": "short-answer items: greedy answer of up to `answer_tokens` tokens; correct when the normalised "
-                "gold answer (lower case, no punctuation or articles) occurs in it as whole words, after source "
-                "citations such as [2] are removed from the answer",
+                "gold answer (lower case, no punctuation or articles, number words up to twenty as digits) occurs "
+                "in it as whole words, after source citations such as [2] are removed from the answer",
     "retrieval": "sources: the top `rag_sources` chunks of the row's own index (hybrid search), numbered, in a "
                  "<sources> block after the pack's system prompt; 'base alone' gets the system prompt and the "
                  "question, no sources",

@@ -144,21 +144,28 @@ class Pack:
 
     # ------------------------------------------------------------ records
 
-    def _records(self, kind: str, parse) -> list:
-        records, problems = [], []
+    def _records_by_file(self, kind: str, parse) -> list[list]:
+        groups, problems = [], []
         for path in self.paths(kind):
             if not path.is_file():
                 problems.append(Problem(self.pack_file, f"file {path.relative_to(self.root)} does not exist", field=f"data.{kind}"))
                 continue
             found, bad = read_jsonl(path, parse)
-            records.extend(found)
+            groups.append(found)
             problems.extend(bad)
         if problems:
             raise PackInvalid(self.name, problems)
-        return records
+        return groups
+
+    def _records(self, kind: str, parse) -> list:
+        return [record for group in self._records_by_file(kind, parse) for record in group]
 
     def instructions(self) -> list[list[Message]]:
         return self._records("instructions", parse_instruction)
+
+    def instructions_by_file(self) -> list[list[list[Message]]]:
+        """The instruction examples, one list per file of data.instructions."""
+        return self._records_by_file("instructions", parse_instruction)
 
     def edits(self) -> list[EditRequest]:
         return self._records("edits", EditRequest.model_validate)

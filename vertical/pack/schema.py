@@ -55,7 +55,7 @@ class TuneSettings(Strict):
     max_length: int = Field(512, ge=32, le=32768, description="tokens; retrieved sources are shortened to fit, other long examples truncated")
     batch_size: int = Field(4, ge=1, le=512)
     gradient_accumulation: int = Field(2, ge=1, le=512)
-    max_examples: int | None = Field(96, ge=1, description="cap on training examples (null: all); sized for ~10 min on 2 CPU cores")
+    max_examples: int | None = Field(96, ge=1, description="cap on training examples (null: all), shared evenly between the instruction files (one smaller than its share gives all it has); sized for ~10 min on 2 CPU cores")
     rag_fraction: float = Field(0.5, ge=0, le=1, description="share of examples given retrieved sources")
     no_answer_fraction: float = Field(0.1, ge=0, le=1, description="share of extra examples with unrelated sources")
     rag_sources: int = Field(3, ge=1, le=10)

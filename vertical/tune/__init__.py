@@ -186,7 +186,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.index import open_index
     from vertical.models import load_causal_lm, load_tokenizer
     from vertical.pipeline import PhaseClock
-    from vertical.tune.data import build_examples
+    from vertical.tune.data import build_examples, share_evenly
 
     settings = ctx.pack.config.stages.tune
     clock = PhaseClock()
@@ -195,7 +195,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
     tokenizer = load_tokenizer(base_dir)
     if not tokenizer.chat_template:
         raise VerticalError(f"base model {base_dir} has no chat template; tune needs an instruct/chat model")
-    conversations = ctx.pack.instructions()
+    # (file, conversation): the cap on examples is shared evenly between the instruction files
+    conversations = [(file, c) for file, group in enumerate(ctx.pack.instructions_by_file()) for c in group]
     if not conversations:  # checked first: no model, index or embedder is loaded for nothing
         log.warning("pack '%s' has no instruction data (data.instructions in pack.yaml): nothing to tune; "
                     "later stages use the base model", ctx.pack.name)
@@ -204,9 +205,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
     rng = random.Random(settings.seed)
     rng.shuffle(conversations)
     holdout_n = min(settings.eval_holdout, len(conversations) // 5)
-    held_out, train = conversations[:holdout_n], conversations[holdout_n:]
-    if settings.max_examples and len(train) > settings.max_examples:
-        train = train[: settings.max_examples]
+    held_out = [c for _, c in conversations[:holdout_n]]
+    train = share_evenly(conversations[holdout_n:], settings.max_examples)
 
     train_examples = build_examples(train, system_prompt, index, embedder, settings, settings.seed, tokenizer)
     eval_examples = build_examples(held_out, system_prompt, index, embedder, settings, settings.seed + 1, tokenizer)

@@ -9,9 +9,11 @@ examples get only unrelated sources and the answer "I don't know", so it learns 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -20,12 +22,30 @@ from vertical.prompting import NO_ANSWER, Source, build_messages
 log = logging.getLogger(__name__)
 
 IGNORE = -100  # label id that the loss skips
+T = TypeVar("T")
 
 
 @dataclass
 class Example:
     messages: list[dict[str, str]]
     kind: str  # "plain" | "rag" | "no-answer" | "given-sources"
+
+
+def share_evenly(tagged: list[tuple[int, T]], cap: int | None) -> list[T]:
+    """Up to `cap` items of (file, item) pairs, the files taking turns: a 500-example borrowed data
+    set does not drown a pack's 60 hand-written examples, and a file smaller than its share gives
+    all it has. The chosen items keep their given order; without a cap, every item."""
+    if not cap or len(tagged) <= cap:
+        return [item for _, item in tagged]
+    queues: dict[int, list[int]] = {}
+    for position, (key, _) in enumerate(tagged):
+        queues.setdefault(key, []).append(position)
+    chosen: set[int] = set()
+    for turn in itertools.zip_longest(*queues.values()):
+        for position in turn:
+            if position is not None and len(chosen) < cap:
+                chosen.add(position)
+    return [item for position, (_, item) in enumerate(tagged) if position in chosen]
 
 
 def _source(number: int, chunk) -> Source:
