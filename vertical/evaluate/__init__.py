@@ -225,19 +225,24 @@ def sample_items(items: list, count: int, seed: int) -> list:
     return rng.sample(short, take_short) + rng.sample(choice, min(len(choice), count - take_short))
 
 
+def eval_sample(pack) -> list:
+    """The QA items the eval stage scores (stages.eval: how many, which seed)."""
+    settings = pack.config.stages.eval
+    return sample_items(pack.qa_eval(), settings.questions, settings.seed)
+
+
 def stage_questions(pack, count: int) -> list:
-    """The QA items the tune and distill stages score: a subset of the eval stage's own sample (same
-    mix of kinds), so that the eval stage reuses those answers instead of asking again."""
+    """The QA items the tune stage scores: a subset of the eval stage's own sample (same mix of
+    kinds), so that the eval stage reuses those answers instead of asking again."""
     if not count:
         return []
     settings = pack.config.stages.eval
-    items = pack.qa_eval()
-    sample = sample_items(items, settings.questions, settings.seed)
-    return sample_items(sample if count <= len(sample) else items, count, settings.seed)
+    sample = eval_sample(pack)
+    return sample_items(sample if count <= len(sample) else pack.qa_eval(), count, settings.seed)
 
 
 def sample_inputs(pack) -> dict[str, Any]:
-    """What stage_questions and the answers' length depend on (part of the scoring stages' inputs)."""
+    """What eval_sample, stage_questions and the answers' length depend on (part of the scoring stages' inputs)."""
     return {"qa_eval": pack.fingerprint("qa_eval"), "eval_sample": pack.config.stages.eval.model_dump()}
 
 
@@ -245,7 +250,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.evaluate.report import write_report
 
     settings = ctx.pack.config.stages.eval
-    qa_items = sample_items(ctx.pack.qa_eval(), settings.questions, settings.seed)
+    qa_items = eval_sample(ctx.pack)
     report = evaluate(ctx.build_dir, qa_items, ctx.pack.edits(), ctx.pack.config.system_prompt, settings,
                       ctx.pack.config.stages.tune.rag_sources, ctx.reporter.track)
     report.update(_build_metrics(ctx.build_dir), pack=ctx.pack.name)

@@ -97,8 +97,8 @@ class ExportSettings(Strict):
     model: Literal["auto", "student", "teacher"] = Field(
         "auto", description="auto: the student if it keeps at least min_retention of the teacher's QA score, "
                             "else the teacher; student: the student whenever there is one; teacher")
-    min_retention: float = Field(0.9, ge=0, le=1, description="the share of the teacher's score (distill stage's "
-                                                              "QA items) the student must keep to be exported by auto")
+    min_retention: float = Field(0.9, ge=0, le=1, description="the share of the teacher's score (on the eval stage's "
+                                                              "QA sample) the student must keep to be exported by auto")
     quant: Literal["auto", "int4", "int8", "fp32"] = Field(
         "auto", description="auto: int8; for models of 1B parameters or more, int4 if it agrees better with fp32 "
                             "on the pack's prompts")
