@@ -57,10 +57,10 @@ def test_the_example_cap_is_shared_evenly_between_files():
     tagged = [tagged[i] for i in [*range(0, 63, 2), *range(1, 63, 2)]]  # any order
     chosen = share_evenly(tagged, 21)
     assert len(chosen) == 21
-    assert sum(c.startswith("big") for c in chosen) == 10 and sum(c.startswith("own") for c in chosen) == 10
-    assert "one" in chosen
-    assert chosen == [item for _, item in tagged if item in chosen]  # the given order is kept
-    assert share_evenly(tagged, None) == share_evenly(tagged, 100) == [item for _, item in tagged]
+    assert [file for file, _ in chosen].count(0) == 10 and [file for file, _ in chosen].count(1) == 10
+    assert (2, "one") in chosen
+    assert chosen == [pair for pair in tagged if pair in chosen]  # the given order is kept
+    assert share_evenly(tagged, None) == share_evenly(tagged, 100) == tagged
 
 
 def test_retrieval_aware_examples_cite_and_refuse(tiny_pack, tmp_path):
@@ -102,6 +102,11 @@ def test_tune_stage_outputs_and_learns(tiny_pack, tmp_path, tiny_model_dir, monk
     for key in ("accuracy_base", "accuracy_tuned", "train_tokens_per_s", "train_loss", "verdict", "lora_rank"):
         assert key in metrics
     assert metrics["lora_rank"] == 16 and metrics["train_tokens"] > 0
+    from vertical.pack import load_pack
+
+    pack = load_pack(tiny_pack)  # no holdout, fewer than the cap: every conversation, counted by its file
+    assert list(metrics["conversations_by_file"]) == pack.config.data.instructions
+    assert sum(metrics["conversations_by_file"].values()) == len(pack.instructions())
     base = AutoModelForCausalLM.from_pretrained(out / "base" / "model")
     adapted = PeftModel.from_pretrained(base, out / "tune" / "adapter")
     merged = AutoModelForCausalLM.from_pretrained(out / "tune" / "merged")

@@ -206,7 +206,10 @@ def run(ctx, out: Path) -> dict[str, Any]:
     rng.shuffle(conversations)
     holdout_n = min(settings.eval_holdout, len(conversations) // 5)
     held_out = [c for _, c in conversations[:holdout_n]]
-    train = share_evenly(conversations[holdout_n:], settings.max_examples)
+    chosen = share_evenly(conversations[holdout_n:], settings.max_examples)
+    train = [c for _, c in chosen]
+    files = ctx.pack.config.data.instructions
+    by_file = {files[file]: sum(f == file for f, _ in chosen) for file in sorted({f for f, _ in chosen})}
 
     train_examples = build_examples(train, system_prompt, index, embedder, settings, settings.seed, tokenizer)
     eval_examples = build_examples(held_out, system_prompt, index, embedder, settings, settings.seed + 1, tokenizer)
@@ -233,7 +236,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
     main = int(os.environ.get("RANK", "0")) == 0
     model = load_causal_lm(base_dir)
     hp = hyperparameters(settings, count_parameters(base_dir))
-    metrics: dict[str, Any] = {"examples": len(train_features), "examples_by_kind": kinds, "examples_truncated": truncated,
+    metrics: dict[str, Any] = {"examples": len(train_features), "examples_by_kind": kinds,
+                               "conversations_by_file": by_file, "examples_truncated": truncated,
                                "examples_dropped": dropped, "eval_examples": len(eval_features), **hp}
     metrics["eval_loss_base"] = round(mean_loss(model, eval_features), 4) if eval_features and main else None
     if qa_items and main:

@@ -31,12 +31,12 @@ class Example:
     kind: str  # "plain" | "rag" | "no-answer" | "given-sources"
 
 
-def share_evenly(tagged: list[tuple[int, T]], cap: int | None) -> list[T]:
-    """Up to `cap` items of (file, item) pairs, the files taking turns: a 500-example borrowed data
+def share_evenly(tagged: list[tuple[int, T]], cap: int | None) -> list[tuple[int, T]]:
+    """Up to `cap` of the (file, item) pairs, the files taking turns: a 500-example borrowed data
     set does not drown a pack's 60 hand-written examples, and a file smaller than its share gives
-    all it has. The chosen items keep their given order; without a cap, every item."""
+    all it has. The chosen pairs keep their given order; without a cap, every pair."""
     if not cap or len(tagged) <= cap:
-        return [item for _, item in tagged]
+        return list(tagged)
     queues: dict[int, list[int]] = {}
     for position, (key, _) in enumerate(tagged):
         queues.setdefault(key, []).append(position)
@@ -45,7 +45,7 @@ def share_evenly(tagged: list[tuple[int, T]], cap: int | None) -> list[T]:
         for position in turn:
             if position is not None and len(chosen) < cap:
                 chosen.add(position)
-    return [item for position, (_, item) in enumerate(tagged) if position in chosen]
+    return [pair for position, pair in enumerate(tagged) if position in chosen]
 
 
 def _source(number: int, chunk) -> Source:
