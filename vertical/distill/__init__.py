@@ -357,7 +357,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.export import student_ships, student_worth_finishing
     from vertical.generation import best_model_dir
     from vertical.index import open_index
-    from vertical.models import load_causal_lm, load_tokenizer
+    from vertical.models import load_causal_lm, load_tokenizer, save_tokenizer
     from vertical.pipeline import PhaseClock
 
     settings = ctx.pack.config.stages.distill
@@ -430,7 +430,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
                                      ctx.reporter.track, check))
     del teacher
     student.save_pretrained(out / "model", safe_serialization=True)
-    tokenizer.save_pretrained(out / "model")
+    save_tokenizer(teacher_dir, out / "model")
     lap("training")
 
     def write_scores() -> None:  # once the student is saved: its predictions are keyed by its weights

@@ -184,7 +184,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.evaluate import stage_questions
     from vertical.evaluate.qa import TorchLM, known_predictions, mean_loss, score_qa, write_predictions
     from vertical.index import open_index
-    from vertical.models import load_causal_lm, load_tokenizer
+    from vertical.models import load_causal_lm, load_tokenizer, save_tokenizer
     from vertical.pipeline import PhaseClock
     from vertical.tune.data import build_examples, share_evenly
 
@@ -277,12 +277,12 @@ def run(ctx, out: Path) -> dict[str, Any]:
     # a build folder stays valid when moved, and two builds of one pack are byte-identical
     model.peft_config["default"].base_model_name_or_path = "../../base/model"
     model.save_pretrained(out / "adapter", save_embedding_layers=False)  # the vocabulary is never changed
-    tokenizer.save_pretrained(out / "adapter")
+    save_tokenizer(base_dir, out / "adapter")
     _make_reproducible(out / "adapter")
     merged = model.merge_and_unload().to("cpu")  # scored on the CPU, as every other stage's models
     merged.config.use_cache = True  # turned off for gradient checkpointing; models are saved for inference
     merged.save_pretrained(out / "merged", safe_serialization=True)
-    tokenizer.save_pretrained(out / "merged")
+    save_tokenizer(base_dir, out / "merged")
     clock.lap("merge_and_save")
     metrics["eval_loss_tuned"] = round(mean_loss(merged, eval_features), 4) if eval_features else None
     if qa_items:
