@@ -17,6 +17,7 @@ import os
 import random
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -208,8 +209,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
     held_out = [c for _, c in conversations[:holdout_n]]
     chosen = share_evenly(conversations[holdout_n:], settings.max_examples)
     train = [c for _, c in chosen]
-    files = ctx.pack.config.data.instructions
-    by_file = {files[file]: sum(f == file for f, _ in chosen) for file in sorted({f for f, _ in chosen})}
+    counts = Counter(file for file, _ in chosen)
+    by_file = {ctx.pack.config.data.instructions[file]: counts[file] for file in sorted(counts)}
 
     train_examples = build_examples(train, system_prompt, index, embedder, settings, settings.seed, tokenizer)
     eval_examples = build_examples(held_out, system_prompt, index, embedder, settings, settings.seed + 1, tokenizer)
