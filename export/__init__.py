@@ -73,7 +73,7 @@ def _model_to_export(ctx, settings) -> tuple[Path, str, str]:
     teacher = best_model_dir(ctx.build_dir)
     if not (student / "config.json").is_file():
         if settings.model != "teacher":
-            log.warning("export: the build has no distilled student (run the distill stage); exporting the teacher")
+            log.warning("export: the build has no distilled student (the distill stage has not run); exporting the teacher")
         return teacher, "teacher", "no distilled student"
     distill = json.loads((student.parent / "metrics.json").read_text()) if (student.parent / "metrics.json").is_file() else {}
     ships, reason = student_ships(settings, distill.get("retention"))
