@@ -35,9 +35,11 @@ def test_shipped_packs_meet_the_content_aims(name):
     """At least 40 documents (a JSONL document file holds one per line), 200 instruction
     examples, 20 edits and 50 evaluation items, with their sources recorded."""
     pack = load_pack(name)
-    documents = sum(sum(1 for line in f.open(encoding="utf-8") if line.strip()) if f.suffix == ".jsonl" else 1
-                    for f in pack.document_files())
-    counts = {"documents": documents, "instructions": len(pack.instructions()), "edits": len(pack.edits()),
+
+    def documents_in(file: Path) -> int:
+        return sum(1 for line in file.open(encoding="utf-8") if line.strip()) if file.suffix == ".jsonl" else 1
+
+    counts = {"documents": sum(documents_in(f) for f in pack.document_files()), "instructions": len(pack.instructions()), "edits": len(pack.edits()),
               "qa_eval": len(pack.qa_eval())}
     aims = {"documents": 40, "instructions": 200, "edits": 20, "qa_eval": 50}
     assert all(counts[k] >= aims[k] for k in aims), f"{name}: {counts} (aims {aims})"
@@ -48,9 +50,6 @@ def test_shipped_packs_meet_the_content_aims(name):
 def test_medical_pack_has_required_content():
     pack = load_pack("medical")
     assert len(pack.instructions()) >= 530  # 500 PubMedQA + at least 30 written examples
-    edits = pack.edits()
-    assert len(edits) >= 10
-    assert all(e.rephrase and e.locality for e in edits)
     qa = pack.qa_eval()
     assert sum(1 for q in qa if q.choices == ["yes", "no", "maybe"]) == 500
     assert len(pack.retrieval_eval()) >= 500

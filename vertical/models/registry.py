@@ -272,11 +272,14 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
-def save_tokenizer(source: Path, out_dir: Path) -> None:
-    """Write the tokenizer of `source` into `out_dir`, loaded afresh: a fast tokenizer that has been
-    called keeps its last padding and truncation settings and writes them into tokenizer.json, so
-    saving the one a stage used would make the file depend on the calls made (fewer after a resume)."""
-    load_tokenizer(source).save_pretrained(out_dir)
+def save_tokenizer(source: Path, *out_dirs: Path) -> None:
+    """Write the tokenizer of `source` into each of `out_dirs`, loaded afresh: a fast tokenizer that
+    has been called keeps its last padding and truncation settings and writes them into
+    tokenizer.json, so saving the one a stage used would make the file depend on the calls made
+    (fewer after a resume)."""
+    fresh = load_tokenizer(source)
+    for out_dir in out_dirs:
+        fresh.save_pretrained(out_dir)
 
 
 def load_causal_lm(path: Path, dtype: Any = None):

@@ -278,12 +278,11 @@ def run(ctx, out: Path) -> dict[str, Any]:
     # a build folder stays valid when moved, and two builds of one pack are byte-identical
     model.peft_config["default"].base_model_name_or_path = "../../base/model"
     model.save_pretrained(out / "adapter", save_embedding_layers=False)  # the vocabulary is never changed
-    save_tokenizer(base_dir, out / "adapter")
+    save_tokenizer(base_dir, out / "adapter", out / "merged")
     _make_reproducible(out / "adapter")
     merged = model.merge_and_unload().to("cpu")  # scored on the CPU, as every other stage's models
     merged.config.use_cache = True  # turned off for gradient checkpointing; models are saved for inference
     merged.save_pretrained(out / "merged", safe_serialization=True)
-    save_tokenizer(base_dir, out / "merged")
     clock.lap("merge_and_save")
     metrics["eval_loss_tuned"] = round(mean_loss(merged, eval_features), 4) if eval_features else None
     if qa_items:
