@@ -8,7 +8,9 @@ the yes/no/maybe label with the highest probability after "Answer:". Rows: the b
 (question only) and the vertical model (the build's best model: edited, else tuned) with retrieval
 from the build's index. Published references on the same test set (Jin et al., 2019): majority
 class 55.2%, BioBERT 68.1%, human (single annotator) 78.0%. The majority share is recomputed here
-from the gold labels. Each accuracy has a 95% Wilson interval.
+from the gold labels. Each accuracy has a 95% Wilson interval, the accuracy a guesser with the
+model's own label frequencies would get (sum over labels of P(predicted) x P(gold): a model that
+only learned a label prior scores about that), and the share of each gold label it gets right.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def main() -> None:
     system, k = pack.config.system_prompt, pack.config.stages.tune.rag_sources
     index, embedder = open_index(args.build)
 
-    rows: list[tuple[str, float, int, int, Counter]] = []
+    rows: list[tuple[str, float, int, int, Counter, dict[str, float]]] = []
     for which in args.models.split(","):
         folder = args.build / "base" / "model" if which == "base" else best_model_dir(args.build)
         lm = TorchLM(load_causal_lm(folder), load_tokenizer(folder))
@@ -68,19 +70,24 @@ def main() -> None:
         seconds = time.perf_counter() - started
         correct = sum(r["correct"] for r in result["items"])
         name = "base alone" if which == "base" else f"vertical ({folder.relative_to(args.build)}) + retrieval"
-        rows.append((name, correct / len(items), correct, len(items), Counter(r["prediction"] for r in result["items"])))
+        recall = {label: sum(r["correct"] for r in result["items"] if r["gold"] == label) /
+                  sum(r["gold"] == label for r in result["items"]) for label in ("yes", "no", "maybe")}
+        rows.append((name, correct / len(items), correct, len(items), Counter(r["prediction"] for r in result["items"]),
+                     recall))
         print(f"{name}: {correct}/{len(items)} in {seconds:.0f} s", flush=True)
 
     gold = Counter(item.gold for item in items)
     print(f"\nPubMedQA PQA-L test, {len(items)} questions (gold labels {dict(gold)})\n")
-    print(f"| {'model':<48} | accuracy | 95% interval  | predicted labels |")
-    print(f"|{'-' * 50}|----------|---------------|------------------|")
-    for name, accuracy, correct, n, predicted in rows:
+    print(f"| {'model':<48} | accuracy | 95% interval  | prior-only guess | right on yes / no / maybe | predicted labels |")
+    print(f"|{'-' * 50}|----------|---------------|------------------|---------------------------|------------------|")
+    for name, accuracy, correct, n, predicted, recall in rows:
         low, high = wilson(correct, n)
-        print(f"| {name:<48} | {accuracy:8.3f} | {low:.3f}-{high:.3f}   | {dict(predicted)} |")
-    print(f"| {'majority class (these gold labels)':<48} | {max(gold.values()) / len(items):8.3f} |               |  |")
+        chance = sum(predicted[label] / n * gold[label] / n for label in gold)
+        by_label = " / ".join(f"{recall[label]:.2f}" for label in ("yes", "no", "maybe"))
+        print(f"| {name:<48} | {accuracy:8.3f} | {low:.3f}-{high:.3f}   | {chance:16.3f} | {by_label:<25} | {dict(predicted)} |")
+    print(f"| {'majority class (these gold labels)':<48} | {max(gold.values()) / len(items):8.3f} |               |                  |                           |  |")
     for name, value in PUBLISHED.items():
-        print(f"| {name:<48} | {value:8.3f} |               |  |")
+        print(f"| {name:<48} | {value:8.3f} |               |                  |                           |  |")
 
 
 if __name__ == "__main__":
