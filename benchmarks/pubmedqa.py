@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 TEST = Path(__file__).resolve().parent.parent / "domains" / "medical" / "eval" / "pubmedqa_test.jsonl"
+LABELS = ("yes", "no", "maybe")
 PUBLISHED = {"majority class (published)": 0.552, "BioBERT (published)": 0.681, "human, single annotator (published)": 0.780}
 
 
@@ -35,6 +36,15 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return centre - half, centre + half
+
+
+def _right_by_label(rows: list[dict]) -> dict[str, float | None]:
+    """The share of each gold label's items answered right (None: no such item, e.g. with --limit)."""
+    share = {}
+    for label in LABELS:
+        verdicts = [r["correct"] for r in rows if r["gold"] == label]
+        share[label] = sum(verdicts) / len(verdicts) if verdicts else None
+    return share
 
 
 def main() -> None:
@@ -60,7 +70,7 @@ def main() -> None:
     system, k = pack.config.system_prompt, pack.config.stages.tune.rag_sources
     index, embedder = open_index(args.build)
 
-    rows: list[tuple[str, float, int, int, Counter, dict[str, float]]] = []
+    rows: list[tuple[str, float, int, int, Counter, dict[str, float | None]]] = []
     for which in args.models.split(","):
         folder = args.build / "base" / "model" if which == "base" else best_model_dir(args.build)
         lm = TorchLM(load_causal_lm(folder), load_tokenizer(folder))
@@ -70,10 +80,8 @@ def main() -> None:
         seconds = time.perf_counter() - started
         correct = sum(r["correct"] for r in result["items"])
         name = "base alone" if which == "base" else f"vertical ({folder.relative_to(args.build)}) + retrieval"
-        recall = {label: sum(r["correct"] for r in result["items"] if r["gold"] == label) /
-                  sum(r["gold"] == label for r in result["items"]) for label in ("yes", "no", "maybe")}
         rows.append((name, correct / len(items), correct, len(items), Counter(r["prediction"] for r in result["items"]),
-                     recall))
+                     _right_by_label(result["items"])))
         print(f"{name}: {correct}/{len(items)} in {seconds:.0f} s", flush=True)
 
     gold = Counter(item.gold for item in items)
@@ -83,11 +91,11 @@ def main() -> None:
     for name, accuracy, correct, n, predicted, recall in rows:
         low, high = wilson(correct, n)
         chance = sum(predicted[label] / n * gold[label] / n for label in gold)
-        by_label = " / ".join(f"{recall[label]:.2f}" for label in ("yes", "no", "maybe"))
+        by_label = " / ".join("-" if recall[label] is None else f"{recall[label]:.2f}" for label in LABELS)
         print(f"| {name:<48} | {accuracy:8.3f} | {low:.3f}-{high:.3f}   | {chance:16.3f} | {by_label:<25} | {dict(predicted)} |")
-    print(f"| {'majority class (these gold labels)':<48} | {max(gold.values()) / len(items):8.3f} |               |                  |                           |  |")
-    for name, value in PUBLISHED.items():
-        print(f"| {name:<48} | {value:8.3f} |               |                  |                           |  |")
+    references = {"majority class (these gold labels)": max(gold.values()) / len(items), **PUBLISHED}
+    for name, value in references.items():
+        print(f"| {name:<48} | {value:8.3f} | {'':13} | {'':16} | {'':25} |  |")
 
 
 if __name__ == "__main__":

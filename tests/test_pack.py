@@ -39,8 +39,8 @@ def test_shipped_packs_meet_the_content_aims(name):
     def documents_in(file: Path) -> int:
         return sum(1 for line in file.open(encoding="utf-8") if line.strip()) if file.suffix == ".jsonl" else 1
 
-    counts = {"documents": sum(documents_in(f) for f in pack.document_files()), "instructions": len(pack.instructions()), "edits": len(pack.edits()),
-              "qa_eval": len(pack.qa_eval())}
+    counts = {"documents": sum(documents_in(f) for f in pack.document_files()),
+              "instructions": len(pack.instructions()), "edits": len(pack.edits()), "qa_eval": len(pack.qa_eval())}
     aims = {"documents": 40, "instructions": 200, "edits": 20, "qa_eval": 50}
     assert all(counts[k] >= aims[k] for k in aims), f"{name}: {counts} (aims {aims})"
     assert all(e.rephrase and e.locality for e in pack.edits())
