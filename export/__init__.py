@@ -37,13 +37,14 @@ def inputs(ctx) -> dict[str, Any]:
 def student_ships(settings, retention: float | None) -> tuple[bool, str]:
     """Whether `stages.export` ships the distilled student rather than the teacher, and why. `auto`
     ships it only if it kept at least `min_retention` of the teacher's QA score: a faster model that
-    lost the pack's answers is no deployment; without a QA score to judge by, the student ships."""
+    lost the pack's answers is no deployment, and an unmeasured one is not shipped by default."""
     if settings.model == "student":
         return True, "asked for (stages.export.model: student)"
     if settings.model == "teacher":
         return False, "asked for (stages.export.model: teacher)"
     if retention is None:
-        return True, "no QA score to compare the student with the teacher"
+        return False, ("no QA score to compare the student with the teacher, so the teacher ships "
+                       "(stages.export.model: student ships the student unmeasured)")
     if retention >= settings.min_retention:
         return True, f"retention {retention:.2f} >= {settings.min_retention}"
     return False, f"student retention {retention:.2f} < {settings.min_retention}"
@@ -78,7 +79,10 @@ def _model_to_export(ctx, settings) -> tuple[Path, str, str]:
     distill = json.loads((student.parent / "metrics.json").read_text()) if (student.parent / "metrics.json").is_file() else {}
     ships, reason = student_ships(settings, distill.get("retention"))
     if not ships:
-        if settings.model == "auto":
+        if settings.model == "auto" and distill.get("retention") is None:
+            log.warning("export: the student was never scored (the build has no QA items to score it on); exporting "
+                        "the teacher (stages.export.model: student ships it unmeasured)")
+        elif settings.model == "auto":
             log.warning("export: the student keeps %.0f%% of the teacher's QA score (below stages.export.min_retention"
                         "=%s); exporting the teacher (stages.export.model: student forces the student)",
                         100 * distill["retention"], settings.min_retention)

@@ -30,6 +30,8 @@ from typing import Any, Literal
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from vertical.evidence import LoopGuard
+
 log = logging.getLogger(__name__)
 
 
@@ -128,6 +130,15 @@ def _parse(raw: bytes, limits: Limits, model_name: str) -> tuple[ChatRequest, in
         raise ApiError(400, f"max_tokens must be between 1 and {limits.max_tokens}, got {max_tokens}",
                        param="max_tokens")
     return request, max_tokens
+
+
+def guarded(pieces):
+    """The model's pieces until it starts repeating itself or has said two sentences (LoopGuard)."""
+    guard = LoopGuard()
+    for piece in pieces:
+        yield piece
+        if guard.feed(piece):
+            return
 
 
 def _source_json(source) -> dict[str, Any]:
@@ -254,6 +265,8 @@ def create_app(assistant, api_key: str | None = None, limits: Limits | None = No
 
     def _pieces(answer, messages, ids: list[int], max_tokens: int, stop: threading.Event):
         pieces = assistant.model.stream_ids(ids, max_tokens, stop) if messages is not None else iter([answer.text])
+        if messages is not None:
+            pieces = guarded(pieces)
 
         def next_piece():
             try:
@@ -288,7 +301,8 @@ def create_app(assistant, api_key: str | None = None, limits: Limits | None = No
         finish = _finish_reason(messages, ids, len(produced), max_tokens)
         return _envelope(reply_id, created, "chat.completion",
                          {"index": 0, "message": {"role": "assistant", "content": answer.text}, "finish_reason": finish},
-                         usage=usage, sources=sources, cited=answer.cited, refused=answer.refused)
+                         usage=usage, sources=sources, cited=answer.cited, refused=answer.refused,
+                         evidence=answer.evidence(), faithful=answer.faithful, fallback=answer.fallback)
 
     def _streaming(answer, messages, ids: list[int], max_tokens: int, leave_queue):
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -310,10 +324,17 @@ def create_app(assistant, api_key: str | None = None, limits: Limits | None = No
                         chunk = _envelope(reply_id, created, "chat.completion.chunk",
                                           {"index": 0, "delta": {"content": piece}, "finish_reason": None})
                         yield f"data: {json.dumps(chunk)}\n\n"
+                    streamed = answer.text
                     assistant.finish(answer)
+                    if answer.fallback:  # what was streamed is not what the evidence says: say so, quote it
+                        note = _envelope(reply_id, created, "chat.completion.chunk",
+                                         {"index": 0, "delta": {"content": f"\n(Not what the sources say. {answer.text})"},
+                                          "finish_reason": None})
+                        yield f"data: {json.dumps(note)}\n\n"
                     last = _envelope(reply_id, created, "chat.completion.chunk",
                                      {"index": 0, "delta": {}, "finish_reason": _finish_reason(messages, ids, count, max_tokens)},
-                                     cited=answer.cited)
+                                     cited=answer.cited, evidence=answer.evidence(), faithful=answer.faithful,
+                                     fallback=answer.fallback, answer=answer.text if answer.text != streamed else None)
                     yield f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n"
                     state["served"] += 1
             except ApiError as exc:  # the status line is already sent: report in the stream

@@ -54,6 +54,8 @@ def test_choice_is_the_most_probable_and_short_answers_match_whole_words():
     wrong = score_qa(ScriptedLM({"no": -0.1}, "It is 60 days."), items, "sys")
     assert right["accuracy"] == 1.0 and wrong["accuracy"] == 0.0
     assert right["by_kind"] == {"choice": {"accuracy": 1.0, "n": 1}, "short": {"accuracy": 1.0, "n": 1}}
+    # more than 40 words is wrong even when the gold answer is among them: quoting passages cannot pass
+    assert not is_correct("The limit is 90 days. " + "word " * 40, "90 days")
 
 
 def test_known_answers_are_reused_only_for_the_same_prompt_and_answer_length():
@@ -99,11 +101,13 @@ def test_edit_scores_follow_the_counterfact_definitions():
     assert edit_scores(unedited, [request], ["Ada Morrow"])["efficacy"] == 0.0
 
 
-def test_sample_keeps_the_mix_and_is_seeded():
+def test_sample_is_at_least_half_short_answers_and_is_seeded():
     items = [QAItem(question=f"c{i}", choices=["a", "b"], label="a") for i in range(80)]
     items += [QAItem(question=f"s{i}", answer="x") for i in range(20)]
     sample = sample_items(items, 10, 0)
-    assert len(sample) == 10 and sum(1 for i in sample if not i.choices) == 2
+    # 20 of 100 are short answers, yet they make half the sample: the documents' own knowledge
+    assert len(sample) == 10 and sum(1 for i in sample if not i.choices) == 5
+    assert sum(1 for i in sample_items(items[:82], 10, 0) if not i.choices) == 2  # all there are
     assert [i.question for i in sample] == [i.question for i in sample_items(items, 10, 0)]
     assert sample_items(items, 0, 0) == items
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vertical.errors import VerticalError
+from vertical.evidence import EVIDENCE_SENTENCES, EvidenceSelector, LoopGuard, check_answer
 from vertical.prompting import NO_ANSWER, Source, build_messages, cited_numbers
 
 
@@ -18,6 +19,9 @@ class Answer:
     refused: bool  # nothing relevant was retrieved, so the model was not asked
     best_similarity: float
     cited: list[int] = field(default_factory=list)
+    faithful: bool = True  # the model's numbers and names are all in the evidence it was given
+    fallback: bool = False  # they were not, so `text` quotes the evidence instead
+    raw: str = ""  # what the model said (cut at a loop), before the faithfulness check
 
     def citations(self) -> list[Source]:
         """The sources the answer cites; all retrieved ones if it cites none."""
@@ -26,15 +30,42 @@ class Answer:
         chosen = [s for s in self.sources if s.number in self.cited]
         return chosen or self.sources
 
+    def evidence(self) -> list[dict]:
+        """The sentences the answer rests on: those of the sources it cites, with document spans."""
+        return [{"doc_id": s.doc_id, "source": s.source, "number": s.number, "span": [sentence.start, sentence.end],
+                 "text": sentence.text} for s in self.citations() for sentence in s.sentences]
+
+
+_selectors: dict = {}
+
+
+def evidence_selector(encode, sentences: int) -> EvidenceSelector:
+    """One selector (and its sentence-vector cache) per embedder and size."""
+    key = (encode, sentences)
+    if key not in _selectors:
+        if len(_selectors) > 8:
+            _selectors.clear()
+        _selectors[key] = EvidenceSelector(encode, sentences)
+    return _selectors[key]
+
 
 def retrieve(index, encode, question: str, k: int | None = None) -> tuple[list[Source], float]:
-    """The top-k chunks as numbered sources, and the best dense similarity (for the threshold)."""
+    """The top-k chunks as numbered sources holding their evidence sentences (the index's
+    `evidence_sentences` over all chunks; 0 keeps whole chunks), and the best dense similarity."""
     k = k or int(index.meta.get("top_k", 4))
-    hits = index.search(question, encode, k=k)
-    best = index.best_similarity(question, encode)
-    sources = [Source(number=i + 1, title=h.chunk.title, source=h.chunk.source, start=h.chunk.start, end=h.chunk.end,
-                      text=h.chunk.text, doc_id=h.chunk.doc_id, score=round(h.score, 4)) for i, h in enumerate(hits)]
-    return sources, best
+    vector = encode([question])[0]
+    given = lambda _texts: vector[None, :]  # noqa: E731  (the question is embedded once)
+    hits = index.search(question, given, k=k)
+    best = index.best_similarity(question, given)
+    scores = {h.chunk.id: round(h.score, 4) for h in hits}
+    sentences = int(index.meta.get("evidence_sentences", EVIDENCE_SENTENCES))
+    if sentences:
+        found = evidence_selector(encode, sentences).select(question, [h.chunk for h in hits], vector)
+    else:
+        found = [Source(number=i + 1, title=h.chunk.title, source=h.chunk.source, start=h.chunk.start, end=h.chunk.end,
+                        text=h.chunk.text, doc_id=h.chunk.doc_id) for i, h in enumerate(hits)]
+    by_span = {(h.chunk.doc_id, h.chunk.start): h.chunk.id for h in hits}
+    return [replace(s, score=scores.get(by_span.get((s.doc_id, s.start)), 0.0)) for s in found], best
 
 
 class Assistant:
@@ -82,6 +113,12 @@ class Assistant:
 
     @staticmethod
     def finish(answer: Answer) -> Answer:
+        """The model's text made the final answer: cut at a loop, checked against its evidence
+        (quoted instead when the answer states what the evidence does not), citations read."""
+        if not answer.refused:
+            checked = check_answer(answer.text, answer.question, answer.sources)
+            answer.text, answer.raw = checked.text, checked.raw
+            answer.faithful, answer.fallback = checked.faithful, checked.fallback
         answer.text = answer.text.strip()
         answer.cited = cited_numbers(answer.text, len(answer.sources))
         return answer
@@ -96,10 +133,15 @@ class Assistant:
             if messages is None:
                 yield answer.text
                 return
+            guard = LoopGuard()
             for piece in self.model.stream(messages, max_new_tokens):
                 answer.text += piece
                 yield piece
+                if guard.feed(piece):  # looping, or two sentences said: answer.text is cut in finish()
+                    break
             self.finish(answer)
+            if answer.fallback:  # the streamed words are withdrawn: say so, and give the evidence
+                yield f"\n(Not what the sources say. {answer.text})"
 
         return answer, pieces()
 

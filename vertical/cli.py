@@ -6,6 +6,7 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Iterable, Iterator
@@ -255,8 +256,21 @@ def _open_assistant(path: Path):
 
 
 def _print_citations(answer) -> None:
+    """The cited sources, each with the evidence sentences the answer rests on."""
     for s in answer.citations():
         console.print(f"[{s.number}] {s.title} — {s.source}, characters {s.start}-{s.end}", markup=False, highlight=False)
+        for sentence in s.sentences:
+            console.print(f"    “{sentence.text}” (characters {sentence.start}-{sentence.end})", style="dim",
+                          markup=False, highlight=False)
+
+
+def answer_json(answer) -> dict:
+    """`vertical ask --json`: the direct answer, its citations and the evidence it rests on."""
+    return {"answer": answer.text,
+            "citations": [{"number": s.number, "doc_id": s.doc_id, "title": s.title, "source": s.source,
+                           "span": [s.start, s.end]} for s in answer.citations()],
+            "evidence": [{k: e[k] for k in ("doc_id", "span", "text")} for e in answer.evidence()],
+            "faithful": answer.faithful, "fallback": answer.fallback, "refused": answer.refused}
 
 
 @app.command("ask")
@@ -265,9 +279,14 @@ def ask_cmd(
     question: str = typer.Argument(..., help="The question."),
     k: Optional[int] = typer.Option(None, "--k", min=1, max=20, help="Sources to retrieve (default: the pack's top_k)."),
     max_tokens: int = typer.Option(200, "--max-tokens", min=1, max=2048, help="Longest answer, in tokens."),
+    as_json: bool = typer.Option(False, "--json", help="Print {answer, citations, evidence} as JSON instead."),
 ) -> None:
-    """Answer one question from the build's documents, with numbered citations."""
+    """Answer one question from the build's documents: the direct answer, then each cited source
+    with the sentences the answer rests on (document character spans)."""
     assistant = _open_assistant(build)
+    if as_json:
+        print(json.dumps(answer_json(assistant.ask(question, k, max_tokens)), ensure_ascii=False))
+        return
     answer, pieces = assistant.stream(question, k, max_tokens)
     for piece in pieces:
         console.print(piece, end="", markup=False, highlight=False)

@@ -46,6 +46,8 @@ class Source:
     text: str
     doc_id: str = ""
     score: float = 0.0
+    # the evidence sentences `text` is made of (vertical.evidence.Sentence), with document spans
+    sentences: tuple = ()
 
 
 def format_sources(sources: list[Source]) -> str:

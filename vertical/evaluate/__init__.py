@@ -29,12 +29,19 @@ log = logging.getLogger(__name__)
 METHOD = {
     "qa_choice": "multiple-choice items: the choice with the highest summed log-probability as the continuation "
                  "of 'Answer:' after the chat prompt (label accuracy)",
-    "qa_short": "short-answer items: greedy answer of up to `answer_tokens` tokens; correct when the normalised "
-                "gold answer (lower case, no punctuation or articles, number words up to twenty as digits) occurs "
-                "in it as whole words, after source citations such as [2] are removed from the answer",
-    "retrieval": "sources: the top `rag_sources` chunks of the row's own index (hybrid search), numbered, in a "
+    "qa_short": "short-answer items: greedy answer of up to `answer_tokens` tokens, cut at a repeated sentence or "
+                "5-word run and after two sentences, and replaced by a quote of the best evidence sentence when it "
+                "states a number or name its evidence lacks (what `vertical ask` returns); correct when it has at "
+                "most 40 words and the normalised gold answer (lower case, no punctuation or articles, number words "
+                "up to twenty as digits) occurs in it as whole words, after citations such as [2] are removed",
+    "retrieval": "sources: the top `rag_sources` chunks of the row's own index (hybrid search); the model reads "
+                 "their `evidence_sentences` sentences most similar to the question, numbered by chunk, in a "
                  "<sources> block after the pack's system prompt; 'base alone' gets the system prompt and the "
                  "question, no sources",
+    "grounding": "recall@k: share of items whose gold document is among the sources the model was given; "
+                 "accuracy_when_retrieved: accuracy on those items; faithfulness: share of the model's short answers "
+                 "whose numbers and names all occur in their evidence (before any fallback); fallback: share replaced "
+                 "by a quote of the evidence; abstention: share answering 'I don't know'",
     "edits": "CounterFact definitions on the raw prompt: efficacy P(target_new) > P(target_true); generalization "
              "the same on rephrasings; locality P(locality target) > P(target_new); P is the mean per-token "
              "probability",
@@ -215,30 +222,49 @@ def _recorded_metrics(metrics: dict[str, dict]) -> dict[str, Any]:
 
 
 def sample_items(items: list, count: int, seed: int) -> list:
-    """A seeded sample that keeps the pack's mix of multiple-choice and short-answer items."""
+    """A seeded sample in which short-answer items (answers written in the pack's documents) make
+    at least half, or all there are: a sample in the pack's own proportions measured medical mostly
+    on PubMedQA's yes/no/maybe, not on the hospital's notes."""
     if not count or count >= len(items):
         return list(items)
     rng = random.Random(seed)
     choice = [i for i in items if i.choices]
     short = [i for i in items if not i.choices]
-    take_short = min(len(short), max(round(count * len(short) / len(items)), 1 if short else 0))
+    take_short = min(len(short), max(round(count * len(short) / len(items)), (count + 1) // 2))
     return rng.sample(short, take_short) + rng.sample(choice, min(len(choice), count - take_short))
 
 
-def eval_sample(pack) -> list:
+HELD_OUT_GENERATED = "tune/heldout_qa.jsonl"  # generated questions kept out of training (packs without qa_eval)
+
+
+def pack_questions(pack, build_dir: Path | None = None) -> list:
+    """The pack's QA items; for a pack without any, the held-out split of the questions the tune
+    stage generated from its documents, so that every build has a score."""
+    items = pack.qa_eval()
+    if items or build_dir is None or not (Path(build_dir) / HELD_OUT_GENERATED).is_file():
+        return items
+    from vertical.pack.schema import QAItem
+
+    lines = (Path(build_dir) / HELD_OUT_GENERATED).read_text(encoding="utf-8").splitlines()
+    return [QAItem.model_validate({k: v for k, v in json.loads(line).items() if k in QAItem.model_fields})
+            for line in lines if line.strip()]
+
+
+def eval_sample(pack, build_dir: Path | None = None) -> list:
     """The QA items the eval stage scores (stages.eval: how many, which seed)."""
     settings = pack.config.stages.eval
-    return sample_items(pack.qa_eval(), settings.questions, settings.seed)
+    return sample_items(pack_questions(pack, build_dir), settings.questions, settings.seed)
 
 
-def stage_questions(pack, count: int) -> list:
-    """The QA items the tune stage scores: a subset of the eval stage's own sample (same mix of
-    kinds), so that the eval stage reuses those answers instead of asking again."""
+def stage_questions(pack, count: int, questions: list) -> list:
+    """The QA items the tune stage scores, of `questions` (the pack's, or the held-out generated
+    ones): a subset of the eval stage's own sample (same mix of kinds), so that the eval stage
+    reuses those answers instead of asking again."""
     if not count:
         return []
     settings = pack.config.stages.eval
-    sample = eval_sample(pack)
-    return sample_items(sample if count <= len(sample) else pack.qa_eval(), count, settings.seed)
+    sample = sample_items(questions, settings.questions, settings.seed)
+    return sample_items(sample if count <= len(sample) else questions, count, settings.seed)
 
 
 def sample_inputs(pack) -> dict[str, Any]:
@@ -250,7 +276,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.evaluate.report import write_report
 
     settings = ctx.pack.config.stages.eval
-    qa_items = eval_sample(ctx.pack)
+    qa_items = eval_sample(ctx.pack, ctx.build_dir)
     report = evaluate(ctx.build_dir, qa_items, ctx.pack.edits(), ctx.pack.config.system_prompt, settings,
                       ctx.pack.config.stages.tune.rag_sources, ctx.reporter.track)
     report.update(_build_metrics(ctx.build_dir), pack=ctx.pack.name)
@@ -311,7 +337,8 @@ def evaluate_path(path: Path, qa_file: Path | None = None, edits_file: Path | No
     if qa_file is not None:
         qa_items = read(qa_file, QAItem.model_validate)
     elif pack is not None:
-        qa_items = sample_items(pack.qa_eval(), settings.questions if questions is None else questions, settings.seed)
+        qa_items = sample_items(pack_questions(pack, path), settings.questions if questions is None else questions,
+                                settings.seed)
     else:
         raise VerticalError("a bundle carries no evaluation set: give --qa FILE (and --edits FILE)")
     edits = read(edits_file, EditRequest.model_validate) if edits_file else (pack.edits() if pack else [])

@@ -14,12 +14,14 @@ import string
 from collections.abc import Callable
 from pathlib import Path
 
+from vertical.evidence import check_answer, cut_answer
 from vertical.pack.schema import QAItem
 from vertical.prompting import Source, build_messages, prompt_length
 
 Retriever = Callable[[str], list[Source]]
 ANSWER_PREFIX = "Answer:"
-SCORING_VERSION = 3  # part of a reusable answer's key: raise it when normalize / is_correct / choose change
+SCORING_VERSION = 4  # part of a reusable answer's key: raise it when normalize / is_correct / choose / check_answer change
+MAX_ANSWER_WORDS = 40  # a longer answer is wrong whatever it contains: quoting whole passages cannot pass
 GENERATION_BATCH = 8  # short answers generated together (see TorchLM.generate_batch)
 
 
@@ -48,9 +50,10 @@ CITATION = re.compile(r"\[\s*\d+(?:\s*[,;\u2013-]\s*\d+)*\s*\]")
 
 def is_correct(prediction: str, gold: str) -> bool:
     """The normalised gold answer occurs in the prediction, citations removed, as whole words
-    ("no" is not in "not")."""
+    ("no" is not in "not"), and the prediction is at most MAX_ANSWER_WORDS words long."""
     gold_n = normalize(gold)
-    return bool(gold_n) and f" {gold_n} " in f" {normalize(CITATION.sub(' ', prediction))} "
+    answer = normalize(CITATION.sub(" ", prediction))
+    return bool(gold_n) and len(answer.split()) <= MAX_ANSWER_WORDS and f" {gold_n} " in f" {answer} "
 
 
 class TorchLM:
@@ -243,8 +246,10 @@ def score_qa(lm, items: list[QAItem], system_prompt: str, retriever: Retriever |
     keys: list[str] = []
     reused: dict[int, dict] = {}
     prompts: list[list[dict[str, str]]] = []
+    given: list[list[Source]] = []
     for i, item in enumerate(items):  # retrieval first (milliseconds an item), so the work can be ordered
-        prompts.append(build_messages(system_prompt, item.question, retriever(item.question) if retriever else None))
+        given.append(retriever(item.question) if retriever else [])
+        prompts.append(build_messages(system_prompt, item.question, given[i] if retriever else None))
         keys.append(item_key(item, prompts[i], max_new_tokens, getattr(lm, "numerics", "")))
         if keys[i] in known:
             reused[i] = known[keys[i]]
@@ -277,17 +282,45 @@ def score_qa(lm, items: list[QAItem], system_prompt: str, retriever: Retriever |
             rows.append(reused[i])
             correct += reused[i]["correct"]
             continue
-        prediction = predictions[i]
-        ok = prediction == item.gold if item.choices else is_correct(prediction, item.gold)
-        correct += ok
-        rows.append({"question": item.question, "gold": item.gold, "prediction": prediction.strip(),
-                     "correct": ok, "kind": "choice" if item.choices else "short", "key": keys[i]})
-    by_kind = {}
-    for kind in ("choice", "short"):
-        kept = [r["correct"] for r in rows if r["kind"] == kind]
-        by_kind[kind] = {"accuracy": round(sum(kept) / len(kept), 4) if kept else None, "n": len(kept)}
+        row = {"question": item.question, "gold": item.gold, "kind": "choice" if item.choices else "short",
+               "key": keys[i], "retrieved": item.doc_id in {s.doc_id for s in given[i]} if item.doc_id and retriever
+               else None}
+        if item.choices:
+            row.update(prediction=predictions[i], correct=predictions[i] == item.gold)
+        elif retriever is None:  # no evidence to hold the answer to: only cut at a loop
+            text = cut_answer(predictions[i])[0]
+            row.update(prediction=text, correct=is_correct(text, item.gold))
+        else:  # the answer a user gets: cut at a loop, checked against its evidence (vertical.evidence)
+            checked = check_answer(predictions[i], item.question, given[i])
+            row.update(prediction=checked.text, raw=checked.raw, faithful=checked.faithful, fallback=checked.fallback,
+                       abstained=checked.abstained, correct=is_correct(checked.text, item.gold))
+        correct += row["correct"]
+        rows.append(row)
+    by_kind = {kind: kind_summary([r for r in rows if r["kind"] == kind]) for kind in ("choice", "short")}
     return {"accuracy": round(correct / len(items), 4) if items else None, "n": len(items), "by_kind": by_kind,
             "reused": len(reused), "items": rows}
+
+
+def _share(flags: list) -> float | None:
+    return round(sum(map(bool, flags)) / len(flags), 4) if flags else None
+
+
+def kind_summary(rows: list[dict]) -> dict:
+    """Accuracy of one kind of item, and what explains it: how often the gold document was among
+    the sources (recall), accuracy on those items (the reader's own share of the errors), and for
+    short answers how often the model's answer held to its evidence, abstained or was replaced."""
+    summary = {"accuracy": _share([r["correct"] for r in rows]), "n": len(rows)}
+    known = [r for r in rows if r.get("retrieved") is not None]
+    if known:
+        found = [r for r in known if r["retrieved"]]
+        summary.update({"recall@k": _share([r["retrieved"] for r in known]),
+                        "accuracy_when_retrieved": _share([r["correct"] for r in found]), "n_retrieved": len(found)})
+    answered = [r for r in rows if "faithful" in r]
+    if answered:
+        summary.update({"faithfulness": _share([r["faithful"] for r in answered]),
+                        "fallback": _share([r["fallback"] for r in answered]),
+                        "abstention": _share([r["abstained"] for r in answered])})
+    return summary
 
 
 # ---------------------------------------------------------------- answers shared between stages

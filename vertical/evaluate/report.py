@@ -24,6 +24,14 @@ def markdown(report: dict[str, Any]) -> str:
         for row in report["qa"]:
             lines.append(f"| {row['model']} | {_fmt(row['accuracy'])} | {_fmt(row['choice']['accuracy'])} "
                          f"(n={row['choice']['n']}) | {_fmt(row['short']['accuracy'])} (n={row['short']['n']}) |")
+        lines += ["", "Short answers, where the right document was found and how the reader used it:", "",
+                  "| model | recall@k | accuracy when retrieved | faithfulness | fallback | abstention |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for row in report["qa"]:
+            short = row["short"]
+            lines.append(f"| {row['model']} | {_fmt(short.get('recall@k'))} | {_fmt(short.get('accuracy_when_retrieved'))} "
+                         f"| {_fmt(short.get('faithfulness'))} | {_fmt(short.get('fallback'))} "
+                         f"| {_fmt(short.get('abstention'))} |")
         bundle = report.get("bundle_model")
         if bundle:
             reason = f" ({bundle['reason']})" if bundle.get("reason") else ""

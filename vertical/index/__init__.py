@@ -89,6 +89,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     embed_seconds = time.perf_counter() - started
 
     meta = {"embedder": f"onnx:{ctx.pack.config.embedder}", "dim": embedder.dim, "mode": "hybrid", "top_k": settings.top_k,
+            "evidence_sentences": settings.evidence_sentences,
             "chunk_tokens": settings.chunk_tokens, "chunk_overlap": settings.chunk_overlap,
             "threshold": DEFAULT_THRESHOLD, "doc_hashes": {d.id: d.content_hash for d in documents}}
     index = RetrievalIndex(chunks, vectors, meta)

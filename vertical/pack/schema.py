@@ -31,7 +31,9 @@ class IndexSettings(Strict):
     chunk_overlap: int = Field(24, ge=0, le=256, description="tokens shared by neighbouring chunks")
     retrieval: Literal["auto", "dense", "bm25", "hybrid"] = Field(
         "auto", description="search mode; auto keeps whichever scores best on the retrieval eval set")
-    top_k: int = Field(4, ge=1, le=20, description="chunks given to the model as sources")
+    top_k: int = Field(4, ge=1, le=20, description="chunks retrieved for a question")
+    evidence_sentences: int = Field(3, ge=0, le=20, description="sentences of the retrieved chunks the model reads, "
+                                    "chosen by similarity to the question (0: the whole chunks)")
 
     @model_validator(mode="after")
     def _overlap_smaller_than_chunk(self) -> "IndexSettings":
@@ -56,9 +58,13 @@ class TuneSettings(Strict):
     batch_size: int = Field(4, ge=1, le=512)
     gradient_accumulation: int = Field(2, ge=1, le=512)
     max_examples: int | None = Field(96, ge=1, description="cap on training examples (null: all), shared evenly between the instruction files (one smaller than its share gives all it has); sized for ~10 min on 2 CPU cores")
+    generated_questions: int = Field(96, ge=0, le=2000, description="training examples generated from the documents "
+                                     "(a fact of a sentence, a template question, the exact span as the answer), on "
+                                     "top of max_examples; a pack without qa_eval holds out 30 more to be scored on")
     rag_fraction: float = Field(0.5, ge=0, le=1, description="share of examples given retrieved sources")
     no_answer_fraction: float = Field(0.1, ge=0, le=1, description="share of extra examples with unrelated sources")
-    rag_sources: int = Field(3, ge=1, le=10)
+    rag_sources: int = Field(4, ge=1, le=10, description="chunks retrieved per training example and "
+                             "scored question (their evidence sentences are what the model reads)")
     eval_holdout: int = Field(16, ge=0, description="instruction examples held out for eval loss")
     eval_questions: int = Field(20, ge=0, description="QA items scored for base vs tuned (0: none), from the eval stage's sample")
     save_steps: int = Field(20, ge=1, description="checkpoint every N optimizer steps (resume after a kill)")

@@ -1,7 +1,12 @@
-"""Stage `tune`: LoRA supervised fine-tuning on the pack's instructions, measured against the base.
+"""Stage `tune`: LoRA supervised fine-tuning on the pack's instructions and on questions generated
+from its documents, measured against the base.
 
-    instructions -> examples (some with retrieved sources, some "I don't know") -> chat template,
-    loss on assistant tokens -> transformers Trainer + PEFT LoRA -> tune/adapter/, tune/merged/
+    instructions -> examples (some with retrieved evidence, some "I don't know")
+    documents -> generated questions whose answer is a span of their evidence -> tune/generated.jsonl
+    -> chat template, loss on assistant tokens -> transformers Trainer + PEFT LoRA -> tune/adapter/, tune/merged/
+
+A pack without evaluation items gets a held-out split of the generated questions
+(tune/heldout_qa.jsonl), never trained on, so every later stage has a score to go by.
 
 Training runs on transformers' Trainer, so checkpoints, resume after a kill (from the build's
 scratch folder), gradient accumulation and devices are Trainer's. Before and after training the
@@ -177,6 +182,46 @@ def _make_reproducible(adapter: Path) -> None:
     (adapter / "README.md").unlink(missing_ok=True)
 
 
+HELD_OUT_QUESTIONS = 30  # generated questions scored instead of qa_eval in a pack that has none
+
+
+def _generated_data(ctx, index, embedder, settings, tokenizer, out: Path) -> tuple[list, list, dict[str, int]]:
+    """(training examples from generated questions, held-out QA items, counts). The pack's
+    evaluation facts and questions are excluded before anything is generated."""
+    from vertical.evaluate.qa import normalize
+    from vertical.io import atomic_write_text
+    from vertical.pack.schema import QAItem
+    from vertical.tune.data import generated_examples
+    from vertical.tune.generate import generate_questions
+
+    pack = ctx.pack
+    if not settings.generated_questions:
+        return [], [], {}
+    eval_items = pack.qa_eval()
+    held_facts = {(i.doc_id, normalize(i.gold)) for i in eval_items if i.doc_id and not i.choices}
+    held_questions = [i.question for i in eval_items] + [r.question for r in pack.retrieval_eval()]
+    wanted = settings.generated_questions + (0 if eval_items else HELD_OUT_QUESTIONS)
+    candidates = generate_questions(index.chunks, 2 * wanted, settings.seed, held_facts, held_questions)
+    examples, kept = generated_examples(candidates, pack.config.system_prompt, index, embedder, settings, tokenizer)
+    # a third at most, so that a pack of a few documents still has something to train on
+    hold_out = 0 if eval_items or len(kept) < 2 else min(HELD_OUT_QUESTIONS, max(1, len(kept) // 3))
+    held = kept[:hold_out]
+    held_keys = {(q.doc_id, normalize(q.answer)) for q in held}
+    train = [(e, q) for e, q in zip(examples[hold_out:], kept[hold_out:]) if (q.doc_id, normalize(q.answer)) not in held_keys]
+    train = train[: settings.generated_questions]
+    atomic_write_text(out / "generated.jsonl", "".join(json.dumps(q.record()) + "\n" for _, q in train))
+    items = [QAItem(id=f"generated-{n + 1:03d}", question=q.question, answer=q.answer, doc_id=q.doc_id)
+             for n, q in enumerate(held)]
+    if held:
+        atomic_write_text(out / "heldout_qa.jsonl", "".join(json.dumps(i.model_dump(exclude_none=True)) + "\n"
+                                                             for i in items))
+    counts = {"generated_candidates": len(candidates), "generated_kept": len(kept), "generated_trained": len(train),
+              "generated_held_out": len(held)}
+    log.info("tune: %d questions generated from the documents, %d found their evidence; %d trained on, %d held out",
+             *counts.values())
+    return [e for e, _ in train], items, counts
+
+
 def run(ctx, out: Path) -> dict[str, Any]:
     from peft import get_peft_model
 
@@ -198,11 +243,16 @@ def run(ctx, out: Path) -> dict[str, Any]:
         raise VerticalError(f"base model {base_dir} has no chat template; tune needs an instruct/chat model")
     # (file, conversation): the cap on examples is shared evenly between the instruction files
     conversations = [(file, c) for file, group in enumerate(ctx.pack.instructions_by_file()) for c in group]
-    if not conversations:  # checked first: no model, index or embedder is loaded for nothing
-        log.warning("pack '%s' has no instruction data (data.instructions in pack.yaml): nothing to tune; "
-                    "later stages use the base model", ctx.pack.name)
+    if not conversations and not settings.generated_questions:  # checked first: nothing is loaded for nothing
+        log.warning("pack '%s' has no instruction data (data.instructions in pack.yaml) and generated_questions is 0: "
+                    "nothing to tune; later stages use the base model", ctx.pack.name)
         return {"skipped": "the pack has no instruction data"}
     index, embedder = open_index(ctx.build_dir)
+    generated, held_out_items, generated_counts = _generated_data(ctx, index, embedder, settings, tokenizer, out)
+    if not conversations and not generated:
+        log.warning("pack '%s' has no instruction data and no question generated from its documents found its "
+                    "evidence: nothing to tune; later stages use the base model", ctx.pack.name)
+        return {"skipped": "no instruction data, and no usable generated question", **generated_counts}
     rng = random.Random(settings.seed)
     rng.shuffle(conversations)
     holdout_n = min(settings.eval_holdout, len(conversations) // 5)
@@ -213,6 +263,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     by_file = {ctx.pack.config.data.instructions[file]: counts[file] for file in sorted(counts)}
 
     train_examples = build_examples(train, system_prompt, index, embedder, settings, settings.seed, tokenizer)
+    train_examples += generated
     eval_examples = build_examples(held_out, system_prompt, index, embedder, settings, settings.seed + 1, tokenizer)
     train_features, truncated, dropped = _features(tokenizer, train_examples, settings.max_length)
     eval_features, _, _ = _features(tokenizer, eval_examples, settings.max_length)
@@ -225,10 +276,11 @@ def run(ctx, out: Path) -> dict[str, Any]:
         files = ", ".join(ctx.pack.config.data.instructions)
         log.warning("tune: only %d training examples (%s), fewer than one batch of %d; add examples or lower "
                     "stages.tune.batch_size", len(train_features), files, settings.batch_size)
-    kinds = {kind: sum(e.kind == kind for e in train_examples) for kind in ("plain", "rag", "no-answer", "given-sources")}
+    kinds = {kind: sum(e.kind == kind for e in train_examples)
+             for kind in ("plain", "rag", "no-answer", "given-sources", "generated")}
     clock.lap("examples")
 
-    qa_items = stage_questions(ctx.pack, settings.eval_questions)
+    qa_items = stage_questions(ctx.pack, settings.eval_questions, ctx.pack.qa_eval() or held_out_items)
     answer_tokens = ctx.pack.config.stages.eval.answer_tokens
     # as many sources as the training prompts carry, so base and tuned are scored on that format
     retriever = lambda question: retrieve(index, embedder.encode, question, settings.rag_sources)[0]  # noqa: E731
@@ -239,7 +291,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
     hp = hyperparameters(settings, count_parameters(base_dir))
     metrics: dict[str, Any] = {"examples": len(train_features), "examples_by_kind": kinds,
                                "conversations_by_file": by_file, "examples_truncated": truncated,
-                               "examples_dropped": dropped, "eval_examples": len(eval_features), **hp}
+                               "examples_dropped": dropped, "eval_examples": len(eval_features),
+                               **generated_counts, **hp}
     metrics["eval_loss_base"] = round(mean_loss(model, eval_features), 4) if eval_features and main else None
     if qa_items and main:
         base_qa = score_qa(TorchLM(model, tokenizer), qa_items, system_prompt, retriever, ctx.reporter.track,

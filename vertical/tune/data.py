@@ -1,10 +1,12 @@
 """Training examples for the tune stage: the pack's instructions, some made retrieval-aware, and
 tokenised with the loss on the assistant's tokens only.
 
-Retrieval-aware examples put the top chunks retrieved for the question (plus a distractor) in
-the prompt, in the same format `vertical ask` and the runtime use, and append the number of the
-source that supports the answer, so the model learns to answer from sources and cite them. A few
-examples get only unrelated sources and the answer "I don't know", so it learns to refuse.
+Retrieval-aware examples put the evidence sentences of the top chunks retrieved for the question
+(plus a distractor chunk) in the prompt, in the same format `vertical ask` and the runtime use,
+and append the number of the source that supports the answer, so the model learns to answer from
+evidence and cite it. A few examples get only unrelated sources and the answer "I don't know", so
+it learns to refuse. Questions generated from the documents (vertical.tune.generate) become
+examples whose answer is the exact span of their evidence.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import TypeVar
 
 import numpy as np
 
+from vertical.answer import evidence_selector, retrieve
+from vertical.evidence import EVIDENCE_SENTENCES
 from vertical.prompting import NO_ANSWER, Source, build_messages
 
 log = logging.getLogger(__name__)
@@ -28,7 +32,7 @@ T = TypeVar("T")
 @dataclass
 class Example:
     messages: list[dict[str, str]]
-    kind: str  # "plain" | "rag" | "no-answer" | "given-sources"
+    kind: str  # "plain" | "rag" | "no-answer" | "given-sources" | "generated"
 
 
 def share_evenly(tagged: list[tuple[int, T]], cap: int | None) -> list[tuple[int, T]]:
@@ -98,8 +102,13 @@ def build_examples(conversations, system_prompt: str, index, embedder, settings,
     n_rag = round(len(candidates) * settings.rag_fraction)
     n_none = round(len(candidates) * settings.no_answer_fraction)
     rag, none = candidates[:n_rag], candidates[n_rag:n_rag + n_none]
-    row_of = {chunk.id: row for row, chunk in enumerate(index.chunks)}
     threshold = float(index.meta.get("threshold", 0.0))
+    selector = evidence_selector(embedder.encode, int(index.meta.get("evidence_sentences", EVIDENCE_SENTENCES)))
+
+    def read(question: str, chunks: list, qvec) -> list[Source]:
+        if not selector.sentences:
+            return [_source(i + 1, c) for i, c in enumerate(chunks)]
+        return selector.select(question, chunks, qvec)
 
     if rag:
         questions = embedder.encode([q for _, q, _ in rag])
@@ -114,12 +123,12 @@ def build_examples(conversations, system_prompt: str, index, embedder, settings,
         if others and settings.rag_sources > 1:  # one distractor from another document, so citing is a choice
             chunks.append(index.chunks[others[0]])
         rng.shuffle(chunks)  # the supporting source is not always [1]
-        support = [float(index.embeddings[row_of[c.id]] @ avec) for c in chunks]
+        sources = read(question, chunks, qvec)
+        support = [float(np.max(selector.vectors([x.text for x in s.sentences] or [s.text]) @ avec)) for s in sources]
         best = int(np.argmax(support))
         if support[best] < threshold:
-            continue  # the sources do not back this answer; keep it as a plain example only
-        sources = [_source(i + 1, c) for i, c in enumerate(chunks)]
-        target = f"{answer.rstrip()} [{best + 1}]"
+            continue  # the evidence does not back this answer; keep it as a plain example only
+        target = f"{answer.rstrip()} [{sources[best].number}]"
         rebuild = lambda found, q=question, t=target: build_messages(system_prompt, q, found) + [  # noqa: E731
             {"role": "assistant", "content": t}]
         messages = _fit(rebuild(sources), sources, tokenizer, settings.max_length, rebuild)
@@ -135,7 +144,7 @@ def build_examples(conversations, system_prompt: str, index, embedder, settings,
         closest = pool[min(settings.rag_sources, len(pool)) - 1]  # the most related of the sources given
         if float(index.embeddings[closest] @ qvec) >= threshold:
             continue  # a source might answer it after all: "I don't know" would be the wrong lesson
-        sources = [_source(i + 1, c) for i, c in enumerate(chunks)]
+        sources = read(question, chunks, qvec)
         rebuild = lambda found, q=question: build_messages(system_prompt, q, found) + [  # noqa: E731
             {"role": "assistant", "content": NO_ANSWER}]
         messages = _fit(rebuild(sources), sources, tokenizer, settings.max_length, rebuild)
@@ -169,3 +178,21 @@ def tokenize(tokenizer, messages: list[dict[str, str]], max_length: int) -> tupl
     if all(label == IGNORE for label in labels):
         return None, truncated
     return {"input_ids": full, "attention_mask": [1] * len(full), "labels": labels}, truncated
+
+
+def generated_examples(generated, system_prompt: str, index, embedder, settings, tokenizer=None) -> tuple[list[Example], list]:
+    """Examples from generated questions whose own sentence comes back as evidence when the
+    question is asked as a user would (retrieval, then evidence selection): the answer is the
+    span, cited by the number of the source holding it. Returns (examples, the questions kept)."""
+    examples, kept = [], []
+    for item in generated:
+        sources, _ = retrieve(index, embedder.encode, item.question, settings.rag_sources)
+        holding = [s for s in sources if s.doc_id == item.doc_id and item.answer in s.text]
+        if not holding:
+            continue  # the question does not find its fact: it would teach the model to guess
+        target = f"{item.answer} [{holding[0].number}]"
+        rebuild = lambda found, q=item.question, t=target: build_messages(system_prompt, q, found) + [  # noqa: E731
+            {"role": "assistant", "content": t}]
+        examples.append(Example(_fit(rebuild(sources), sources, tokenizer, settings.max_length, rebuild), "generated"))
+        kept.append(item)
+    return examples, kept

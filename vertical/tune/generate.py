@@ -1,0 +1,157 @@
+"""Questions generated from the pack's own documents, to teach the reader to copy facts from evidence.
+
+    chunk -> sentences -> a fact in a sentence (a number with its unit, or a name) -> a question
+    about it by template -> kept only if retrieval brings that sentence back as evidence and it is
+    not one of the pack's evaluation facts -> (question, answer, provenance)
+
+The Self-Instruct idea without a teacher model: a 135M model writes poor questions, and templates
+cost nothing. A template question repeats its sentence's words, so it mostly teaches the skill
+the reader lacks, finding the span in the evidence and copying it exactly (names, numbers, units);
+the pack's hand-written examples teach the phrasing of real questions.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from dataclasses import asdict, dataclass
+
+from vertical.evidence import STOPWORDS, content_words, split_sentences
+
+log = logging.getLogger(__name__)
+
+# A number with what it counts: "3 g", "90 days", "4%", "£1,250", "USD 10 million", "65 mmHg".
+_QUANTITY = re.compile(
+    r"(?:(?:£|\$|€)\s?|\b(?:USD|GBP|EUR)\s)?\b\d+(?:[.,:]\d+)*(?:\s?%|\s?(?:million|billion|thousand)\b)?"
+    r"(?:\s[a-zA-Zµ/]{1,12}\b)?")
+# Capitalised words in a row, after a word in lower case: "Doran Kest", "Forge Lane".
+_NAME = re.compile(r"(?<=[a-z,;:] )[A-Z][a-zA-Z\-]+(?: (?:of |the )?[A-Z][a-zA-Z\-]+)*")
+# Words that follow a number without being what it counts ("90 days after", "3 silver each").
+_NOT_UNITS = STOPWORDS | {"after", "over", "need", "needs", "before", "later", "earlier", "each", "every", "ago",
+                          "onwards", "times", "or", "than", "plus", "minus", "am", "pm"}
+# Sentences that are formulas, table rows or quoted speech make no question.
+_NO_QUESTION = re.compile(r"[=|+^]|^[\"'“‘(]")
+_MONEY = re.compile(r"^(?:£|\$|€|USD|GBP|EUR)")
+_CLAUSE_BREAK = re.compile(r";|:| — | - |, (?=and |but |while |which |whereas |so )")
+MIN_WORDS, MAX_WORDS = 5, 28
+
+
+@dataclass
+class GeneratedQuestion:
+    question: str
+    answer: str
+    doc_id: str
+    chunk_id: str
+    span: tuple[int, int]  # the answer's characters in the document
+    sentence: str
+    template: str
+
+    def record(self) -> dict:
+        return {**asdict(self), "span": list(self.span), "provenance": "generated from the pack's documents"}
+
+
+def _answer_spans(sentence: str) -> list[tuple[int, int, str]]:
+    """(start, end, kind) of the facts a question can ask for."""
+    spans = []
+    if _NO_QUESTION.search(sentence):
+        return spans
+    for match in _QUANTITY.finditer(sentence):
+        text = match.group().strip()
+        last = text.split()[-1]
+        if len(text.split()) > 1 and last.isalpha() and (last.lower() in _NOT_UNITS or last.endswith(("ed", "ly", "ing"))):
+            text = text[: -len(last)].rstrip()
+        if re.fullmatch(r"\d{1,2}", text):  # a bare small number is usually a list position or a clause number
+            continue
+        kind = "money" if _MONEY.match(text) else "percent" if text.endswith("%") else \
+            "quantity" if re.search(r"[a-zA-Z]$", text) else "number"
+        spans.append((match.start(), match.start() + len(text), kind))
+    for match in _NAME.finditer(sentence):
+        previous = sentence[:match.start()].split()[-1]
+        if not previous[0].islower():
+            continue
+        if not any(s <= match.start() < e for s, e, _ in spans):
+            spans.append((match.start(), match.end(), "name"))
+    return spans
+
+
+def _wh(kind: str, answer: str) -> str:
+    if kind == "money":
+        return "how much"
+    if kind == "percent":
+        return "what percentage"
+    if kind == "quantity":
+        unit = answer.split()[-1]
+        return f"how many {unit}" if unit.isalpha() and unit.lower() not in ("million", "billion") else "what"
+    return "what"
+
+
+def _clause(sentence: str, start: int, end: int) -> tuple[str, int, int]:
+    """The clause of a long sentence that holds the span (with the span's new offsets)."""
+    bounds = [0] + [m.end() for m in _CLAUSE_BREAK.finditer(sentence)] + [len(sentence) + 1]
+    for left, right in zip(bounds, bounds[1:]):
+        if left <= start and end <= right - 1:
+            text = sentence[left:right - 1]
+            lead = len(text) - len(text.lstrip())
+            return text.strip(), start - left - lead, end - left - lead
+    return sentence, start, end
+
+
+def question_for(sentence: str, start: int, end: int, kind: str) -> str | None:
+    """A question whose answer is sentence[start:end]: the sentence with the span turned into a
+    wh-word ("The notice period is 90 days." -> "The notice period is how many days?"), or, when
+    the span opens the sentence, "Who/What <rest>?"."""
+    answer = sentence[start:end]
+    if len(sentence.split()) > MAX_WORDS:
+        sentence, start, end = _clause(sentence, start, end)
+    before = sentence[:start].rstrip(" ,(")
+    after = sentence[end:].strip().rstrip(".!?").rstrip(" ,;:")
+    if len((before + " " + after).split()) < MIN_WORDS - 1 or len(sentence.split()) > MAX_WORDS:
+        return None
+    if not before:
+        if not after or not re.match(r"[a-z]", after):
+            return None
+        wh = "Who" if kind == "name" and len(answer.split()) >= 2 else "What"
+        return f"{wh} {after}?"
+    text = f"{before} {_wh(kind, answer)} {after}".strip().replace(" 's", "'s").replace(" ,", ",")
+    return text[0].upper() + text[1:] + "?"
+
+
+def generate_questions(chunks: list, count: int, seed: int, held_out_facts: set[tuple[str, str]],
+                       held_out_questions: list[str]) -> list[GeneratedQuestion]:
+    """Up to `count` template questions from randomly chosen chunks, one per sentence, none about a
+    fact of `held_out_facts` ((doc_id, normalised answer) pairs of the pack's evaluation items) or
+    close to one of `held_out_questions` (half or more of its content words)."""
+    from vertical.evaluate.qa import normalize
+
+    rng = random.Random(seed)
+    order = list(range(len(chunks)))
+    rng.shuffle(order)
+    held_words = [content_words(q) for q in held_out_questions]
+    found: list[GeneratedQuestion] = []
+    seen_sentences: set[str] = set()
+    for row in order:
+        chunk = chunks[row]
+        sentences = split_sentences(chunk.text, chunk.start)
+        rng.shuffle(sentences)
+        for sentence in sentences[:2]:  # a few per chunk: questions spread over the documents
+            if sentence.text in seen_sentences:
+                continue
+            spans = _answer_spans(sentence.text)
+            rng.shuffle(spans)
+            for start, end, kind in spans:
+                answer = sentence.text[start:end]
+                question = question_for(sentence.text, start, end, kind)
+                if question is None or (chunk.doc_id, normalize(answer)) in held_out_facts:
+                    continue
+                words = content_words(question)
+                if any(h and len(words & h) >= len(h) / 2 for h in held_words):
+                    continue
+                seen_sentences.add(sentence.text)
+                found.append(GeneratedQuestion(question, answer, chunk.doc_id, chunk.id,
+                                               (sentence.start + start, sentence.start + end), sentence.text,
+                                               f"wh-{kind}"))
+                break
+            if len(found) >= count:
+                return found
+    return found
