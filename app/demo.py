@@ -152,13 +152,16 @@ def inert(text: str) -> str:
 
 
 def render_answer(answer) -> str:
-    """The answer's text, then each cited source as an expandable block: number, title, path, text."""
+    """The answer's text, then each cited source as an expandable block: number, title, path, and
+    the evidence sentences the answer rests on, highlighted, with their character spans."""
     text = inert(answer.text.strip()) or "…"
     blocks = []
     for source in answer.citations():
         summary = f"[{source.number}] {inert(source.title)} <code>{html.escape(source.source)}</code>"
+        evidence = [f"<mark>{inert(s.text)}</mark> <small>(characters {s.start}-{s.end})</small>"
+                    for s in source.sentences] or [inert(source.text)]
         blocks.append(f"<details class='citation'><summary>{summary}</summary>\n\n"
-                      f"{inert(source.text)}\n\n</details>")
+                      + "<br>\n".join(evidence) + "\n\n</details>")
     return text + ("\n\n" + "\n".join(blocks) if blocks else "")
 
 

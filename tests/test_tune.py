@@ -77,8 +77,8 @@ def test_retrieval_aware_examples_cite_and_refuse(tiny_pack, tmp_path):
     assert rag, [e.kind for e in examples]
     for example in rag:
         user, answer = example.messages[1]["content"], example.messages[-1]["content"]
-        # the model reads evidence sentences (3 by default), grouped by chunk: [1], maybe [2] and [3]
-        assert "<sources>" in user and "[1]" in user and "[4]" not in user
+        # the model reads evidence sentences (5 by default), grouped by chunk: [1], maybe [2] and [3]
+        assert "<sources>" in user and "[1]" in user and "[6]" not in user
         cited = int(answer.rsplit("[", 1)[1].rstrip("]"))
         assert f"[{cited}]" in user
     assert any(e.kind == "given-sources" for e in examples)  # the hand-written one with [1] is kept as is

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -26,7 +26,7 @@ from vertical.prompting import NO_ANSWER, Source
 
 Encoder = Callable[[list[str]], np.ndarray]
 
-EVIDENCE_SENTENCES = 3  # sentences the model reads, over all retrieved chunks
+EVIDENCE_SENTENCES = 5  # sentences the model reads, over all retrieved chunks (see the index stage setting)
 OVERLAP_WEIGHT = 0.3  # a question's own words in a sentence count beside the embedder's cosine
 MAX_ANSWER_SENTENCES = 2  # "the direct answer alone": one or two sentences
 LOOP_NGRAM = 5  # an answer that repeats 5 words of itself is looping: it is cut there
@@ -49,6 +49,19 @@ class Sentence:
     start: int  # character span in the document
     end: int
     text: str
+    score: float = 0.0  # how well it matches the question it was chosen for
+
+
+# "two working days" and "2 working days" state the same number
+NUMBER_WORDS = {word: str(value) for value, word in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+NUMBER_WORD = re.compile(r"\b(" + "|".join(NUMBER_WORDS) + r")\b", re.IGNORECASE)
+
+
+def digits(text: str) -> str:
+    """Number words up to twenty written as digits."""
+    return NUMBER_WORD.sub(lambda m: NUMBER_WORDS[m.group(1).lower()], text)
 
 
 def split_sentences(text: str, offset: int = 0) -> list[Sentence]:
@@ -129,7 +142,7 @@ class EvidenceSelector:
         by_chunk: dict[int, list[Sentence]] = {}
         for position in chosen:
             c, sentence = candidates[position]
-            by_chunk.setdefault(c, []).append(sentence)
+            by_chunk.setdefault(c, []).append(replace(sentence, score=round(float(scores[position]), 4)))
         sources = []
         for c in sorted(by_chunk):
             picked = tuple(sorted(by_chunk[c], key=lambda s: s.start))
@@ -227,8 +240,8 @@ def is_faithful(answer: str, evidence: str, question: str = "") -> bool:
     question it answers). An abstention is faithful: it claims nothing."""
     if is_abstention(answer):
         return True
-    numbers, names = key_content(answer)
-    known_numbers = {n.replace(",", "") for n in _NUMBER.findall(evidence)}
+    numbers, names = key_content(digits(answer))
+    known_numbers = {n.replace(",", "") for n in _NUMBER.findall(digits(evidence))}
     known_words = {w.lower().strip(".'-") for w in _WORD.findall(f"{evidence} {question}")}
     known_words |= {part for w in known_words for part in w.split("-")}
     return numbers <= known_numbers and all(name.strip(".'-") in known_words for name in names)
@@ -253,10 +266,7 @@ def check_answer(raw: str, question: str, sources: list[Source]) -> Checked:
     faithful = is_faithful(text, evidence, question)
     if faithful or not sources:
         return Checked(text, text, faithful, False, abstained, cut)
-    best = sources[0].sentences[0].text if sources[0].sentences else sources[0].text
-    for source in sources:  # the evidence sentence with most of the question's words
-        for sentence in source.sentences:
-            if len(content_words(question) & content_words(sentence.text)) > len(content_words(question) & content_words(best)):
-                best = sentence.text
-    number = next((s.number for s in sources if best in s.text), sources[0].number)
+    # the evidence sentence that matched the question best (the selector's score), quoted with its citation
+    scored = [(sentence.score, sentence.text, source.number) for source in sources for sentence in source.sentences]
+    _, best, number = max(scored) if scored else (0.0, sources[0].text, sources[0].number)
     return Checked(f"The sources say: \"{best}\" [{number}]", text, False, True, False, cut)

@@ -14,7 +14,7 @@ import string
 from collections.abc import Callable
 from pathlib import Path
 
-from vertical.evidence import check_answer, cut_answer
+from vertical.evidence import check_answer, cut_answer, digits
 from vertical.pack.schema import QAItem
 from vertical.prompting import Source, build_messages, prompt_length
 
@@ -25,16 +25,8 @@ MAX_ANSWER_WORDS = 40  # a longer answer is wrong whatever it contains: quoting 
 GENERATION_BATCH = 8  # short answers generated together (see TorchLM.generate_batch)
 
 
-# "two working days" and "2 working days" are the same answer
-NUMBER_WORDS = {word: str(value) for value, word in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen twenty".split())}
-NUMBER_WORD = re.compile(r"\b(" + "|".join(NUMBER_WORDS) + r")\b")
-
-
 def normalize(text: str) -> str:
-    text = text.lower().replace("\u2009", " ")
-    text = NUMBER_WORD.sub(lambda m: NUMBER_WORDS[m.group(1)], text)
+    text = digits(text.lower().replace("\u2009", " "))
     text = "".join(ch for ch in text if ch not in set(string.punctuation) - {".", "%"})
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text)  # keep decimal points

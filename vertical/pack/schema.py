@@ -32,7 +32,7 @@ class IndexSettings(Strict):
     retrieval: Literal["auto", "dense", "bm25", "hybrid"] = Field(
         "auto", description="search mode; auto keeps whichever scores best on the retrieval eval set")
     top_k: int = Field(4, ge=1, le=20, description="chunks retrieved for a question")
-    evidence_sentences: int = Field(3, ge=0, le=20, description="sentences of the retrieved chunks the model reads, "
+    evidence_sentences: int = Field(5, ge=0, le=20, description="sentences of the retrieved chunks the model reads, "
                                     "chosen by similarity to the question (0: the whole chunks)")
 
     @model_validator(mode="after")

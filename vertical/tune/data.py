@@ -6,7 +6,7 @@ Retrieval-aware examples put the evidence sentences of the top chunks retrieved 
 and append the number of the source that supports the answer, so the model learns to answer from
 evidence and cite it. A few examples get only unrelated sources and the answer "I don't know", so
 it learns to refuse. Questions generated from the documents (vertical.tune.generate) become
-examples whose answer is the exact span of their evidence.
+examples whose reply states the fact, copying the exact span from the evidence.
 """
 
 from __future__ import annotations
@@ -183,14 +183,15 @@ def tokenize(tokenizer, messages: list[dict[str, str]], max_length: int) -> tupl
 def generated_examples(generated, system_prompt: str, index, embedder, settings, tokenizer=None) -> tuple[list[Example], list]:
     """Examples from generated questions whose own sentence comes back as evidence when the
     question is asked as a user would (retrieval, then evidence selection): the answer is the
-    span, cited by the number of the source holding it. Returns (examples, the questions kept)."""
+    clause that states the span, cited by the number of the source holding it. Returns
+    (examples, the questions kept)."""
     examples, kept = [], []
     for item in generated:
         sources, _ = retrieve(index, embedder.encode, item.question, settings.rag_sources)
         holding = [s for s in sources if s.doc_id == item.doc_id and item.answer in s.text]
         if not holding:
             continue  # the question does not find its fact: it would teach the model to guess
-        target = f"{item.answer} [{holding[0].number}]"
+        target = f"{item.reply[:-1]} [{holding[0].number}]."
         rebuild = lambda found, q=item.question, t=target: build_messages(system_prompt, q, found) + [  # noqa: E731
             {"role": "assistant", "content": t}]
         examples.append(Example(_fit(rebuild(sources), sources, tokenizer, settings.max_length, rebuild), "generated"))

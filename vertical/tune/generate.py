@@ -12,6 +12,7 @@ the pack's hand-written examples teach the phrasing of real questions.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import re
@@ -30,8 +31,8 @@ _NAME = re.compile(r"(?<=[a-z,;:] )[A-Z][a-zA-Z\-]+(?: (?:of |the )?[A-Z][a-zA-Z
 # Words that follow a number without being what it counts ("90 days after", "3 silver each").
 _NOT_UNITS = STOPWORDS | {"after", "over", "need", "needs", "before", "later", "earlier", "each", "every", "ago",
                           "onwards", "times", "or", "than", "plus", "minus", "am", "pm"}
-# Sentences that are formulas, table rows or quoted speech make no question.
-_NO_QUESTION = re.compile(r"[=|+^]|^[\"'“‘(]")
+# Sentences that are formulas, table rows or quotations make no question.
+_NO_QUESTION = re.compile(r"[=|+^\"“”]|^['‘(]")
 _MONEY = re.compile(r"^(?:£|\$|€|USD|GBP|EUR)")
 _CLAUSE_BREAK = re.compile(r";|:| — | - |, (?=and |but |while |which |whereas |so )")
 MIN_WORDS, MAX_WORDS = 5, 28
@@ -40,7 +41,8 @@ MIN_WORDS, MAX_WORDS = 5, 28
 @dataclass
 class GeneratedQuestion:
     question: str
-    answer: str
+    answer: str  # the span: what is scored
+    reply: str  # the clause that states it: what the model is taught to say (with its citation)
     doc_id: str
     chunk_id: str
     span: tuple[int, int]  # the answer's characters in the document
@@ -97,10 +99,12 @@ def _clause(sentence: str, start: int, end: int) -> tuple[str, int, int]:
     return sentence, start, end
 
 
-def question_for(sentence: str, start: int, end: int, kind: str) -> str | None:
-    """A question whose answer is sentence[start:end]: the sentence with the span turned into a
-    wh-word ("The notice period is 90 days." -> "The notice period is how many days?"), or, when
-    the span opens the sentence, "Who/What <rest>?"."""
+def question_for(sentence: str, start: int, end: int, kind: str) -> tuple[str, str] | None:
+    """(question, reply) for the span sentence[start:end]. The question is the sentence with the
+    span turned into a wh-word ("The notice period is 90 days." -> "The notice period is how many
+    days?"), or, when the span opens the sentence, "Who/What <rest>?"; the reply is the clause
+    that states the fact ("The notice period is 90 days."): restating the question and then
+    copying the span from the evidence is the way of reading a small model learns best."""
     answer = sentence[start:end]
     if len(sentence.split()) > MAX_WORDS:
         sentence, start, end = _clause(sentence, start, end)
@@ -108,47 +112,70 @@ def question_for(sentence: str, start: int, end: int, kind: str) -> str | None:
     after = sentence[end:].strip().rstrip(".!?").rstrip(" ,;:")
     if len((before + " " + after).split()) < MIN_WORDS - 1 or len(sentence.split()) > MAX_WORDS:
         return None
+    reply = sentence.strip().rstrip(".!?;:, ")
+    reply = reply[0].upper() + reply[1:] + "."
     if not before:
         if not after or not re.match(r"[a-z]", after):
             return None
         wh = "Who" if kind == "name" and len(answer.split()) >= 2 else "What"
-        return f"{wh} {after}?"
+        return f"{wh} {after}?", reply
     text = f"{before} {_wh(kind, answer)} {after}".strip().replace(" 's", "'s").replace(" ,", ",")
-    return text[0].upper() + text[1:] + "?"
+    return text[0].upper() + text[1:] + "?", reply
+
+
+def _collection(source: str) -> str:
+    """The folder a document's file is in, or the site and path its record links to, without the
+    last part: documents/reference/sepsis.md -> documents/reference, https://pubmed.../10135926/ ->
+    https://pubmed.../"""
+    return source.rstrip("/").rsplit("/", 1)[0] if "/" in source.rstrip("/") else ""
+
+
+def _chunks_in_turns(chunks: list, rng: random.Random) -> list:
+    """The chunks in random order, the pack's collections taking turns: 1,000 abstracts borrowed
+    from a public data set do not drown the fourteen notes the hospital wrote (as the tune stage
+    shares its example cap between instruction files)."""
+    by_collection: dict[str, list] = {}
+    for chunk in chunks:
+        by_collection.setdefault(_collection(chunk.source), []).append(chunk)
+    queues = list(by_collection.values())
+    for queue in queues:
+        rng.shuffle(queue)
+    rng.shuffle(queues)
+    return [chunk for turn in itertools.zip_longest(*queues) for chunk in turn if chunk is not None]
 
 
 def generate_questions(chunks: list, count: int, seed: int, held_out_facts: set[tuple[str, str]],
                        held_out_questions: list[str]) -> list[GeneratedQuestion]:
-    """Up to `count` template questions from randomly chosen chunks, one per sentence, none about a
-    fact of `held_out_facts` ((doc_id, normalised answer) pairs of the pack's evaluation items) or
-    close to one of `held_out_questions` (half or more of its content words)."""
+    """Up to `count` template questions, one per sentence and at most two per chunk, the pack's
+    files taking turns; none about a fact of `held_out_facts` ((doc_id, normalised answer) pairs of
+    the pack's evaluation items) or close to one of `held_out_questions` (half or more of its
+    content words)."""
     from vertical.evaluate.qa import normalize
 
     rng = random.Random(seed)
-    order = list(range(len(chunks)))
-    rng.shuffle(order)
     held_words = [content_words(q) for q in held_out_questions]
     found: list[GeneratedQuestion] = []
     seen_sentences: set[str] = set()
-    for row in order:
-        chunk = chunks[row]
-        sentences = split_sentences(chunk.text, chunk.start)
+    for chunk in _chunks_in_turns(chunks, rng):
+        # a chunk that starts inside a sentence (its overlap) begins with a fragment
+        sentences = [s for s in split_sentences(chunk.text, chunk.start) if not s.text[0].islower()]
         rng.shuffle(sentences)
-        for sentence in sentences[:2]:  # a few per chunk: questions spread over the documents
+        for sentence in sentences[:2]:
             if sentence.text in seen_sentences:
                 continue
             spans = _answer_spans(sentence.text)
             rng.shuffle(spans)
             for start, end, kind in spans:
                 answer = sentence.text[start:end]
-                question = question_for(sentence.text, start, end, kind)
-                if question is None or (chunk.doc_id, normalize(answer)) in held_out_facts:
+                made = question_for(sentence.text, start, end, kind)
+                if made is None or (chunk.doc_id, normalize(answer)) in held_out_facts:
                     continue
+                question, reply = made
                 words = content_words(question)
                 if any(h and len(words & h) >= len(h) / 2 for h in held_words):
                     continue
                 seen_sentences.add(sentence.text)
-                found.append(GeneratedQuestion(question, answer, chunk.doc_id, chunk.id,
+                found.append(GeneratedQuestion(question, answer, reply, chunk.doc_id, chunk.id,
                                                (sentence.start + start, sentence.start + end), sentence.text,
                                                f"wh-{kind}"))
                 break

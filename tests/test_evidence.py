@@ -1,0 +1,99 @@
+"""Evidence selection, loop cutting and the faithfulness check (vertical.evidence), without models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from vertical.evidence import (EvidenceSelector, LoopGuard, check_answer, cut_answer, is_faithful, key_content,
+                               split_sentences)
+from vertical.prompting import Source
+from vertical.tune.generate import generate_questions, question_for
+
+
+@dataclass
+class FakeChunk:
+    id: str
+    doc_id: str
+    title: str
+    source: str
+    start: int
+    end: int
+    text: str
+
+
+DOC = ("# Sepsis\n\n## Treatment\nGive piperacillin-tazobactam within 1 hour. Dr. Lee audits it e.g. monthly.\n"
+       "- The outreach team is on extension 4410.\n| drug | dose |\n|---|---|\n| paracetamol | 3 g |\n")
+
+
+def test_sentences_keep_their_document_spans_and_skip_headings():
+    sentences = split_sentences(DOC, offset=100)
+    texts = [s.text for s in sentences]
+    assert texts == ["Give piperacillin-tazobactam within 1 hour.", "Dr. Lee audits it e.g. monthly.",
+                     "The outreach team is on extension 4410.", "| drug | dose |", "| paracetamol | 3 g |"]
+    for s in sentences:
+        assert DOC[s.start - 100:s.end - 100] == s.text
+
+
+def bag_of_words_encoder(texts):
+    """A stand-in embedder: normalised counts of a small vocabulary."""
+    vocabulary = ["antibiotic", "piperacillin", "extension", "outreach", "dose", "paracetamol", "audit", "hour"]
+    rows = []
+    for text in texts:
+        low = text.lower()
+        row = np.array([low.count(word) for word in vocabulary], dtype=np.float32) + 1e-3
+        rows.append(row / np.linalg.norm(row))
+    return np.stack(rows)
+
+
+def test_the_selector_keeps_the_sentences_that_answer_and_numbers_sources_by_chunk():
+    chunks = [FakeChunk("a#0", "a", "Other", "a.md", 0, 40, "Hand hygiene matters. Wash for 20 seconds."),
+              FakeChunk("s#0", "sepsis", "Sepsis", "s.md", 0, len(DOC), DOC)]
+    sources = EvidenceSelector(bag_of_words_encoder, sentences=1).select(
+        "Which extension reaches the outreach team?", chunks)
+    assert len(sources) == 1 and sources[0].number == 1 and sources[0].doc_id == "sepsis"
+    assert sources[0].text == "The outreach team is on extension 4410."
+    assert [(s.start, s.end) for s in sources[0].sentences] == [(DOC.index("The outreach"),
+                                                                 DOC.index("The outreach") + len(sources[0].text))]
+
+
+def test_loops_are_cut_and_answers_keep_to_two_sentences():
+    assert cut_answer("It is 3 g [1]. It is 3 g [1]. It is 3 g [1].") == ("It is 3 g [1].", True)
+    assert cut_answer("the limit is 3 g a day and the limit is 3 g a day and")[0] == "the limit is 3 g a day and"
+    assert cut_answer("One thing. Two things. Three things.") == ("One thing. Two things.", True)
+    assert cut_answer("90 days [2]") == ("90 days [2]", False)
+    guard = LoopGuard()
+    stops = [guard.feed(p) for p in ["The dose", " is 3 g.", " The dose", " is 3 g."]]
+    assert stops == [False, False, False, True] and guard.text == "The dose is 3 g."
+
+
+def test_an_answer_stating_what_its_evidence_lacks_is_replaced_by_the_evidence():
+    assert key_content("Doran Kest pays 20 silver [1].") == ({"20"}, {"kest"})
+    evidence = "Adults under 50 kg take no more than 3 g in 24 hours."
+    assert is_faithful("3 g in 24 hours [1]", evidence) and not is_faithful("4 g [1]", evidence)
+    assert is_faithful("I don't know: the documents I have do not cover this question.", evidence)
+    assert is_faithful("Check it at 4 hours [1].", "Take the level four hours after the overdose.")
+    source = Source(number=2, title="Paracetamol", source="p.md", start=0, end=60, text=evidence,
+                    sentences=tuple(split_sentences(evidence)))
+    checked = check_answer("The limit is 4 g [2].", "What is the limit for adults under 50 kg?", [source])
+    assert checked.fallback and not checked.faithful and checked.raw == "The limit is 4 g [2]."
+    assert evidence in checked.text and checked.text.endswith("[2]")
+    kept = check_answer("3 g [2]. 3 g [2].", "What is the limit?", [source])
+    assert kept.text == "3 g [2]." and kept.faithful and not kept.fallback and kept.cut
+
+
+def test_generated_questions_ask_for_a_span_of_their_sentence_and_skip_held_out_facts():
+    assert question_for("The renewal notice period is 90 days.", 29, 36, "quantity") == \
+        ("The renewal notice period is how many days?", "The renewal notice period is 90 days.")
+    assert question_for("Doran Kest commands the Ashen Wardens in Emberfall.", 0, 10, "name")[0] == \
+        "Who commands the Ashen Wardens in Emberfall?"
+    text = "The warden of the pass is Doran Kest. A healing draught costs 20 silver in the town of Emberfall."
+    chunk = FakeChunk("g#0", "games", "Games", "g.md", 0, len(text), text)
+    found = generate_questions([chunk], 10, 0, held_out_facts=set(), held_out_questions=[])
+    assert found and all(q.answer in q.sentence and text[q.span[0]:q.span[1]] == q.answer and q.answer in q.reply
+                         for q in found)
+    held = {("games", "doran kest"), ("games", "20 silver"), ("games", "emberfall")}
+    assert generate_questions([chunk], 10, 0, held_out_facts=held, held_out_questions=[]) == []
+    near = generate_questions([chunk], 10, 0, set(), ["Who is the warden of the pass?", "What does a draught cost?"])
+    assert all("warden" not in q.question.lower() and "draught" not in q.question.lower() for q in near)
