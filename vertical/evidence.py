@@ -2,7 +2,8 @@
 and the checks that keep an answer to what those sentences say.
 
     chunks -> sentences (document character spans) -> scored against the question (embedder cosine
-    + word overlap) -> the best few, grouped by chunk, become the numbered sources the model reads
+    + word overlap) -> the best few, grouped by chunk (the best one's chunk first), become the
+    numbered sources the model reads
     -> the answer is cut at a repeated sentence or n-gram, kept to two sentences, and checked:
     numbers and names it states must appear in the evidence, else the evidence is quoted instead
 
@@ -124,8 +125,9 @@ class EvidenceSelector:
         return np.stack([self._vectors[t] for t in texts])
 
     def select(self, question: str, chunks: Sequence, question_vector: np.ndarray | None = None) -> list[Source]:
-        """Numbered sources holding only the chosen sentences: the chunks (in the given order)
-        that have at least one, each with its sentences in document order."""
+        """Numbered sources holding only the chosen sentences: the chunks that have at least one,
+        the chunk with the best sentence first (a small reader leans on what it reads first),
+        each with its sentences in document order."""
         candidates = [(c, s) for c, chunk in enumerate(chunks)
                       for s in split_sentences(chunk.text, chunk.start)]
         if not candidates:
@@ -138,14 +140,13 @@ class EvidenceSelector:
         if asked:
             scores = scores + OVERLAP_WEIGHT * np.array([len(asked & content_words(s.text)) / len(asked)
                                                          for _, s in candidates])
-        chosen = sorted(np.argsort(-scores)[: self.sentences].tolist())
         by_chunk: dict[int, list[Sentence]] = {}
-        for position in chosen:
+        for position in np.argsort(-scores, kind="stable")[: self.sentences].tolist():  # best first
             c, sentence = candidates[position]
             by_chunk.setdefault(c, []).append(replace(sentence, score=round(float(scores[position]), 4)))
         sources = []
-        for c in sorted(by_chunk):
-            picked = tuple(sorted(by_chunk[c], key=lambda s: s.start))
+        for c, picked in by_chunk.items():
+            picked = tuple(sorted(picked, key=lambda s: s.start))
             sources.append(_source(len(sources) + 1, chunks[c], " … ".join(s.text for s in picked), picked))
         return sources
 
@@ -235,6 +236,17 @@ def is_abstention(answer: str) -> bool:
     return text.startswith(NO_ANSWER.lower()[:12]) or "i don't know" in text or "i do not know" in text
 
 
+_WH_QUESTION = re.compile(r"^\W*(?:\w+\s+){0,3}?(what|which|who|whom|whose|where|when|how)\b", re.IGNORECASE)
+_ANSWER_LABEL = re.compile(r"^\s*answer\s*:\s*", re.IGNORECASE)
+
+
+def answers_the_question(answer: str, question: str) -> bool:
+    """False for a bare yes or no to a what / which / who / where / when / how question: the
+    form of a PubMedQA-style answer, not an answer to that question."""
+    first = re.match(r"\W*(\w+)", _ANSWER_LABEL.sub("", answer))
+    return not (first and first.group(1).lower() in ("yes", "no") and _WH_QUESTION.match(question))
+
+
 def is_faithful(answer: str, evidence: str, question: str = "") -> bool:
     """Every number and name the answer states occurs in the evidence (or, for a name, in the
     question it answers). An abstention is faithful: it claims nothing."""
@@ -259,11 +271,13 @@ class Checked:
 
 def check_answer(raw: str, question: str, sources: list[Source]) -> Checked:
     """The answer the user gets: the model's, cut at a loop; or, when it states a number or name
-    that its evidence does not hold, the best evidence sentence quoted with its citation."""
+    that its evidence does not hold (or says yes or no to a what / which / how question), the best
+    evidence sentence quoted with its citation."""
     text, cut = cut_answer(raw)
+    text = _ANSWER_LABEL.sub("", text)  # "Answer: 22 breaths [1]." is "22 breaths [1]."
     evidence = " ".join(s.text for s in sources)
     abstained = is_abstention(text)
-    faithful = is_faithful(text, evidence, question)
+    faithful = is_faithful(text, evidence, question) and answers_the_question(text, question)
     if faithful or not sources:
         return Checked(text, text, faithful, False, abstained, cut)
     # the evidence sentence that matched the question best (the selector's score), quoted with its citation

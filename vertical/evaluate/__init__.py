@@ -294,6 +294,8 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
         result["margin_over_base"] = round(qa[full] - qa["base alone"], 4)
         if qa.get("bundle (ONNX)") is not None:
             result["bundle_margin_over_base"] = round(qa["bundle (ONNX)"] - qa["base alone"], 4)
+    result["short_answers"] = {row["model"]: {k: v for k, v in row["short"].items() if k != "n_retrieved"}
+                               for row in report["qa"] if row["short"]["n"]}
     result["edits"] = {row["model"]: {k: row[k] for k in ("efficacy", "generalization", "locality")}
                        for row in report["edits"]}
     return result

@@ -61,7 +61,8 @@ class TuneSettings(Strict):
     generated_questions: int = Field(96, ge=0, le=2000, description="training examples generated from the documents "
                                      "(a fact of a sentence, a template question, the exact span as the answer), on "
                                      "top of max_examples; a pack without qa_eval holds out 30 more to be scored on")
-    rag_fraction: float = Field(0.5, ge=0, le=1, description="share of examples given retrieved sources")
+    rag_fraction: float = Field(0.9, ge=0, le=1, description="share of examples given retrieved evidence (every "
+                                "answer the product gives reads evidence; the rest teach answering from memory)")
     no_answer_fraction: float = Field(0.1, ge=0, le=1, description="share of extra examples with unrelated sources")
     rag_sources: int = Field(4, ge=1, le=10, description="chunks retrieved per training example and "
                              "scored question (their evidence sentences are what the model reads)")
