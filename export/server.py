@@ -326,9 +326,10 @@ def create_app(assistant, api_key: str | None = None, limits: Limits | None = No
                         yield f"data: {json.dumps(chunk)}\n\n"
                     streamed = answer.text
                     assistant.finish(answer)
-                    if answer.fallback:  # what was streamed is not what the evidence says: say so, quote it
+                    if answer.fallback:  # what was streamed is not what the evidence says: say so
                         note = _envelope(reply_id, created, "chat.completion.chunk",
-                                         {"index": 0, "delta": {"content": f"\n(Not what the sources say. {answer.text})"},
+                                         {"index": 0, "delta": {"content": f"\n(Withdrawn: not what the sources say. "
+                                                                           f"{answer.text})"},
                                           "finish_reason": None})
                         yield f"data: {json.dumps(note)}\n\n"
                     last = _envelope(reply_id, created, "chat.completion.chunk",

@@ -7,7 +7,8 @@ else tuned, with retrieval) over the base model alone with a 95% interval from t
 differences (normal approximation: mean +- 1.96 sd / sqrt(n)). The build's time is the sum of its
 stages' recorded seconds (manifest.json next to the report's build folder, when there is one).
 
-A second table splits each report's items by whether the pack's instruction data asks a similar
+A second table gives the short answers' grounding (recall@k, accuracy when the right document was
+retrieved, faithfulness, fallback) for the full vertical model and the bundle. A third splits each report's items by whether the pack's instruction data asks a similar
 question (at least half of the content words shared, Jaccard): such an item's fact is taught by
 training as well as given by retrieval, so the split shows how much of the margin holds on facts
 the training data does not ask about. (Identical questions are refused by `vertical packs validate`.)
@@ -115,6 +116,25 @@ def main(paths: list[str]) -> None:
         print(f"| {report['pack']} | {report['questions']} | " + " | ".join(cells) + f" | {gap} | {build_minutes(path)} |")
 
 
+def grounding_table(paths: list[str]) -> None:
+    """Short answers of the full vertical model and of the bundle: where the right document was
+    among the sources, how often the reader then answered right, and how it held to its evidence."""
+    print()
+    print("| pack | model | short answers | accuracy | recall@k | accuracy when retrieved | faithfulness | fallback |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in paths:
+        report = json.loads(Path(name).read_text())
+        rows = {row["model"]: row for row in report["qa"]}
+        full = next((c for c in ("edited + retrieval", "tuned + retrieval") if c in rows), None)
+        for model in (full, "bundle (ONNX)"):
+            short = rows.get(model, {}).get("short") if model else None
+            if not short or not short["n"]:
+                continue
+            cells = [f"{short.get(k):.3f}" if short.get(k) is not None else "-"
+                     for k in ("accuracy", "recall@k", "accuracy_when_retrieved", "faithfulness", "fallback")]
+            print(f"| {report['pack']} | {model} | {short['n']} | " + " | ".join(cells) + " |")
+
+
 if __name__ == "__main__":
     # a build folder stands for its eval/report.json
     reports = [str(Path(a) / "eval" / "report.json") if Path(a).is_dir() else a for a in sys.argv[1:]]
@@ -122,4 +142,5 @@ if __name__ == "__main__":
     if missing:
         sys.exit(f"no eval report at {', '.join(missing)}: give BUILD/eval/report.json or a build folder")
     main(reports)
+    grounding_table(reports)
     taught_table(reports)

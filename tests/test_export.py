@@ -180,6 +180,18 @@ def test_ask_accepts_a_bundle(bundle, cli):
     assert "[1] The Zorblat fruit" in output and "Test disclaimer." in output
 
 
+def test_ask_json_gives_the_answer_its_citations_and_evidence_apart(bundle, cli):
+    code, output = cli("ask", bundle, QUESTION, "--max-tokens", "8", "--json")
+    assert code == 0, output
+    reply = json.loads(output.strip().splitlines()[-1])
+    assert set(reply) >= {"answer", "citations", "evidence"}
+    assert reply["citations"][0]["doc_id"] == "zorblat" and reply["citations"][0]["title"] == "The Zorblat fruit"
+    assert all(set(e) == {"doc_id", "span", "text"} for e in reply["evidence"]) and reply["evidence"]
+    text = (Path(bundle) / "index" / "chunks.jsonl").read_text()
+    assert all(e["text"] in text for e in reply["evidence"])
+    assert all(e["text"] not in reply["answer"] for e in reply["evidence"]) or reply["fallback"]
+
+
 def test_export_cli_other_quant_and_out(exported_build, tmp_path, cli):
     code, output = cli("export", exported_build, "--quant", "int4", "--out", tmp_path / "b4")
     assert code == 0, output
@@ -215,6 +227,10 @@ def test_chat_completion_returns_answer_sources_and_usage(assistant):
     # the same question asked through the library gives the same (greedy) text
     direct = assistant.ask(QUESTION, max_new_tokens=12)
     assert choice["message"]["content"] == direct.text
+    # the evidence the answer rests on: sentences of the sources, with document spans
+    assert body["evidence"] and all(e["text"] in " ".join(s["text"] for s in body["sources"]) for e in body["evidence"])
+    assert all(e["span"][1] - e["span"][0] == len(e["text"]) for e in body["evidence"])
+    assert body["faithful"] in (True, False) and body["fallback"] == (not body["faithful"])
 
 
 def test_streaming_sends_sources_then_tokens_then_done(assistant):
@@ -229,7 +245,8 @@ def test_streaming_sends_sources_then_tokens_then_done(assistant):
     assert events[0]["sources"] and events[0]["choices"][0]["delta"]["role"] == "assistant"
     assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     text = "".join(e["choices"][0]["delta"].get("content", "") for e in events)
-    assert text.strip() == whole
+    # an answer the evidence does not back is followed by the quote that replaces it (the last event's `answer`)
+    assert (events[-1].get("answer") or text.strip()) == whole and events[-1]["evidence"]
 
 
 def test_api_key_is_required_when_configured(assistant):

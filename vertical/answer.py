@@ -20,7 +20,7 @@ class Answer:
     best_similarity: float
     cited: list[int] = field(default_factory=list)
     faithful: bool = True  # the model's numbers and names are all in the evidence it was given
-    fallback: bool = False  # they were not, so `text` quotes the evidence instead
+    fallback: bool = False  # they were not, so `text` says so and points at the evidence
     raw: str = ""  # what the model said (cut at a loop), before the faithfulness check
 
     def citations(self) -> list[Source]:
@@ -114,7 +114,7 @@ class Assistant:
     @staticmethod
     def finish(answer: Answer) -> Answer:
         """The model's text made the final answer: cut at a loop, checked against its evidence
-        (quoted instead when the answer states what the evidence does not), citations read."""
+        (replaced by a line saying so when it states what the evidence does not), citations read."""
         if not answer.refused:
             checked = check_answer(answer.text, answer.question, answer.sources)
             answer.text, answer.raw = checked.text, checked.raw
@@ -140,8 +140,8 @@ class Assistant:
                 if guard.feed(piece):  # looping, or two sentences said: answer.text is cut in finish()
                     break
             self.finish(answer)
-            if answer.fallback:  # the streamed words are withdrawn: say so, and give the evidence
-                yield f"\n(Not what the sources say. {answer.text})"
+            if answer.fallback:  # the streamed words are withdrawn: say so
+                yield f"\n(Withdrawn: not what the sources say. {answer.text})"
 
         return answer, pieces()
 

@@ -5,7 +5,8 @@ and the checks that keep an answer to what those sentences say.
     + word overlap) -> the best few, grouped by chunk (the best one's chunk first), become the
     numbered sources the model reads
     -> the answer is cut at a repeated sentence or n-gram, kept to two sentences, and checked:
-    numbers and names it states must appear in the evidence, else the evidence is quoted instead
+    numbers and names it states must appear in the evidence, else the user is told it could not
+    be found and pointed at the evidence
 
 A 135M-parameter reader copies a fact well from three sentences and badly from three 128-token
 chunks, so the model reads the evidence only; the citations still name the whole chunk.
@@ -259,20 +260,26 @@ def is_faithful(answer: str, evidence: str, question: str = "") -> bool:
     return numbers <= known_numbers and all(name.strip(".'-") in known_words for name in names)
 
 
+# What the user gets instead of an answer its evidence does not back. It says so, and points at the
+# evidence (shown apart from the answer, as always) without quoting it: the answer is scored as it
+# stands, so a quote that happens to contain the fact must not pass for a reader's answer.
+UNSUPPORTED = "I could not find a clear answer in the sources; the closest evidence is in [{number}]."
+
+
 @dataclass
 class Checked:
     text: str  # what the user is given
     raw: str  # what the model said, cut at a loop
     faithful: bool  # the raw answer's numbers and names are all in the evidence
-    fallback: bool  # the raw answer was not faithful, so the evidence is quoted instead
+    fallback: bool  # the raw answer was not faithful, so the user is told so and pointed at the evidence
     abstained: bool
     cut: bool  # the raw answer looped or ran past two sentences and was cut
 
 
 def check_answer(raw: str, question: str, sources: list[Source]) -> Checked:
     """The answer the user gets: the model's, cut at a loop; or, when it states a number or name
-    that its evidence does not hold (or says yes or no to a what / which / how question), the best
-    evidence sentence quoted with its citation."""
+    that its evidence does not hold (or says yes or no to a what / which / how question), a line
+    saying so that cites the source with the best-matching evidence (UNSUPPORTED)."""
     text, cut = cut_answer(raw)
     text = _ANSWER_LABEL.sub("", text)  # "Answer: 22 breaths [1]." is "22 breaths [1]."
     evidence = " ".join(s.text for s in sources)
@@ -280,7 +287,7 @@ def check_answer(raw: str, question: str, sources: list[Source]) -> Checked:
     faithful = is_faithful(text, evidence, question) and answers_the_question(text, question)
     if faithful or not sources:
         return Checked(text, text, faithful, False, abstained, cut)
-    # the evidence sentence that matched the question best (the selector's score), quoted with its citation
-    scored = [(sentence.score, sentence.text, source.number) for source in sources for sentence in source.sentences]
-    _, best, number = max(scored) if scored else (0.0, sources[0].text, sources[0].number)
-    return Checked(f"The sources say: \"{best}\" [{number}]", text, False, True, False, cut)
+    # the source with the sentence that matched the question best: its evidence is shown apart
+    scored = [(sentence.score, source.number) for source in sources for sentence in source.sentences]
+    number = max(scored)[1] if scored else sources[0].number
+    return Checked(UNSUPPORTED.format(number=number), text, False, True, False, cut)

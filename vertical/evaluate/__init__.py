@@ -30,8 +30,8 @@ METHOD = {
     "qa_choice": "multiple-choice items: the choice with the highest summed log-probability as the continuation "
                  "of 'Answer:' after the chat prompt (label accuracy)",
     "qa_short": "short-answer items: greedy answer of up to `answer_tokens` tokens, cut at a repeated sentence or "
-                "5-word run and after two sentences, and replaced by a quote of the best evidence sentence when it "
-                "states a number or name its evidence lacks (what `vertical ask` returns); correct when it has at "
+                "5-word run and after two sentences, and replaced by 'I could not find a clear answer in the sources' "
+                "when it states a number or name its evidence lacks (what `vertical ask` returns); correct when it has at "
                 "most 40 words and the normalised gold answer (lower case, no punctuation or articles, number words "
                 "up to twenty as digits) occurs in it as whole words, after citations such as [2] are removed",
     "retrieval": "sources: the top `rag_sources` chunks of the row's own index (hybrid search); the model reads "
@@ -41,7 +41,7 @@ METHOD = {
     "grounding": "recall@k: share of items whose gold document is among the sources the model was given; "
                  "accuracy_when_retrieved: accuracy on those items; faithfulness: share of the model's short answers "
                  "whose numbers and names all occur in their evidence (before any fallback); fallback: share replaced "
-                 "by a quote of the evidence; abstention: share answering 'I don't know'",
+                 "by 'I could not find a clear answer' (never counted correct); abstention: share answering 'I don't know'",
     "edits": "CounterFact definitions on the raw prompt: efficacy P(target_new) > P(target_true); generalization "
              "the same on rephrasings; locality P(locality target) > P(target_new); P is the mean per-token "
              "probability",

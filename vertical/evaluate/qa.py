@@ -20,7 +20,7 @@ from vertical.prompting import Source, build_messages, prompt_length
 
 Retriever = Callable[[str], list[Source]]
 ANSWER_PREFIX = "Answer:"
-SCORING_VERSION = 4  # part of a reusable answer's key: raise it when normalize / is_correct / choose / check_answer change
+SCORING_VERSION = 5  # part of a reusable answer's key: raise it when normalize / is_correct / choose / check_answer change
 MAX_ANSWER_WORDS = 40  # a longer answer is wrong whatever it contains: quoting whole passages cannot pass
 GENERATION_BATCH = 8  # short answers generated together (see TorchLM.generate_batch)
 
