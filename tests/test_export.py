@@ -84,7 +84,7 @@ def test_the_bundles_embedder_returns_vectors_in_the_texts_order(bundle):
 
 
 @pytest.mark.parametrize("setting, retention, role", [
-    ("auto", 0.95, "student"), ("auto", 0.43, "teacher"), ("auto", None, "student"),
+    ("auto", 0.95, "student"), ("auto", 0.43, "teacher"), ("auto", None, "teacher"),  # never unmeasured
     ("student", 0.43, "student"), ("teacher", 0.95, "teacher")])
 def test_auto_exports_the_student_only_if_it_kept_the_teachers_score(tmp_path, setting, retention, role):
     from types import SimpleNamespace
