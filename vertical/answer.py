@@ -57,15 +57,10 @@ def retrieve(index, encode, question: str, k: int | None = None) -> tuple[list[S
     given = lambda _texts: vector[None, :]  # noqa: E731  (the question is embedded once)
     hits = index.search(question, given, k=k)
     best = index.best_similarity(question, given)
-    scores = {h.chunk.id: round(h.score, 4) for h in hits}
     sentences = int(index.meta.get("evidence_sentences", EVIDENCE_SENTENCES))
-    if sentences:
-        found = evidence_selector(encode, sentences).select(question, [h.chunk for h in hits], vector)
-    else:
-        found = [Source(number=i + 1, title=h.chunk.title, source=h.chunk.source, start=h.chunk.start, end=h.chunk.end,
-                        text=h.chunk.text, doc_id=h.chunk.doc_id) for i, h in enumerate(hits)]
-    by_span = {(h.chunk.doc_id, h.chunk.start): h.chunk.id for h in hits}
-    return [replace(s, score=scores.get(by_span.get((s.doc_id, s.start)), 0.0)) for s in found], best
+    found = evidence_selector(encode, sentences).select(question, [h.chunk for h in hits], vector)
+    score_of = {(h.chunk.doc_id, h.chunk.start): round(h.score, 4) for h in hits}
+    return [replace(s, score=score_of.get((s.doc_id, s.start), 0.0)) for s in found], best
 
 
 class Assistant:

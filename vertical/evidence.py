@@ -130,8 +130,8 @@ class EvidenceSelector:
         the chunk with the best sentence first (a small reader leans on what it reads first),
         each with its sentences in document order."""
         candidates = [(c, s) for c, chunk in enumerate(chunks)
-                      for s in split_sentences(chunk.text, chunk.start)]
-        if not candidates:
+                      for s in split_sentences(chunk.text, chunk.start)] if self.sentences else []
+        if not candidates:  # evidence_sentences 0, or no sentence to choose: the whole chunks
             return [_source(i + 1, chunk, chunk.text, ()) for i, chunk in enumerate(chunks)]
         if question_vector is None:
             question_vector = self.encode([question])[0]
@@ -199,9 +199,9 @@ def cut_answer(raw: str, max_sentences: int = MAX_ANSWER_SENTENCES, ngram: int =
         key = " ".join(words)
         if key and key in seen_sentences:
             return " ".join(kept), True
-        grams = {tuple(words[i:i + ngram]) for i in range(len(words) - ngram + 1)}
         inside = [tuple(words[i:i + ngram]) for i in range(len(words) - ngram + 1)]
-        if grams & seen_grams or len(set(inside)) < len(inside):
+        grams = set(inside)
+        if grams & seen_grams or len(grams) < len(inside):
             # cut the sentence at the first repeated run of words, keep what came before it
             repeated = next(i for i, g in enumerate(inside) if g in seen_grams or inside.index(g) < i)
             head = " ".join(sentence.split()[:repeated]).strip()

@@ -52,11 +52,6 @@ def share_evenly(tagged: list[tuple[int, T]], cap: int | None) -> list[tuple[int
     return [pair for position, pair in enumerate(tagged) if position in chosen]
 
 
-def _source(number: int, chunk) -> Source:
-    return Source(number=number, title=chunk.title, source=chunk.source, start=chunk.start, end=chunk.end,
-                  text=chunk.text, doc_id=chunk.doc_id)
-
-
 def _fit(messages: list[dict[str, str]], sources: list[Source], tokenizer, max_length: int, rebuild) -> list[dict[str, str]]:
     """Shorten the sources (evenly, at word boundaries) until the example fits in max_length tokens,
     so a long retrieval prompt is trimmed instead of the example being cut off before its answer."""
@@ -105,11 +100,6 @@ def build_examples(conversations, system_prompt: str, index, embedder, settings,
     threshold = float(index.meta.get("threshold", 0.0))
     selector = evidence_selector(embedder.encode, int(index.meta.get("evidence_sentences", EVIDENCE_SENTENCES)))
 
-    def read(question: str, chunks: list, qvec) -> list[Source]:
-        if not selector.sentences:
-            return [_source(i + 1, c) for i, c in enumerate(chunks)]
-        return selector.select(question, chunks, qvec)
-
     if rag:
         questions = embedder.encode([q for _, q, _ in rag])
         answers = embedder.encode([a for _, _, a in rag])
@@ -123,7 +113,7 @@ def build_examples(conversations, system_prompt: str, index, embedder, settings,
         if others and settings.rag_sources > 1:  # one distractor from another document, so citing is a choice
             chunks.append(index.chunks[others[0]])
         rng.shuffle(chunks)  # the supporting source is not always [1]
-        sources = read(question, chunks, qvec)
+        sources = selector.select(question, chunks, qvec)
         support = [float(np.max(selector.vectors([x.text for x in s.sentences] or [s.text]) @ avec)) for s in sources]
         best = int(np.argmax(support))
         if support[best] < threshold:
@@ -144,7 +134,7 @@ def build_examples(conversations, system_prompt: str, index, embedder, settings,
         closest = pool[min(settings.rag_sources, len(pool)) - 1]  # the most related of the sources given
         if float(index.embeddings[closest] @ qvec) >= threshold:
             continue  # a source might answer it after all: "I don't know" would be the wrong lesson
-        sources = read(question, chunks, qvec)
+        sources = selector.select(question, chunks, qvec)
         rebuild = lambda found, q=question: build_messages(system_prompt, q, found) + [  # noqa: E731
             {"role": "assistant", "content": NO_ANSWER}]
         messages = _fit(rebuild(sources), sources, tokenizer, settings.max_length, rebuild)
