@@ -248,7 +248,7 @@ def compare(source: DemoSource, question: str) -> tuple[str, str, str]:
     if "student" in models:
         answer, messages = source.assistant.prepare(question)
         if messages is not None:
-            answer.text = models["student"].generate(messages, MAX_TOKENS)
+            answer.text = models["student"].generate(messages, MAX_TOKENS, answer.numbers())
             source.assistant.finish(answer)
         student = render_answer(answer)
     return inert(base.strip() or EMPTY_ANSWER), vertical, student

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from vertical.errors import VerticalError
+from vertical.evidence import NumberCopy, NumberVocabulary
 from vertical.export.bundle import verify
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,8 @@ class OnnxChatModel:
         self.tokenizer = og.Tokenizer(self.model)
         config = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))
         self.context_length = int(config["model"]["context_length"])
+        self.vocabulary_size = int(config["model"]["vocab_size"])
+        self._numbers: NumberVocabulary | None = None
         self._lock = threading.Lock()  # tokenizer calls are cheap; keep them serial to be safe
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
@@ -110,11 +113,13 @@ class OnnxChatModel:
             return list(self.tokenizer.encode(text))
 
     def stream(self, messages: list[dict[str, str]], max_new_tokens: int = 200,
-               stop: threading.Event | None = None) -> Iterator[str]:
-        """Text pieces of the greedy answer; setting `stop` ends generation at the next token."""
-        yield from self.stream_ids(self.prompt_ids(messages), max_new_tokens, stop)
+               stop: threading.Event | None = None, numbers: set[str] | None = None) -> Iterator[str]:
+        """Text pieces of the greedy answer; setting `stop` ends generation at the next token;
+        with `numbers`, the only numbers it may write (vertical.evidence.NumberCopy)."""
+        yield from self.stream_ids(self.prompt_ids(messages), max_new_tokens, stop, numbers)
 
-    def stream_ids(self, ids: list[int], max_new_tokens: int, stop: threading.Event | None = None) -> Iterator[str]:
+    def stream_ids(self, ids: list[int], max_new_tokens: int, stop: threading.Event | None = None,
+                   numbers: set[str] | None = None) -> Iterator[str]:
         og = self._og
         if len(ids) + 1 > self.context_length:
             raise PromptTooLong(f"the prompt is {len(ids)} tokens; the model's context is {self.context_length}")
@@ -122,21 +127,38 @@ class OnnxChatModel:
         params.set_search_options(max_length=min(len(ids) + max_new_tokens, self.context_length), do_sample=False)
         generator = og.Generator(self.model, params)
         generator.append_tokens(ids)
+        rule = NumberCopy(numbers, self.number_vocabulary) if numbers is not None else None
         with self._lock:
             decoder = self.tokenizer.create_stream()
+        text = ""
         while not generator.is_done() and not (stop is not None and stop.is_set()):
+            if rule is not None:  # the greedy pick is taken from the logits as set here
+                logits = np.array(generator.get_logits(), dtype=np.float32)
+                blocked = rule.blocked(text)
+                logits[..., : blocked.shape[0]][..., blocked] = np.float32(-1e9)
+                generator.set_logits(logits)
             generator.generate_next_token()
             token = int(generator.get_next_tokens()[0])
             if generator.is_done() and token in self.eos_ids:
                 break
-            yield decoder.decode(token)
+            piece = decoder.decode(token)
+            text += piece
+            yield piece
+
+    @property
+    def number_vocabulary(self) -> NumberVocabulary:
+        if self._numbers is None:
+            with self._lock:
+                self._numbers = NumberVocabulary([self.tokenizer.decode([i]) for i in range(self.vocabulary_size)])
+        return self._numbers
 
     @property
     def eos_ids(self) -> set[int]:
         return {int(t) for t in self.tokenizer.eos_token_ids}
 
-    def generate(self, messages: list[dict[str, str]], max_new_tokens: int = 200) -> str:
-        return "".join(self.stream(messages, max_new_tokens))
+    def generate(self, messages: list[dict[str, str]], max_new_tokens: int = 200,
+                 numbers: set[str] | None = None) -> str:
+        return "".join(self.stream(messages, max_new_tokens, numbers=numbers))
 
     def greedy_ids(self, ids: list[int], max_new_tokens: int) -> list[int]:
         """Token ids of the greedy continuation (for comparing quantisations)."""

@@ -264,7 +264,8 @@ def create_app(assistant, api_key: str | None = None, limits: Limits | None = No
         return "length" if count >= max_tokens or len(ids) + count >= assistant.model.context_length else "stop"
 
     def _pieces(answer, messages, ids: list[int], max_tokens: int, stop: threading.Event):
-        pieces = assistant.model.stream_ids(ids, max_tokens, stop) if messages is not None else iter([answer.text])
+        pieces = assistant.model.stream_ids(ids, max_tokens, stop, answer.numbers()) if messages is not None \
+            else iter([answer.text])
         if messages is not None:
             pieces = guarded(pieces)
 

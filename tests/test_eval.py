@@ -36,7 +36,7 @@ class ScriptedLM:
     def mean_logprobs(self, rows):
         return [sum(self.logprobs(ids, continuation)) / len(continuation) for ids, continuation in rows]
 
-    def generate_batch(self, conversations, max_new_tokens):
+    def generate_batch(self, conversations, max_new_tokens, numbers=None):
         return [self.answer for _ in conversations]
 
 
@@ -75,7 +75,7 @@ def test_short_answers_are_batched_by_prompt_length_and_land_on_their_own_items(
     class EchoLM(ScriptedLM):
         batches: list[list[int]] = []
 
-        def generate_batch(self, conversations, max_new_tokens):
+        def generate_batch(self, conversations, max_new_tokens, numbers=None):
             self.batches.append([len(c[-1]["content"]) for c in conversations])
             return [c[-1]["content"].split()[-1] for c in conversations]  # the question's last word
 

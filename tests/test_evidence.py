@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vertical.evidence import (EvidenceSelector, LoopGuard, check_answer, cut_answer, is_faithful, key_content,
-                               split_sentences)
+from vertical.evidence import (EvidenceSelector, LoopGuard, NumberCopy, NumberVocabulary, allowed_numbers,
+                               asks_for_number, check_answer, cut_answer, is_faithful, key_content, split_sentences)
 from vertical.prompting import Source
 from vertical.tune.generate import generate_questions, question_for
 
@@ -101,3 +101,58 @@ def test_generated_questions_ask_for_a_span_of_their_sentence_and_skip_held_out_
     assert generate_questions([chunk], 10, 0, held_out_facts=held, held_out_questions=[]) == []
     near = generate_questions([chunk], 10, 0, set(), ["Who is the warden of the pass?", "What does a draught cost?"])
     assert all("warden" not in q.question.lower() and "draught" not in q.question.lower() for q in near)
+
+
+def test_questions_and_repeated_stretches_of_overlapping_chunks_are_not_evidence():
+    text = "How long can step-in last? Step-in lasts at most 60 days. It ends when the failure is fixed."
+    chunks = [FakeChunk("s#0", "step", "Step-in", "s.md", 0, len(text), text),
+              FakeChunk("s#1", "step", "Step-in", "s.md", 27, len(text), text[27:])]  # overlaps the first
+    sources = EvidenceSelector(bag_of_words_encoder, sentences=5).select("How long can step-in last?", chunks)
+    texts = [sentence.text for source in sources for sentence in source.sentences]
+    assert "How long can step-in last?" not in texts
+    assert sorted(texts) == ["It ends when the failure is fixed.", "Step-in lasts at most 60 days."]
+    assert asks_for_number("How long can step-in last?") and asks_for_number("What is the fee cap?")
+    assert not asks_for_number("Who owns the travel policy?")
+
+
+DIGITS = [str(d) for d in range(10)]
+PIECES = DIGITS + [",", ".", " days", " [", "].", "a", " "]
+
+
+def allowed_pieces(rule: NumberCopy, text: str) -> list[str]:
+    return [piece for piece, blocked in zip(PIECES, rule.blocked(text)) if not blocked]
+
+
+def test_an_answer_writes_only_the_numbers_of_its_evidence():
+    source = Source(1, "Fees", "f.md", 0, 60, "The fee is £1,250 and business hours end at 5.30 pm; notice is 60 days.")
+    allowed = allowed_numbers("What happens after two days?", [source])
+    assert allowed == {"1,250", "5.30", "60", "2"}
+    rule = NumberCopy(allowed, NumberVocabulary(PIECES))
+    assert set(allowed_pieces(rule, "The fee is ")) >= {"1", "5", "6", "2", " days"}
+    assert "3" not in allowed_pieces(rule, "The fee is ")  # no number of the evidence starts with 3
+    assert allowed_pieces(rule, "It is 6") == ["0"]  # "6" alone is not in the evidence: only "60" goes on
+    assert allowed_pieces(rule, "It is 1") == [","] and allowed_pieces(rule, "It is 1,") == ["2"]
+    after_60 = allowed_pieces(rule, "It is 60")
+    assert "0" not in after_60 and {".", " days", "].", " "} <= set(after_60)  # "60" is whole: it may end
+    assert allowed_pieces(rule, "60 days [") == PIECES  # a citation's number is free
+
+
+def test_the_torch_logits_processor_holds_each_row_to_its_own_numbers(tiny_model_dir):
+    import torch
+
+    from vertical.generation import copy_numbers, number_vocabulary
+    from vertical.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    vocabulary = number_vocabulary(tokenizer)
+    digit = {tokenizer.decode([i]): i for i in vocabulary.digit_ids.tolist()}
+    assert set(DIGITS) <= set(digit)
+    processors = copy_numbers(tokenizer, [{"42"}, None], prompt_width=1)
+    prompt = tokenizer("x", add_special_tokens=False)["input_ids"][:1]
+    ids = torch.tensor([prompt + [digit["4"]], prompt + [digit["4"]]])
+    scores = torch.zeros(2, len(tokenizer))
+    scores[:, digit["7"]] = 5.0  # the model's favourite continuation: "47"
+    scores[:, digit["2"]] = 1.0
+    out = processors(ids, scores.clone())
+    assert int(out[0].argmax()) == digit["2"]  # "47" is not in the evidence, "42" is
+    assert int(out[1].argmax()) == digit["7"]  # no constraint on the second row

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vertical.errors import VerticalError
-from vertical.evidence import EVIDENCE_SENTENCES, EvidenceSelector, LoopGuard, check_answer
+from vertical.evidence import EVIDENCE_SENTENCES, EvidenceSelector, LoopGuard, allowed_numbers, check_answer
 from vertical.prompting import NO_ANSWER, Source, build_messages, cited_numbers
 
 
@@ -29,6 +29,10 @@ class Answer:
             return []
         chosen = [s for s in self.sources if s.number in self.cited]
         return chosen or self.sources
+
+    def numbers(self) -> set[str]:
+        """The numbers the model may write: those of its evidence and the question (NumberCopy)."""
+        return allowed_numbers(self.question, self.sources)
 
     def evidence(self) -> list[dict]:
         """The sentences the answer rests on: those of the sources it cites, with document spans."""
@@ -129,7 +133,7 @@ class Assistant:
                 yield answer.text
                 return
             guard = LoopGuard()
-            for piece in self.model.stream(messages, max_new_tokens):
+            for piece in self.model.stream(messages, max_new_tokens, numbers=answer.numbers()):
                 answer.text += piece
                 yield piece
                 if guard.feed(piece):  # looping, or two sentences said: answer.text is cut in finish()

@@ -129,8 +129,7 @@ class EvidenceSelector:
         """Numbered sources holding only the chosen sentences: the chunks that have at least one,
         the chunk with the best sentence first (a small reader leans on what it reads first),
         each with its sentences in document order."""
-        candidates = [(c, s) for c, chunk in enumerate(chunks)
-                      for s in split_sentences(chunk.text, chunk.start)] if self.sentences else []
+        candidates = _statements(chunks) if self.sentences else []
         if not candidates:  # evidence_sentences 0, or no sentence to choose: the whole chunks
             return [_source(i + 1, chunk, chunk.text, ()) for i, chunk in enumerate(chunks)]
         if question_vector is None:
@@ -141,6 +140,8 @@ class EvidenceSelector:
         if asked:
             scores = scores + OVERLAP_WEIGHT * np.array([len(asked & content_words(s.text)) / len(asked)
                                                          for _, s in candidates])
+        if asks_for_number(question):
+            scores = scores + NUMBER_WEIGHT * np.array([bool(_NUMBER.search(digits(s.text))) for _, s in candidates])
         by_chunk: dict[int, list[Sentence]] = {}
         for position in np.argsort(-scores, kind="stable")[: self.sentences].tolist():  # best first
             c, sentence = candidates[position]
@@ -150,6 +151,38 @@ class EvidenceSelector:
             picked = tuple(sorted(picked, key=lambda s: s.start))
             sources.append(_source(len(sources) + 1, chunks[c], " … ".join(s.text for s in picked), picked))
         return sources
+
+
+def _statements(chunks: Sequence) -> list[tuple[int, Sentence]]:
+    """(chunk position, sentence) for the sentences of the chunks that can hold an answer: not a
+    question (a legal FAQ's "How long can step-in last?" matches its question best and answers
+    nothing), and each stretch of a document once (neighbouring chunks overlap; the whole sentence
+    is kept over a piece of it cut at the chunk's edge)."""
+    found: list[tuple[int, Sentence, str]] = []
+    for c, chunk in enumerate(chunks):
+        for sentence in split_sentences(chunk.text, chunk.start):
+            if sentence.text.rstrip("\"')").endswith("?"):
+                continue
+            same = next((i for i, (_, other, doc) in enumerate(found) if doc == chunk.doc_id
+                         and sentence.start < other.end and other.start < sentence.end), None)
+            if same is None:
+                found.append((c, sentence, chunk.doc_id))
+            elif len(sentence.text) > len(found[same][1].text):
+                found[same] = (c, sentence, chunk.doc_id)
+    return [(c, sentence) for c, sentence, _ in found]
+
+
+# Questions that ask for an amount, a count, a time or a date: the sentence that answers them
+# states a number.
+_ASKS_NUMBER = re.compile(r"\b(how (?:much|many|long|soon|often|old|far|big|large|high|low|quickly|frequently)|"
+                          r"what (?:\w+ ){0,2}(?:number|amount|percentage|percent|rate|level|dose|limit|threshold|"
+                          r"date|year|age|size|fee|price|cost|value|figure|deadline|period|time|target|cap|"
+                          r"ratio|extension|score|sum)|when|which year|in what year)\b", re.IGNORECASE)
+NUMBER_WEIGHT = 0.1
+
+
+def asks_for_number(question: str) -> bool:
+    return bool(_ASKS_NUMBER.search(question))
 
 
 def _source(number: int, chunk, text: str, sentences: tuple[Sentence, ...]) -> Source:
@@ -291,3 +324,72 @@ def check_answer(raw: str, question: str, sources: list[Source]) -> Checked:
     scored = [(sentence.score, source.number) for source in sources for sentence in source.sentences]
     number = max(scored)[1] if scored else sources[0].number
     return Checked(UNSUPPORTED.format(number=number), text, False, True, False, cut)
+
+
+# ---------------------------------------------------------------- numbers copied, not invented
+
+_RUN = re.compile(r"\d[\d.,]*$")
+_LEADING_RUN = re.compile(r"\d[\d.,]*")
+_IN_CITATION = re.compile(r"\[[\d,;\s]*$")
+
+
+def allowed_numbers(question: str, sources: Sequence[Source]) -> set[str]:
+    """The numbers an answer to `question` may write: those its sources' evidence and the
+    question itself state (number words as digits), as written ("1,250", "5.30")."""
+    text = digits(" ".join([question, *(s.text for s in sources)]))
+    return {match.group().rstrip(".,") for match in _LEADING_RUN.finditer(text)}
+
+
+class NumberVocabulary:
+    """The tokens of a vocabulary that can write part of a number: those that start with a digit,
+    a comma or a full stop (a separator may continue "1,250" or end a sentence). Built once per
+    tokenizer from each token's decoded text."""
+
+    def __init__(self, pieces: Sequence[str]):
+        self.size = len(pieces)
+        self.pieces = {i: p for i, p in enumerate(pieces) if p[:1].isdigit() or p[:1] in ",."}
+        self.digit_ids = np.array([i for i, p in self.pieces.items() if p[:1].isdigit()], dtype=np.int64)
+
+
+class NumberCopy:
+    """A decoding constraint: every number the answer writes is one its evidence or its question
+    states, character for character. The small reader knows which sentence answers and often
+    garbles the figure in it ("16 months" for the evidence's "6 months"); a number it may not
+    write is never a fact of the sources, and the figures it may write are exactly theirs.
+
+    `blocked(text)` says which tokens may not come next after the answer so far: digits that no
+    allowed number continues with, and, while a number is unfinished, anything that would end it.
+    Citation numbers ("[2]") are free. Torch-free, so the build and the exported runtime apply the
+    same rule (a transformers logits processor and an onnxruntime-genai loop wrap it)."""
+
+    def __init__(self, allowed: set[str], vocabulary: NumberVocabulary):
+        self.allowed = allowed
+        self.prefixes = {number[:i] for number in allowed for i in range(1, len(number) + 1)}
+        self.vocabulary = vocabulary
+
+    def _fits(self, run: str, piece: str) -> bool:
+        """Whether `piece` may follow an answer ending in the number run `run` ("" if none)."""
+        combined = run + piece
+        match = _LEADING_RUN.match(combined)
+        if not match:  # no number under way, and the piece does not start one
+            return True
+        number = match.group()
+        if match.end() == len(combined):  # the number goes on past this piece: a prefix so far
+            return number in self.prefixes or number.rstrip(".,") in self.allowed
+        return number.rstrip(".,") in self.allowed
+
+    def blocked(self, text: str) -> np.ndarray:
+        """A boolean mask over the vocabulary: True for the tokens that may not come next."""
+        mask = np.zeros(self.vocabulary.size, dtype=bool)
+        match = _RUN.search(text)
+        run = match.group() if match else ""
+        if _IN_CITATION.search(text[: len(text) - len(run)]):
+            return mask  # a citation's number
+        if run and run.rstrip(".,") not in self.allowed:  # an unfinished number: only a continuation fits
+            mask[:] = True
+            for i, piece in self.vocabulary.pieces.items():
+                mask[i] = not self._fits(run, piece)
+            return mask
+        for i, piece in self.vocabulary.pieces.items():
+            mask[i] = not self._fits(run, piece)
+        return mask

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vertical.errors import VerticalError
+from vertical.evidence import NumberCopy, NumberVocabulary
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +40,22 @@ class ChatModel:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                   return_dict=True)
 
-    def generate(self, messages: list[dict[str, str]], max_new_tokens: int = 200) -> str:
-        return "".join(self.stream(messages, max_new_tokens))
+    def generate(self, messages: list[dict[str, str]], max_new_tokens: int = 200,
+                 numbers: set[str] | None = None) -> str:
+        return "".join(self.stream(messages, max_new_tokens, numbers))
 
-    def stream(self, messages: list[dict[str, str]], max_new_tokens: int = 200) -> Iterator[str]:
+    def stream(self, messages: list[dict[str, str]], max_new_tokens: int = 200,
+               numbers: set[str] | None = None) -> Iterator[str]:
+        """Text pieces of the greedy answer; with `numbers`, the only numbers it may write
+        (vertical.evidence.NumberCopy)."""
         import torch
         from transformers import TextIteratorStreamer
 
         inputs = self._inputs(messages)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
-                      pad_token_id=self.tokenizer.pad_token_id)
+                      pad_token_id=self.tokenizer.pad_token_id,
+                      logits_processor=copy_numbers(self.tokenizer, [numbers], inputs["input_ids"].shape[1]))
         errors: list[BaseException] = []
 
         def work():
@@ -66,3 +72,36 @@ class ChatModel:
         thread.join()
         if errors:
             raise errors[0]
+
+
+def number_vocabulary(tokenizer) -> NumberVocabulary:
+    """The tokenizer's number-writing tokens (decoding 50k tokens once: kept on the tokenizer)."""
+    found = getattr(tokenizer, "_vertical_numbers", None)
+    if found is None:
+        found = NumberVocabulary(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]))
+        tokenizer._vertical_numbers = found
+    return found
+
+
+def copy_numbers(tokenizer, allowed: list[set[str] | None], prompt_width: int):
+    """A transformers logits-processor list that holds each row of a (left-padded) batch to its
+    own allowed numbers (None: no constraint for that row); empty when no row has any."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    if all(a is None for a in allowed):
+        return LogitsProcessorList()
+    vocabulary = number_vocabulary(tokenizer)
+    rules = [None if a is None else NumberCopy(a, vocabulary) for a in allowed]
+
+    class CopyNumbers(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            for row, rule in enumerate(rules):
+                if rule is None:
+                    continue
+                text = tokenizer.decode(input_ids[row, prompt_width:], skip_special_tokens=True)
+                mask = torch.from_numpy(rule.blocked(text))
+                scores[row, : mask.shape[0]] = scores[row, : mask.shape[0]].masked_fill(mask, float("-inf"))
+            return scores
+
+    return LogitsProcessorList([CopyNumbers()])

@@ -54,16 +54,16 @@ STAGES: tuple[Stage, ...] = (
     Stage("index", "embedder to ONNX; chunk, embed and index the pack's documents; measure retrieval", (), "vertical.index:run", "vertical.index:inputs",
           version=3),
     Stage("tune", "LoRA fine-tuning on the pack's instructions and questions generated from its documents, "
-          "reading retrieved evidence", ("base", "index"), "vertical.tune:run", "vertical.tune:inputs", version=4,
+          "reading retrieved evidence", ("base", "index"), "vertical.tune:run", "vertical.tune:inputs", version=5,
           distributed=True),
     Stage("edit", "write the pack's knowledge edits into the FFN weights (ROME / MEMIT)", ("base",), "vertical.edit:run",
           "vertical.edit:inputs", uses=("tune",)),
     Stage("distill", "a smaller student learns from the best model; edits re-applied", ("base", "index"),
-          "vertical.distill:run", "vertical.distill:inputs", version=5, uses=("tune", "edit")),
+          "vertical.distill:run", "vertical.distill:inputs", version=6, uses=("tune", "edit")),
     Stage("export", "ONNX model + ONNX embedder + index + manifest: the deployable bundle", ("base", "index"),
-          "vertical.export:run", "vertical.export:inputs", version=2, uses=("tune", "edit", "distill")),
+          "vertical.export:run", "vertical.export:inputs", version=3, uses=("tune", "edit", "distill")),
     Stage("eval", "QA, edits, retrieval and speed for every model of the build: the report", ("base", "index"),
-          "vertical.evaluate:run", "vertical.evaluate:inputs", version=2, uses=("tune", "edit", "distill", "export")),
+          "vertical.evaluate:run", "vertical.evaluate:inputs", version=3, uses=("tune", "edit", "distill", "export")),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 

@@ -14,13 +14,13 @@ import string
 from collections.abc import Callable
 from pathlib import Path
 
-from vertical.evidence import check_answer, cut_answer, digits
+from vertical.evidence import allowed_numbers, check_answer, cut_answer, digits
 from vertical.pack.schema import QAItem
 from vertical.prompting import Source, build_messages, prompt_length
 
 Retriever = Callable[[str], list[Source]]
 ANSWER_PREFIX = "Answer:"
-SCORING_VERSION = 5  # part of a reusable answer's key: raise it when normalize / is_correct / choose / check_answer change
+SCORING_VERSION = 6  # part of a reusable answer's key: raise it when normalize / is_correct / choose / check_answer change
 MAX_ANSWER_WORDS = 40  # a longer answer is wrong whatever it contains: quoting whole passages cannot pass
 GENERATION_BATCH = 8  # short answers generated together (see TorchLM.generate_batch)
 
@@ -108,13 +108,17 @@ class TorchLM:
                 scores.append(score)
         return scores
 
-    def generate(self, messages: list[dict[str, str]], max_new_tokens: int) -> str:
-        return self.generate_batch([messages], max_new_tokens)[0]
+    def generate(self, messages: list[dict[str, str]], max_new_tokens: int, numbers: set[str] | None = None) -> str:
+        return self.generate_batch([messages], max_new_tokens, [numbers])[0]
 
-    def generate_batch(self, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]:
+    def generate_batch(self, conversations: list[list[dict[str, str]]], max_new_tokens: int,
+                       numbers: list[set[str] | None] | None = None) -> list[str]:
         """Greedy answers to several prompts in one left-padded batch: on a CPU the prompts' prefill
-        dominates and the decoding steps are shared, so 8 answers cost about half of 8 separate ones."""
+        dominates and the decoding steps are shared, so 8 answers cost about half of 8 separate ones.
+        `numbers[i]`: the only numbers answer i may write (vertical.evidence.NumberCopy)."""
         import torch
+
+        from vertical.generation import copy_numbers
 
         side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
         try:
@@ -123,9 +127,11 @@ class TorchLM:
         finally:
             self.tokenizer.padding_side = side
         with torch.inference_mode(), self._precision():
+            width = inputs["input_ids"].shape[1]
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id)
-        width = inputs["input_ids"].shape[1]
+                                      pad_token_id=self.tokenizer.pad_token_id,
+                                      logits_processor=copy_numbers(self.tokenizer, numbers or [None] * len(conversations),
+                                                                    width))
         return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 
 
@@ -199,11 +205,13 @@ class OnnxLM:
             scores.append(score)
         return scores
 
-    def generate(self, messages: list[dict[str, str]], max_new_tokens: int) -> str:
-        return self.chat.generate(messages, max_new_tokens)
+    def generate(self, messages: list[dict[str, str]], max_new_tokens: int, numbers: set[str] | None = None) -> str:
+        return self.chat.generate(messages, max_new_tokens, numbers)
 
-    def generate_batch(self, conversations: list[list[dict[str, str]]], max_new_tokens: int) -> list[str]:
-        return [self.generate(messages, max_new_tokens) for messages in conversations]
+    def generate_batch(self, conversations: list[list[dict[str, str]]], max_new_tokens: int,
+                       numbers: list[set[str] | None] | None = None) -> list[str]:
+        return [self.generate(messages, max_new_tokens, allowed)
+                for messages, allowed in zip(conversations, numbers or [None] * len(conversations))]
 
 
 def choose(lm, messages: list[dict[str, str]], choices: list[str]) -> str:
@@ -254,7 +262,9 @@ def score_qa(lm, items: list[QAItem], system_prompt: str, retriever: Retriever |
     pending: list[int] = []
 
     def flush() -> None:
-        answers = lm.generate_batch([prompts[i] for i in pending], max_new_tokens)
+        # with sources, an answer writes only the numbers they (or the question) state
+        numbers = [allowed_numbers(items[i].question, given[i]) if retriever else None for i in pending]
+        answers = lm.generate_batch([prompts[i] for i in pending], max_new_tokens, numbers)
         predictions.update(zip(pending, answers))
         pending.clear()
 

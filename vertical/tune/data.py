@@ -172,8 +172,11 @@ def tokenize(tokenizer, messages: list[dict[str, str]], max_length: int) -> tupl
 
 def generated_examples(generated, system_prompt: str, index, embedder, settings, tokenizer=None) -> tuple[list[Example], list]:
     """Examples from generated questions whose own sentence comes back as evidence when the
-    question is asked as a user would (retrieval, then evidence selection): the answer is the
-    clause that states the span, cited by the number of the source holding it. Returns
+    question is asked as a user would (retrieval, then evidence selection). The reply states the
+    fact first, then the clause that states it, each cited by the number of the source holding it
+    ("60 days [2].\nThe step-in period lasts at most 60 days [2]."): the pack's hand-written
+    grounded answers have this shape, and a reply that restates the question first teaches a small
+    model to restate it and stop before the fact. Returns
     (examples, the questions kept)."""
     examples, kept = [], []
     for item in generated:
@@ -181,7 +184,8 @@ def generated_examples(generated, system_prompt: str, index, embedder, settings,
         holding = [s for s in sources if s.doc_id == item.doc_id and item.answer in s.text]
         if not holding:
             continue  # the question does not find its fact: it would teach the model to guess
-        target = f"{item.reply[:-1]} [{holding[0].number}]."
+        number = holding[0].number
+        target = f"{item.answer} [{number}].\n{item.reply[:-1]} [{number}]."
         rebuild = lambda found, q=item.question, t=target: build_messages(system_prompt, q, found) + [  # noqa: E731
             {"role": "assistant", "content": t}]
         examples.append(Example(_fit(rebuild(sources), sources, tokenizer, settings.max_length, rebuild), "generated"))
