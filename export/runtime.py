@@ -21,6 +21,7 @@ import numpy as np
 
 from vertical.errors import VerticalError
 from vertical.evidence import NumberCopy, NumberVocabulary
+from vertical.prompting import register_special_tokens
 from vertical.export.bundle import verify
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,10 @@ class OnnxChatModel:
         self.context_length = int(config["model"]["context_length"])
         self.vocabulary_size = int(config["model"]["vocab_size"])
         self._numbers: NumberVocabulary | None = None
+        tokenizer_file = folder / "tokenizer.json"
+        if tokenizer_file.is_file():  # its control tokens, so that no document can write one
+            added = json.loads(tokenizer_file.read_text(encoding="utf-8")).get("added_tokens", [])
+            register_special_tokens([t.get("content") for t in added if t.get("special")])
         self._lock = threading.Lock()  # tokenizer calls are cheap; keep them serial to be safe
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:

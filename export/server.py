@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import logging
@@ -24,6 +25,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,6 +46,13 @@ class Limits:
     default_max_tokens: int = 200
     max_concurrent: int = 4  # generations running at once (each uses the CPU cores)
     max_waiting: int = 64  # requests queued behind them before the server answers 503
+    body_seconds: float = 10.0  # a request body not received in this time is answered 408
+
+
+# Names a browser uses for this machine. A key-less server answers only requests addressed to
+# one of them: a web page that rebinds its own name to 127.0.0.1 sends its name as the Host.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+MIN_KEY_CHARS = 16
 
 
 class ChatMessage(BaseModel):
@@ -63,7 +72,12 @@ class ChatMessage(BaseModel):
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise ValueError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported")
                 texts.append(part["text"])
-            return "\n".join(texts)
+            value = "\n".join(texts)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("not valid Unicode text (it holds a lone surrogate such as \\ud800)") from None
         return value
 
 
@@ -86,15 +100,29 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-def _check_key(request, api_key: str | None) -> None:
-    if not api_key:
+def key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+def _check_key(request, digests: Sequence[bytes]) -> None:
+    """Nothing to check without keys; else the bearer key must be one of them. Only the keys'
+    sha256 digests are held, and every digest is compared in constant time, so neither memory
+    nor timing tells a key or how much of a guess was right."""
+    if not digests:
         return
     header = request.headers.get("authorization", "")
-    given = header[7:] if header.lower().startswith("bearer ") else ""
-    # constant time: the comparison must not reveal how much of a guess was right
-    if not hmac.compare_digest(given.encode(), api_key.encode()):
+    given = key_digest(header[7:]) if header.lower().startswith("bearer ") else b""
+    if not any([hmac.compare_digest(given, digest) for digest in digests]):
         raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`", "authentication_error",
                        code="invalid_api_key")
+
+
+def host_name(header: str) -> str:
+    """The name of a Host header, without its port ("[::1]:8000" -> "::1")."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 def _parse(raw: bytes, limits: Limits, model_name: str) -> tuple[ChatRequest, int]:
@@ -146,8 +174,12 @@ def _source_json(source) -> dict[str, Any]:
             "start": source.start, "end": source.end, "score": source.score, "text": source.text}
 
 
-def create_app(assistant, api_key: str | None = None, limits: Limits | None = None):
-    """The FastAPI application serving `assistant` (a bundle's, from vertical.export.runtime)."""
+def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: Limits | None = None,
+               allowed_hosts: Sequence[str] = LOOPBACK_HOSTS):
+    """The FastAPI application serving `assistant` (a bundle's, from vertical.export.runtime).
+
+    `api_keys`: the keys a client may send (none: no key needed). `allowed_hosts`: the names a
+    request may be addressed to (its Host header), "*" for any."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -158,6 +190,10 @@ def create_app(assistant, api_key: str | None = None, limits: Limits | None = No
     from vertical.export.runtime import PromptTooLong
 
     limits = limits or Limits()
+    keys = [api_keys] if isinstance(api_keys, str) else list(api_keys or [])
+    digests = [key_digest(k) for k in keys if k]
+    hosts = {host_name(h) for h in allowed_hosts}
+    metrics = _Metrics()
     app = FastAPI(title=f"vertical: {assistant.name}", docs_url=None, redoc_url=None, openapi_url=None)
     slots = asyncio.Semaphore(limits.max_concurrent)
     # waiting: admitted requests not yet generating (retrieving, tokenising, or queued for a slot)
@@ -197,6 +233,18 @@ def create_app(assistant, api_key: str | None = None, limits: Limits | None = No
             stop.set()
             slots.release()
 
+    @app.middleware("http")
+    async def addressed_to_us(request: Request, call_next):
+        """Refuse a request addressed to another name (DNS rebinding), then count and time it."""
+        if "*" not in hosts and host_name(request.headers.get("host", "")) not in hosts:
+            error = ApiError(400, "the Host header names a host this server does not answer for; start it with "
+                             "--allow-host NAME to add one", code="invalid_host")
+            return JSONResponse(error.body(), status_code=400)
+        started_at = time.perf_counter()
+        response = await call_next(request)
+        metrics.observe(request.url.path, response.status_code, time.perf_counter() - started_at)
+        return response
+
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status)
@@ -221,24 +269,42 @@ def create_app(assistant, api_key: str | None = None, limits: Limits | None = No
         return {"status": "ok", "model": assistant.name, "chunks": len(assistant.index.chunks),
                 "running": limits.max_concurrent - slots._value, "waiting": state["waiting"], "served": state["served"]}
 
+    @app.get("/metrics")
+    async def prometheus(request: Request):
+        _check_key(request, digests)
+        metrics.set_load(limits.max_concurrent - slots._value, state["waiting"])
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
     @app.get("/v1/models")
     async def models(request: Request):
-        _check_key(request, api_key)
+        _check_key(request, digests)
         return {"object": "list", "data": [{"id": assistant.name, "object": "model", "created": started,
                                             "owned_by": "vertical"}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        _check_key(request, api_key)
+        _check_key(request, digests)
+        media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media_type != "application/json":  # a web page's cross-site form post is not JSON
+            raise ApiError(415, "send the request body as JSON with `Content-Type: application/json`",
+                           code="unsupported_media_type")
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limits.max_body_bytes:
             raise ApiError(413, f"request body over {limits.max_body_bytes} bytes", code="request_too_large")
         raw = bytearray()
-        try:
+
+        async def read_body() -> None:
             async for part in request.stream():
-                raw += part
+                raw.extend(part)
                 if len(raw) > limits.max_body_bytes:
                     raise ApiError(413, f"request body over {limits.max_body_bytes} bytes", code="request_too_large")
+        try:
+            # a client that opens a request and trickles its body must not hold a connection forever
+            await asyncio.wait_for(read_body(), limits.body_seconds)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {limits.body_seconds:g} s",
+                           code="request_timeout") from None
         except ClientDisconnect:  # gone while sending the body: nobody to answer
             return Response(status_code=400)
         body, max_tokens = _parse(bytes(raw), limits, assistant.name)
@@ -295,6 +361,7 @@ def create_app(assistant, api_key: str | None = None, limits: Limits | None = No
         if await request.is_disconnected():
             return Response(status_code=400)
         state["served"] += 1
+        metrics.tokens(len(ids), len(produced) if messages is not None else 0)
         answer.text = "".join(produced) if messages is not None else answer.text
         assistant.finish(answer)
         usage = {"prompt_tokens": len(ids), "completion_tokens": len(produced) if messages is not None else 0}
@@ -339,6 +406,7 @@ def create_app(assistant, api_key: str | None = None, limits: Limits | None = No
                                      fallback=answer.fallback, answer=answer.text if answer.text != streamed else None)
                     yield f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n"
                     state["served"] += 1
+                    metrics.tokens(len(ids), count)
             except ApiError as exc:  # the status line is already sent: report in the stream
                 yield f"data: {json.dumps(exc.body())}\n\ndata: [DONE]\n\n"
             except Exception:  # noqa: BLE001 - the same, for a failure of the model itself
@@ -356,14 +424,96 @@ def create_app(assistant, api_key: str | None = None, limits: Limits | None = No
     return app
 
 
-def serve(bundle, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: Limits | None = None) -> None:
-    """Verify and load the bundle, then serve it until interrupted."""
+class _Metrics:
+    """Prometheus metrics of one app (its own registry, so several apps in a process do not clash)."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("vertical_requests", "HTTP requests by path and status", ["path", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("vertical_request_seconds", "time to answer a request, by path", ["path"],
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.prompt_tokens = Counter("vertical_prompt_tokens", "prompt tokens of answered requests",
+                                     registry=self.registry)
+        self.completion_tokens = Counter("vertical_completion_tokens", "tokens generated", registry=self.registry)
+        self.running = Gauge("vertical_generations_running", "answers being generated", registry=self.registry)
+        self.waiting = Gauge("vertical_requests_waiting", "admitted requests waiting for a slot", registry=self.registry)
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        known = path if path in ("/health", "/metrics", "/v1/models", "/v1/chat/completions") else "other"
+        self.requests.labels(known, str(status)).inc()
+        self.latency.labels(known).observe(seconds)
+
+    def tokens(self, prompt: int, completion: int) -> None:
+        self.prompt_tokens.inc(prompt)
+        self.completion_tokens.inc(completion)
+
+    def set_load(self, running: int, waiting: int) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def read_key_file(path) -> list[str]:
+    """API keys from a file, one per line (blank lines and # comments skipped)."""
+    from pathlib import Path
+
+    from vertical.errors import VerticalError
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VerticalError(f"--api-key-file {path}: cannot read it ({exc})") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not keys:
+        raise VerticalError(f"--api-key-file {path}: no key in it; write one key per line")
+    return keys
+
+
+def check_serving(host: str, keys: Sequence[str]) -> None:
+    """Refuse what would expose the documents: a non-loopback address without a key, or a short key."""
+    from vertical.errors import VerticalError
+
+    for number, key in enumerate(keys, 1):
+        if len(key) < MIN_KEY_CHARS:
+            raise VerticalError(f"API key {number} is {len(key)} characters; use at least {MIN_KEY_CHARS} "
+                                "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+    if host_name(host) not in LOOPBACK_HOSTS and not keys:
+        raise VerticalError(f"refusing to listen on {host} without an API key: anyone who can reach the port could "
+                            "read the documents. Set VERTICAL_API_KEY or --api-key-file, or use --host 127.0.0.1")
+
+
+def serve(bundle, host: str = "127.0.0.1", port: int = 8000, api_keys: Sequence[str] = (),
+          limits: Limits | None = None, allowed_hosts: Sequence[str] = (), ssl_certfile: str | None = None,
+          ssl_keyfile: str | None = None) -> None:
+    """Verify and load the bundle, then serve it until interrupted.
+
+    Requests must name this machine's loopback names, the bound address or an `allowed_hosts`
+    entry in their Host header; with keys and a non-loopback address, any name is accepted
+    unless `allowed_hosts` is given. Connections beyond what the queue admits are refused at
+    once (uvicorn's limit_concurrency), idle keep-alive connections close after 5 s."""
     import uvicorn
 
     from vertical.export.runtime import open_bundle
 
+    limits = limits or Limits()
+    check_serving(host, api_keys)
+    hosts = [*LOOPBACK_HOSTS, *allowed_hosts]
+    if host_name(host) not in ("0.0.0.0", "::"):
+        hosts.append(host)
+    elif api_keys and not allowed_hosts:
+        hosts = ["*"]
     assistant = open_bundle(bundle)
-    log.info("serving %s on http://%s:%d (API key %s)", assistant.name, host, port, "required" if api_key else "off")
-    uvicorn.run(create_app(assistant, api_key, limits), host=host, port=port, log_level="info",
-                timeout_graceful_shutdown=10)
+    scheme = "https" if ssl_certfile else "http"
+    log.info("serving %s on %s://%s:%d (API key %s)", assistant.name, scheme, host, port,
+             "required" if api_keys else "off")
+    uvicorn.run(create_app(assistant, list(api_keys), limits, hosts), host=host, port=port, log_level="info",
+                timeout_graceful_shutdown=10, timeout_keep_alive=5,
+                limit_concurrency=limits.max_concurrent + limits.max_waiting + 8,
+                ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)

@@ -33,8 +33,9 @@ def _client(assistant, **kwargs):
 
     from vertical.export.server import Limits, create_app
 
-    limits = Limits(**{k: v for k, v in kwargs.items() if k != "api_key"})
-    return TestClient(create_app(assistant, kwargs.get("api_key"), limits))
+    limits = Limits(**{k: v for k, v in kwargs.items() if k not in ("api_key", "allowed_hosts")})
+    hosts = kwargs.get("allowed_hosts", ("127.0.0.1", "localhost", "::1"))
+    return TestClient(create_app(assistant, kwargs.get("api_key"), limits, hosts), base_url="http://127.0.0.1:8000")
 
 
 def _chat(content: str = QUESTION, **extra) -> dict:
@@ -163,7 +164,7 @@ import sys
 from fastapi.testclient import TestClient
 from vertical.export.runtime import open_bundle
 from vertical.export.server import create_app
-client = TestClient(create_app(open_bundle({str(bundle)!r})))
+client = TestClient(create_app(open_bundle({str(bundle)!r})), base_url="http://localhost")
 reply = client.post("/v1/chat/completions", json={{"messages": [{{"role": "user", "content": {QUESTION!r}}}], "max_tokens": 8}})
 assert reply.status_code == 200, reply.text
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "sentence_transformers"))
@@ -250,14 +251,110 @@ def test_streaming_sends_sources_then_tokens_then_done(assistant):
 
 
 def test_api_key_is_required_when_configured(assistant):
-    client = _client(assistant, api_key="s3cret-key")
+    client = _client(assistant, api_key=["s3cret-key-number-one", "s3cret-key-number-two"])
     assert client.get("/health").status_code == 200  # liveness stays open for load balancers
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"}):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key-number-one"}):
         reply = client.post("/v1/chat/completions", json=_chat(), headers=headers)
         assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
         assert client.get("/v1/models", headers=headers).status_code == 401
-    ok = client.post("/v1/chat/completions", json=_chat(), headers={"Authorization": "Bearer s3cret-key"})
+        assert client.get("/metrics", headers=headers).status_code == 401
+    for key in ("s3cret-key-number-one", "s3cret-key-number-two"):  # every key of the file is accepted
+        ok = client.post("/v1/chat/completions", json=_chat(), headers={"Authorization": f"Bearer {key}"})
+        assert ok.status_code == 200
+
+
+def test_a_key_less_server_answers_only_requests_addressed_to_this_machine(assistant):
+    """DNS rebinding: a web page that points its own name at 127.0.0.1 sends that name as the Host."""
+    client = _client(assistant)
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example"):
+        reply = client.post("/v1/chat/completions", json=_chat(), headers={"host": host})
+        assert reply.status_code == 400 and reply.json()["error"]["code"] == "invalid_host", host
+        assert client.get("/v1/models", headers={"host": host}).status_code == 400
+    for host in ("127.0.0.1:8000", "localhost", "[::1]:8000"):
+        assert client.get("/v1/models", headers={"host": host}).status_code == 200, host
+    listed = _client(assistant, allowed_hosts=["127.0.0.1", "vertical.ward7.internal"])
+    assert listed.get("/v1/models", headers={"host": "vertical.ward7.internal:8000"}).status_code == 200
+
+
+def test_the_body_must_be_declared_json(assistant):
+    """A cross-site form post (text/plain, form-urlencoded) cannot reach the model."""
+    client = _client(assistant)
+    body = json.dumps(_chat()).encode()
+    for content_type in (None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+        headers = {"content-type": content_type} if content_type else {}
+        reply = client.post("/v1/chat/completions", content=body, headers=headers)
+        assert reply.status_code == 415 and reply.json()["error"]["code"] == "unsupported_media_type"
+    ok = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json; charset=utf-8"})
     assert ok.status_code == 200
+
+
+def test_a_lone_surrogate_is_a_400_not_a_500(assistant, caplog):
+    reply = _client(assistant).post("/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": '
+                                    b'"hi \\ud800"}]}', headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and "surrogate" in reply.json()["error"]["message"]
+    assert "Traceback" not in caplog.text
+
+
+def test_metrics_count_requests_latency_and_tokens(assistant):
+    client = _client(assistant)
+    client.post("/v1/chat/completions", json=_chat())
+    client.post("/v1/chat/completions", json={"messages": []})
+    text = client.get("/metrics").text
+    assert 'vertical_requests_total{path="/v1/chat/completions",status="200"} 1.0' in text
+    assert 'vertical_requests_total{path="/v1/chat/completions",status="400"} 1.0' in text
+    assert 'vertical_request_seconds_count{path="/v1/chat/completions"} 2.0' in text
+    generated = [line for line in text.splitlines() if line.startswith("vertical_completion_tokens_total")]
+    assert generated and 0 < float(generated[0].split()[-1]) <= 12
+    assert "vertical_requests_waiting 0.0" in text
+
+
+def test_serving_is_refused_on_an_open_address_without_a_long_enough_key(bundle, cli, tmp_path):
+    from vertical.errors import VerticalError
+    from vertical.export.server import check_serving
+
+    with pytest.raises(VerticalError, match="without an API key"):
+        check_serving("0.0.0.0", [])
+    with pytest.raises(VerticalError, match="at least 16"):
+        check_serving("127.0.0.1", ["short"])
+    check_serving("127.0.0.1", [])  # loopback alone may go without a key
+    check_serving("0.0.0.0", ["a-key-of-enough-characters"])
+    code, output = cli("serve", str(bundle), "--host", "0.0.0.0")
+    assert code != 0 and "without an API key" in output and "Traceback" not in output
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# one per line\n\nshort\n")
+    code, output = cli("serve", str(bundle), "--api-key-file", str(keys))
+    assert code != 0 and "at least 16" in output
+
+
+def test_a_body_that_never_arrives_is_answered_408(assistant):
+    """A client that sends headers and then trickles (or withholds) its body does not hold the
+    connection: a real uvicorn server answers 408 once the body deadline passes."""
+    import socket
+    import time
+
+    import uvicorn
+
+    from vertical.export.server import Limits, create_app
+
+    app = create_app(assistant, None, Limits(body_seconds=1.0), ["127.0.0.1"])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if server.started:
+            break
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            started = time.monotonic()
+            reply = sock.recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 408") and time.monotonic() - started < 5, reply
+    finally:
+        server.should_exit = True
+        thread.join(10)
 
 
 BAD_REQUESTS = [

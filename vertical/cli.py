@@ -485,22 +485,34 @@ def export_cmd(
 @app.command("serve")
 def serve_cmd(
     bundle: Path = typer.Argument(..., help="Exported bundle folder (BUILD/export or the --out of `vertical export`)."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every interface; "
+                                                          "needs an API key)."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="VERTICAL_API_KEY",
                                           help="Require `Authorization: Bearer KEY` (prefer the VERTICAL_API_KEY "
                                                "variable: a command-line argument is visible to other users)."),
+    api_key_file: Optional[Path] = typer.Option(None, "--api-key-file",
+                                                help="File of accepted API keys, one per line (16+ characters each)."),
+    allow_host: list[str] = typer.Option([], "--allow-host",
+                                         help="Another name clients use for this server (the Host header); "
+                                              "repeatable. Loopback names and the --host address are always allowed."),
+    ssl_certfile: Optional[Path] = typer.Option(None, "--ssl-certfile", help="Serve HTTPS with this certificate (PEM)."),
+    ssl_keyfile: Optional[Path] = typer.Option(None, "--ssl-keyfile", help="The certificate's private key (PEM)."),
     max_tokens: int = typer.Option(512, "--max-tokens", min=1, max=8192, help="Largest max_tokens a request may ask for."),
     concurrency: int = typer.Option(4, "--concurrency", min=1, max=256, help="Answers generated at the same time."),
 ) -> None:
-    """Serve a bundle behind an OpenAI-compatible API, without torch. The bundle is verified first."""
-    from vertical.export.server import Limits, serve
+    """Serve a bundle behind an OpenAI-compatible API, without torch. The bundle is verified first.
 
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        err_console.print(f"warning: listening on {host} without an API key; anyone who can reach this port can "
-                          "query the documents. Set VERTICAL_API_KEY.", style="yellow")
-    serve(bundle, host, port, api_key, Limits(max_tokens=max_tokens, max_concurrent=concurrency,
-                                                 default_max_tokens=min(200, max_tokens)))
+    GET /metrics gives Prometheus metrics (requests, latency, tokens, queue), behind the key like the API."""
+    from vertical.export.server import Limits, check_serving, read_key_file, serve
+
+    keys = ([api_key] if api_key else []) + (read_key_file(api_key_file) if api_key_file else [])
+    if bool(ssl_certfile) != bool(ssl_keyfile):
+        raise VerticalError("give both --ssl-certfile and --ssl-keyfile for HTTPS, or neither")
+    check_serving(host, keys)
+    serve(bundle, host, port, keys, Limits(max_tokens=max_tokens, max_concurrent=concurrency,
+                                           default_max_tokens=min(200, max_tokens)),
+          allow_host, str(ssl_certfile) if ssl_certfile else None, str(ssl_keyfile) if ssl_keyfile else None)
 
 
 @app.command("verify")
@@ -580,9 +592,15 @@ def feedback_export(
     if not (path / FEEDBACK_FILE).is_file():
         raise VerticalError(f"{path / FEEDBACK_FILE} does not exist: no feedback has been given in the demo yet")
     out = out or path / "feedback-export"
-    counts = export_feedback(path, out)
+    problems: list[str] = []
+    counts = export_feedback(path, out, problems)
+    for problem in problems:
+        err_console.print(problem, style="yellow", markup=False, highlight=False)
     console.print(f"wrote {counts['instructions']} instruction example(s) to {out / 'instructions.jsonl'} and "
                   f"{counts['edits']} edit request(s) to {out / 'edits.jsonl'}")
+    if counts["skipped"]:
+        err_console.print(f"skipped {counts['skipped']} damaged line(s) of {path / FEEDBACK_FILE}",
+                          style="yellow")
 
 
 # ---------------------------------------------------------------- entry point

@@ -11,14 +11,16 @@ and, where the user also named the fact's subject, knowledge-edit requests.
 
 from __future__ import annotations
 
-import fcntl
 import json
+import os
 import re
 import time
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field
+
+from vertical.io import exclusive_lock
 
 FEEDBACK_FILE = "feedback.jsonl"
 
@@ -54,26 +56,49 @@ def record(folder: Path, feedback: Feedback, redact_contacts: bool = True) -> di
     entry["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     line = json.dumps(entry, ensure_ascii=False) + "\n"
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / FEEDBACK_FILE, "a", encoding="utf-8") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # two demo sessions never interleave half lines
-        handle.write(line)
+    # readable by the operator alone: feedback holds patients' and clients' questions
+    handle = os.fdopen(os.open(folder / FEEDBACK_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a",
+                       encoding="utf-8")
+    with handle, exclusive_lock(folder / ".feedback.lock", "the feedback file", wait=True):
+        handle.write(line)  # one whole line under the lock: two demo sessions never interleave
         handle.flush()
+        os.fsync(handle.fileno())
     return entry
 
 
-def read(folder: Path) -> list[dict]:
+def read(folder: Path, problems: list[str] | None = None) -> list[dict]:
+    """The feedback records; a line that is not a JSON object is skipped and, with `problems`,
+    reported there ("feedback.jsonl line 7: ...")."""
     path = folder / FEEDBACK_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError as exc:
+            entry, reason = None, f"not JSON ({exc.msg})"
+        else:
+            reason = "" if isinstance(entry, dict) and isinstance(entry.get("question"), str) else \
+                "not a feedback record (no question)"
+        if reason:
+            if problems is not None:
+                problems.append(f"{FEEDBACK_FILE} line {number}: {reason}; skipped")
+            continue
+        records.append(entry)
+    return records
 
 
-def export_feedback(folder: Path, out: Path) -> dict[str, int]:
-    """Write the corrections as `out/instructions.jsonl` and `out/edits.jsonl` (pack formats)."""
+def export_feedback(folder: Path, out: Path, problems: list[str] | None = None) -> dict[str, int]:
+    """Write the corrections as `out/instructions.jsonl` and `out/edits.jsonl` (pack formats);
+    damaged lines are skipped and counted (`skipped`), each described in `problems`."""
     from vertical.io import atomic_write_text
 
     instructions, edits = [], []
-    for entry in read(folder):
+    problems = [] if problems is None else problems
+    for entry in read(folder, problems):
         correction = (entry.get("correction") or "").strip()
         if not correction:
             continue
@@ -84,4 +109,4 @@ def export_feedback(folder: Path, out: Path) -> dict[str, int]:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "instructions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in instructions))
     atomic_write_text(out / "edits.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in edits))
-    return {"instructions": len(instructions), "edits": len(edits)}
+    return {"instructions": len(instructions), "edits": len(edits), "skipped": len(problems)}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vertical.errors import VerticalError
 from vertical.evidence import NumberCopy, NumberVocabulary
+from vertical.prompting import register_special_tokens
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class ChatModel:
         self.model_dir = Path(model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.model = load_causal_lm(self.model_dir)
+        register_special_tokens(special_tokens(self.tokenizer))
         if not self.tokenizer.chat_template:
             raise VerticalError(f"{model_dir}: the tokenizer has no chat template; use an instruct/chat model")
 
@@ -72,6 +74,12 @@ class ChatModel:
         thread.join()
         if errors:
             raise errors[0]
+
+
+def special_tokens(tokenizer) -> list[str]:
+    """A transformers tokenizer's control tokens as text (its special and added special tokens)."""
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)]
+    return [*tokenizer.all_special_tokens, *added]
 
 
 def number_vocabulary(tokenizer) -> NumberVocabulary:

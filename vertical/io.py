@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -83,10 +84,27 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def fsync_tree(root: Path) -> None:
+    """Flush every file and folder under `root` to disk, so a power cut after the rename that
+    publishes it cannot leave a published folder with empty or half-written files."""
+    for path in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):  # deepest first, the folders last
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(root)
+
+
+def _old_name(final_dir: Path) -> Path:
+    return final_dir.with_name(f".old-{final_dir.name}-{os.getpid()}")
+
+
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a finished directory into place, replacing any older one, without a moment where
-    `final_dir` holds a mix of old and new files."""
-    old = final_dir.with_name(f".old-{final_dir.name}-{os.getpid()}")
+    `final_dir` holds a mix of old and new files. A kill between the two renames leaves the old
+    copy under `.old-NAME-PID`, which `clean_stale_tmp` puts back."""
+    old = _old_name(final_dir)
     if final_dir.exists():
         os.replace(final_dir, old)
     os.replace(tmp_dir, final_dir)
@@ -107,18 +125,29 @@ def atomic_dir(final_dir: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a finished artifact is readable like any folder
     try:
         yield tmp
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     replace_dir(tmp, final_dir)
 
 
+_OLD = re.compile(r"^\.old-(.+)-\d+$")
+
+
 def clean_stale_tmp(parent: Path) -> list[Path]:
-    """Remove leftovers of killed writers (`.tmp-*` and `.old-*` entries) under `parent`."""
+    """Remove leftovers of killed writers (`.tmp-*` and `.old-*` entries) under `parent`. An
+    `.old-NAME-PID` folder whose NAME is missing is the last complete copy of NAME, left by a kill
+    between replace_dir's renames: it is renamed back instead of deleted."""
     removed = []
     if not parent.is_dir():
         return removed
-    for entry in parent.iterdir():
+    for entry in sorted(parent.iterdir()):
+        old = _OLD.match(entry.name)
+        if old and entry.is_dir() and not (parent / old.group(1)).exists():
+            os.replace(entry, parent / old.group(1))
+            _fsync_dir(parent)
+            continue
         if entry.name.startswith((".tmp-", ".old-")) or (entry.name.startswith(".") and entry.name.endswith(".tmp")):
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)

@@ -22,16 +22,34 @@ ANSWER_RULE = (
 )
 
 _CITATION = re.compile(r"\[(\d{1,2})\]")
-_TAGS = re.compile(r"</?\s*sources\s*>", re.IGNORECASE)
-# Chat-template control tokens written as text (ChatML's <|im_start|>, Llama 3's <|eot_id|>, <s>, [INST]):
-# the tokenizer would turn them into real control tokens, so untrusted text could open its own
-# system turn. They are removed from everything that does not come from the pack's author.
-_CONTROL = re.compile(r"<\|[^<>|\s]{1,40}\|>|</?s>|\[/?INST\]")
+# What untrusted text (documents, their titles and sources, questions, earlier turns) must not
+# contain: the data block's own tags, and chat-template control tokens written as text (ChatML's
+# <|im_start|>, Llama 3's <|start_header_id|>, Gemma's <start_of_turn>, Mistral's [INST] and <s>),
+# which a tokenizer turns into real control tokens, so the text could open its own system turn.
+# The loaded models' own special tokens are added (register_special_tokens): the tokenizer's list
+# is the authority, the patterns cover the common templates before any model is loaded.
+_FENCE = re.compile(
+    r"</?\s*sources\s*>|<\|[^<>|\s]{1,40}\|>|<\||\|>|</?s>|</?(?:start|end)_of_turn>|<(?:bos|eos|pad)>|"
+    r"\[/?(?:INST|SYSTEM_PROMPT|AVAILABLE_TOOLS|TOOL_CALLS|TOOL_RESULTS)\]", re.IGNORECASE)
+_special_tokens: set[str] = set()
+
+
+def register_special_tokens(tokens) -> None:
+    """Add a loaded tokenizer's special tokens (its control tokens as text) to what is removed."""
+    _special_tokens.update(t for t in tokens if isinstance(t, str) and len(t) > 1 and not t.isalnum())
 
 
 def neutralize(text: str) -> str:
-    """Untrusted text (documents, questions, earlier turns) without chat control tokens."""
-    return _CONTROL.sub(" ", text)
+    """Untrusted text without chat control tokens or the data block's tags. Each is replaced by a
+    space, until none is left: removing one must not join the pieces around it into another
+    ("<|im_</sources>start|>" is not "<|im_start|>")."""
+    while True:
+        cleaned = _FENCE.sub(" ", text)
+        for token in _special_tokens:
+            cleaned = cleaned.replace(token, " ")
+        if cleaned == text:
+            return text
+        text = cleaned
 
 
 @dataclass(frozen=True)
@@ -52,9 +70,9 @@ class Source:
 
 def format_sources(sources: list[Source]) -> str:
     blocks = []
-    for s in sources:
-        text = _TAGS.sub("", neutralize(s.text))  # a document must not be able to close the data block
-        blocks.append(f"[{s.number}] {neutralize(s.title)} ({s.source})\n{text}")
+    for s in sources:  # a document, its title or its source must not be able to close the data block
+        title, source = (" ".join(neutralize(x).split()) for x in (s.title, s.source))  # one line each
+        blocks.append(f"[{s.number}] {title} ({source})\n{neutralize(s.text)}")
     return "<sources>\n" + "\n\n".join(blocks) + "\n</sources>"
 
 

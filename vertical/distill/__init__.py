@@ -189,6 +189,24 @@ def _batch(sequences: list[dict], pad_id: int):
     return ids, mask, rows, columns, targets, weights
 
 
+def load_checkpoint(path: Path) -> dict | None:
+    """A resumable training state, or None to start over. Loaded with `weights_only=True`:
+    tensors and plain values only, so a checkpoint planted in a copied build folder cannot run
+    code (torch's full unpickler would call whatever the file names)."""
+    import pickle
+
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        log.warning("distill: %s is not a checkpoint this stage wrote (%s); starting over", path,
+                    str(exc).splitlines()[0][:200])
+        return None
+
+
 def train_student(student, teacher, sequences: list[dict], settings, pad_id: int, work: Path, track,
                   check: Callable[[], bool] | None = None) -> dict[str, Any]:
     """The distillation loop: AdamW, warmup then cosine decay, bf16 autocast where native,
@@ -215,8 +233,8 @@ def train_student(student, teacher, sequences: list[dict], settings, pad_id: int
 
     checkpoint = work / "checkpoint.pt"
     step, curve = 0, []
-    if checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
+    state = load_checkpoint(checkpoint)
+    if state is not None:
         student.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])

@@ -60,7 +60,11 @@ class TorchLM:
 
         from vertical.models.registry import autocast, bf16_supported
 
+        from vertical.generation import special_tokens
+        from vertical.prompting import register_special_tokens
+
         self.model, self.tokenizer = model, tokenizer
+        register_special_tokens(special_tokens(tokenizer))
         bf16 = bf16 and bf16_supported()
         self._precision = autocast if bf16 else contextlib.nullcontext
         self.numerics = "torch-bf16" if bf16 else "torch-fp32"  # part of a reusable answer's key
