@@ -98,6 +98,10 @@ BAD_PACKS = [
     ("non-UTF-8 document", lambda p: _write(p, "documents/bad.txt", b"ok line\n\xc3\x28 broken\n"), "bad.txt:2: not UTF-8"),
     ("empty document", lambda p: _write(p, "documents/empty.md", ""), "empty.md: document is empty"),
     ("duplicate document id", lambda p: _write(p, "documents/more.jsonl", '{"id": "lake-vor", "text": "again"}\n'), "duplicate document id 'lake-vor'"),
+    ("absolute data path", lambda p: _write(p, "pack.yaml", (p / "pack.yaml").read_text() + "data:\n  documents: [/etc]\n"),
+     "'/etc' points outside the pack"),
+    ("data path with ..", lambda p: _write(p, "pack.yaml", (p / "pack.yaml").read_text() + "data:\n  instructions: [../x.jsonl]\n"),
+     "'../x.jsonl' points outside the pack"),
 ]
 
 
@@ -161,3 +165,33 @@ def test_packs_init_rejects_bad_name_and_empty_docs(cli, tmp_path):
     (docs / "a.txt").write_text("text", encoding="utf-8")
     code, output = cli("packs", "init", "Bad Name", "--docs", docs, "--dir", tmp_path / "y")
     assert code != 0 and "name" in output and not (tmp_path / "y").exists()
+
+
+def test_symbolic_links_are_never_followed_into_the_pack_or_the_index(cli, tmp_path, tiny_pack, tiny_model_dir):
+    """`docs/notes.txt -> ~/.ssh/config` must not end up in the pack, the index or the bundle."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("Host bastion\n  IdentityFile ~/.ssh/id_ed25519 private-key-marker\n", encoding="utf-8")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "leak.md").write_text("# Leak\n\nprivate-key-marker in a linked folder.\n", encoding="utf-8")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "policy.md").write_text("# Leave policy\n\nStaff get 25 days of leave.\n", encoding="utf-8")
+    (docs / "notes.txt").symlink_to(secret)
+    (docs / "linked").symlink_to(outside, target_is_directory=True)
+    code, output = cli("packs", "init", "acme", "--docs", docs, "--dir", tmp_path / "acme")
+    assert code == 0, output
+    copied = [p.name for p in (tmp_path / "acme").rglob("*") if p.is_file()]
+    assert "notes.txt" not in copied and "leak.md" not in copied
+    # a link planted inside a pack's documents folder is skipped by the build too
+    (tiny_pack / "documents" / "notes.txt").symlink_to(secret)
+    (tiny_pack / "documents" / "linked").symlink_to(outside, target_is_directory=True)
+    pack = load_pack(tiny_pack)
+    assert all("secret" not in str(p) and p.name not in ("notes.txt", "leak.md") for p in pack.document_files())
+    from vertical import pipeline
+
+    out = tmp_path / "build"
+    pipeline.build(tiny_pack, out=out, steps=["base", "index"], base_model=str(tiny_model_dir))
+    assert "private-key-marker" not in (out / "index" / "chunks.jsonl").read_text(encoding="utf-8")
+    code, output = cli("index", "add", out, docs / "notes.txt")
+    assert code != 0 and "symbolic link" in output and "Traceback" not in output

@@ -20,6 +20,25 @@ from typing import Any
 _CHUNK = 1 << 20
 
 
+def files_under(folder: Path, suffixes) -> tuple[list[Path], list[Path]]:
+    """(the files under `folder` with one of `suffixes`, sorted; the symbolic links skipped).
+
+    Links are never followed, to files or folders: `docs/notes.txt -> ~/.ssh/config` would put
+    a private file into the index, the bundle and every answer that cites it."""
+    found, links = [], []
+    for top, folders, names in os.walk(folder, followlinks=False):
+        for name in sorted(folders):
+            if os.path.islink(os.path.join(top, name)):
+                links.append(Path(top, name))
+        for name in names:
+            path = Path(top, name)
+            if path.is_symlink():
+                links.append(path)
+            elif path.suffix.lower() in suffixes and path.is_file():
+                found.append(path)
+    return sorted(found), sorted(links)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -24,7 +24,7 @@ from vertical.errors import VerticalError
 from vertical.index.chunking import Chunk, chunk_document
 from vertical.index.documents import Document, load_documents
 from vertical.index.store import Hit, RetrievalIndex
-from vertical.io import atomic_dir, atomic_write_json, read_json, sha256_json
+from vertical.io import atomic_dir, atomic_write_json, files_under, read_json, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -218,10 +218,15 @@ def add_documents(build_dir: Path, paths: list[Path], track=None, root: Path | N
     index, embedder = open_index(build_dir)
     files = []
     for path in paths:
+        if path.is_symlink():
+            raise VerticalError(f"{path} is a symbolic link; give the file itself (links are not followed)")
         if path.is_dir():
             from vertical.index.documents import SUFFIXES
 
-            files += [p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in SUFFIXES]
+            found, links = files_under(path, SUFFIXES)
+            for link in links:
+                log.warning("%s is a symbolic link: skipped", link)
+            files += found
         elif path.is_file():
             files.append(path)
         else:

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from vertical.errors import PackInvalid, Problem, VerticalError
-from vertical.io import sha256_file, sha256_json
+from vertical.io import files_under, sha256_file, sha256_json
 from vertical.pack.schema import (
     SUPPORTED_DOCUMENT_SUFFIXES,
     AlpacaExample,
@@ -177,13 +177,19 @@ class Pack:
         return self._records("retrieval_eval", RetrievalItem.model_validate)
 
     def document_files(self) -> list[Path]:
-        """Every supported document file under the pack's document paths, sorted."""
+        """Every supported document file under the pack's document paths, sorted; symbolic links
+        are skipped, with a warning (io.files_under)."""
         files: list[Path] = []
         for path in self.paths("documents"):
-            if path.is_file():
+            if path.is_symlink():
+                log.warning("%s is a symbolic link: skipped (copy the file into the pack instead)", path)
+            elif path.is_file():
                 files.append(path)
             elif path.is_dir():
-                files.extend(p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in SUPPORTED_DOCUMENT_SUFFIXES)
+                found, links = files_under(path, SUPPORTED_DOCUMENT_SUFFIXES)
+                for link in links:
+                    log.warning("%s is a symbolic link: skipped (copy the file into the pack instead)", link)
+                files.extend(found)
         return files
 
     # ------------------------------------------------------------ fingerprints
@@ -330,7 +336,9 @@ def init_pack(name: str, docs: Path, template: str | None = None, dest: Path | N
     """Create a new pack from a folder of documents, settings copied from `template` (a pack)."""
     if not docs.is_dir():
         raise VerticalError(f"--docs {docs} is not a folder")
-    doc_files = [p for p in sorted(docs.rglob("*")) if p.is_file() and p.suffix.lower() in SUPPORTED_DOCUMENT_SUFFIXES]
+    doc_files, links = files_under(docs, SUPPORTED_DOCUMENT_SUFFIXES)
+    for link in links:
+        log.warning("%s is a symbolic link: skipped (copy the file into the folder instead)", link)
     if not doc_files:
         raise VerticalError(f"--docs {docs} has no documents ({' '.join(SUPPORTED_DOCUMENT_SUFFIXES)})")
     dest = (dest or Path(name)).resolve()

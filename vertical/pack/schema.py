@@ -140,6 +140,17 @@ class DataFiles(Strict):
     qa_eval: list[str] = Field(default_factory=list, description="QA evaluation JSONL")
     retrieval_eval: list[str] = Field(default_factory=list, description="retrieval evaluation JSONL (question, doc_id)")
 
+    @field_validator("documents", "instructions", "edits", "qa_eval", "retrieval_eval")
+    @classmethod
+    def _inside_the_pack(cls, paths: list[str]) -> list[str]:
+        """A pack is one folder: a data path may not leave it (absolute, ~ or ..)."""
+        for path in paths:
+            parts = path.replace("\\", "/").split("/")
+            if path.startswith(("/", "~")) or ":" in parts[0] or ".." in parts:
+                raise ValueError(f"'{path}' points outside the pack; give a path relative to the pack folder, "
+                                 "without '..' (copy the files into the pack)")
+        return paths
+
 
 class PackConfig(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$", description="lowercase letters, digits, - and _")
