@@ -111,6 +111,35 @@ def test_bad_documents_are_reported_and_skipped(mixed_docs, tmp_path):
     assert {d.id for d in docs} == {"notes", "guide", "page", "report", "memo", "faq-1"}
 
 
+def test_documents_that_would_exhaust_the_machine_are_skipped_and_named(mixed_docs, tmp_path, monkeypatch):
+    """A zip-bomb DOCX, a PDF with too many pages, a huge file and 3,000 nested divs are each one
+    reported problem, not an out-of-memory kill or a RecursionError that stops the build."""
+    import zipfile
+
+    from vertical.index import documents
+
+    monkeypatch.setattr(documents, "MAX_DOCX_EXPANDED_BYTES", 1024 * 1024)
+    monkeypatch.setattr(documents, "MAX_PDF_PAGES", 0)
+    monkeypatch.setattr(documents, "MAX_FILE_BYTES", 200_000)
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    with zipfile.ZipFile(folder / "bomb.docx", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("word/document.xml", b"\0" * (4 * 1024 * 1024))  # 4 MB of zeros in a few KB
+    assert (folder / "bomb.docx").stat().st_size < 100_000
+    (folder / "many-pages.pdf").write_bytes((mixed_docs / "report.pdf").read_bytes())
+    (folder / "huge.txt").write_text("word " * 60_000, encoding="utf-8")
+    (folder / "nested.html").write_text("<html><body>" + "<div>" * 3000 + "deep" + "</div>" * 3000 + "</body></html>",
+                                        encoding="utf-8")
+    (folder / "fine.md").write_text("# Fine\n\nA normal note.\n", encoding="utf-8")
+    docs, problems = load_documents(sorted(folder.iterdir()), folder)
+    messages = {Path(p.file).name: p.message for p in problems}
+    assert "zip bomb" in messages["bomb.docx"]
+    assert "pages, over 0" in messages["many-pages.pdf"]
+    assert "split the file" in messages["huge.txt"]
+    assert "nested too deeply" in messages["nested.html"]
+    assert [d.id for d in docs] == ["fine"]
+
+
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory) -> Path:
     """An index folder holding only the exported embedder, as the index stage writes it."""

@@ -20,6 +20,12 @@ from vertical.errors import Problem
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".txt", ".md", ".html", ".htm", ".pdf", ".docx", ".jsonl")
+# What one file may cost to read. A document over these is skipped and named, not read: a 20 KB
+# DOCX can expand to gigabytes (a zip bomb), a PDF can hold a million empty pages.
+MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_DOCX_EXPANDED_BYTES = 256 * 1024 * 1024
+MAX_PDF_PAGES = 3000
+MAX_TEXT_CHARS = 20_000_000
 
 
 @dataclass
@@ -118,7 +124,10 @@ def _html(path: Path, data: bytes) -> tuple[str, str, list[int]]:
                 else:
                     walk(child)
 
-    walk(soup.body or soup)
+    try:
+        walk(soup.body or soup)
+    except RecursionError:
+        raise SkipDocument("HTML nested too deeply to read; save the page as text or PDF") from None
     flush()
     return title, "\n\n".join(parts), heading_starts
 
@@ -135,7 +144,14 @@ def _pdf(path: Path) -> tuple[str, str, list[int]]:
                     raise SkipDocument("encrypted PDF; remove the password and add it again")
             except (NotImplementedError, PdfReadError) as exc:
                 raise SkipDocument(f"encrypted PDF ({exc}); remove the password and add it again") from None
-        pages = [(page.extract_text() or "").strip() for page in reader.pages]
+        if len(reader.pages) > MAX_PDF_PAGES:
+            raise SkipDocument(f"{len(reader.pages)} pages, over {MAX_PDF_PAGES}; split the PDF")
+        pages, size = [], 0
+        for page in reader.pages:
+            pages.append((page.extract_text() or "").strip())
+            size += len(pages[-1])
+            if size > MAX_TEXT_CHARS:
+                raise SkipDocument(f"over {MAX_TEXT_CHARS:,} characters of text; split the PDF")
         meta_title = (reader.metadata.title if reader.metadata else None) or ""
     except SkipDocument:
         raise
@@ -149,7 +165,14 @@ def _pdf(path: Path) -> tuple[str, str, list[int]]:
 def _docx(path: Path) -> tuple[str, str, list[int]]:
     import docx
 
+    import zipfile
+
     try:
+        with zipfile.ZipFile(path) as archive:
+            expanded = sum(entry.file_size for entry in archive.infolist())
+        if expanded > MAX_DOCX_EXPANDED_BYTES:
+            raise SkipDocument(f"expands to {expanded / 2**20:.0f} MB, over {MAX_DOCX_EXPANDED_BYTES // 2**20} MB "
+                               "(a zip bomb, or a document to split)")
         return _docx_text(docx.Document(str(path)), path)
     except SkipDocument:
         raise
@@ -181,6 +204,9 @@ def _docx_text(document, path: Path) -> tuple[str, str, list[int]]:
 def read_file(path: Path, source: str) -> list[Document]:
     """Parse one file into documents (a .jsonl file holds one document per line)."""
     suffix = path.suffix.lower()
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise SkipDocument(f"{size / 2**20:.0f} MB, over {MAX_FILE_BYTES // 2**20} MB; split the file")
     data = path.read_bytes()
     if not data.strip():
         raise SkipDocument("empty file")
