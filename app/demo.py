@@ -11,6 +11,7 @@ are off (vertical/__init__.py) and the theme uses system fonts, so the page fetc
 outside the machine.
 """
 
+import contextlib
 import html
 import json
 import logging
@@ -325,21 +326,44 @@ def documents(source: DemoSource) -> list[list]:
     return sorted(rows.values())
 
 
+# What the demo accepts as an upload: documents, not .jsonl (whose lines name any id and any
+# citation source), each at most UPLOAD_MAX_MB (Gradio refuses larger ones before they are stored).
+UPLOAD_TYPES = (".pdf", ".docx", ".html", ".htm", ".md", ".txt")
+UPLOAD_MAX_MB = 20
+
+
 @friendly
-def upload(source: DemoSource, files: list) -> tuple[str, list[list]]:
+def upload(source: DemoSource, files: list, replace: bool = False) -> tuple[str, list[list]]:
+    """Add uploaded documents to the index. A file named like a document already indexed replaces
+    it only when `replace` is ticked. Gradio's copies of the uploads are deleted afterwards."""
     from vertical.index import add_documents
 
     if not files:
         return "Choose files to add.", documents(source)
     uploads = [Path(f if isinstance(f, str) else f.name) for f in files]
-    names = [path.name for path in uploads]
-    if len(set(names)) < len(names):
-        raise VerticalError("two of the files have the same name; a document's name is its id: rename one")
-    # Gradio keeps uploads under random temporary folders: cite each by its own file name instead
-    with source.lock, tempfile.TemporaryDirectory() as scratch:
-        staged = [Path(shutil.copy2(path, Path(scratch) / path.name)) for path in uploads]
-        note = add_documents(source.path, staged, root=Path(scratch))
-        source.reload_index()
+    try:
+        names = [path.name for path in uploads]
+        if len(set(names)) < len(names):
+            raise VerticalError("two of the files have the same name; a document's name is its id: rename one")
+        for path in uploads:  # the API can send what the file picker would not offer
+            if path.suffix.lower() not in UPLOAD_TYPES:
+                raise VerticalError(f"{path.name}: only {' '.join(UPLOAD_TYPES)} files can be added here")
+            if path.stat().st_size > UPLOAD_MAX_MB * 2**20:
+                raise VerticalError(f"{path.name}: larger than {UPLOAD_MAX_MB} MB; add it with `vertical index add`")
+        existing = {row[0] for row in documents(source)}
+        clashes = sorted(path.stem for path in uploads if path.stem in existing)
+        if clashes and not replace:
+            raise VerticalError(f"{', '.join(clashes)} already in the index; tick \"Replace documents with the same "
+                                "name\" to replace them")
+        # Gradio keeps uploads under random temporary folders: cite each by its own file name instead
+        with source.lock, tempfile.TemporaryDirectory() as scratch:
+            staged = [Path(shutil.copy2(path, Path(scratch) / path.name)) for path in uploads]
+            note = add_documents(source.path, staged, root=Path(scratch))
+            source.reload_index()
+    finally:
+        for path in uploads:  # the documents now live in the index only
+            with contextlib.suppress(OSError):
+                path.unlink()
     message = (f"Added {len(note['added'])}, replaced {len(note['replaced'])}, unchanged {note['unchanged']} "
                f"({note['embedded_chunks']} chunks embedded).")
     return message, documents(source)
@@ -429,8 +453,10 @@ def report_figure(metrics: dict[str, dict]):
 # ---------------------------------------------------------------- the app
 
 
-def create_demo(path: Path, redact_feedback: bool = True):
-    """The Gradio Blocks app for a build or a bundle."""
+def create_demo(path: Path, redact_feedback: bool = True, read_only: bool = False):
+    """The Gradio Blocks app for a build or a bundle. `read_only` leaves out everything that
+    changes the build (knowledge editing, uploads): not hidden, never registered, so Gradio's API
+    cannot call it either."""
     import gradio as gr
 
     source = open_source(path, redact_feedback)
@@ -483,6 +509,7 @@ def create_demo(path: Path, redact_feedback: bool = True):
                 compare_button.click(lambda q: compare(source, q), compare_question,
                                      [base_out, vertical_out, student_out])
 
+        if not source.is_bundle and not read_only:
             with gr.Tab("Knowledge editing", id="edit"):
                 gr.Markdown("Write a changed fact into the model's FFN weights with ROME, see the answer before "
                             "and after, and roll it back. The edit is saved in the build's edit log.")
@@ -516,11 +543,13 @@ def create_demo(path: Path, redact_feedback: bool = True):
             search_button.click(lambda q, n: search(source, q, n), [query, k], hits)
             docs = gr.Dataframe(value=documents(source), headers=["id", "title", "path", "chunks"],
                                 label="Documents in the index", elem_id="documents")
-            if not source.is_bundle:
-                files = gr.File(label="Add documents (PDF, DOCX, HTML, Markdown, text)", file_count="multiple")
+            if not source.is_bundle and not read_only:
+                files = gr.File(label=f"Add documents (PDF, DOCX, HTML, Markdown, text; up to {UPLOAD_MAX_MB} MB each)",
+                                file_count="multiple", file_types=list(UPLOAD_TYPES))
+                replace = gr.Checkbox(label="Replace documents with the same name", value=False)
                 add_button = gr.Button("Add to the index", elem_id="add-documents")
                 add_note = gr.Markdown()
-                add_button.click(lambda f: upload(source, f), files, [add_note, docs])
+                add_button.click(lambda f, r: upload(source, f, r), [files, replace], [add_note, docs])
 
         with gr.Tab("Report", id="report"):
             rows = report_tables(source.metrics)
@@ -538,15 +567,44 @@ def create_demo(path: Path, redact_feedback: bool = True):
     return demo
 
 
+def read_auth_file(path: Path) -> list[tuple[str, str]]:
+    """user:password lines (blank lines and # comments skipped) for Gradio's login."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VerticalError(f"--auth-file {path}: cannot read it ({exc})") from None
+    pairs = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        user, colon, password = line.strip().partition(":")
+        if not colon or not user or len(password) < 12:
+            raise VerticalError(f"--auth-file {path}:{number}: write `user:password` with a password of 12+ characters")
+        pairs.append((user, password))
+    if not pairs:
+        raise VerticalError(f"--auth-file {path}: no `user:password` line in it")
+    return pairs
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def launch(path: Path, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-           redact_feedback: bool = True) -> None:
-    """Start the demo and block until interrupted."""
+           redact_feedback: bool = True, auth_file: Path | None = None, read_only: bool = False) -> None:
+    """Start the demo and block until interrupted. Off this machine's loopback it needs a login
+    (`auth_file`): anyone who reaches the port could otherwise read the documents, edit the
+    model and replace documents."""
     import gradio as gr
 
     if share:
         raise VerticalError("--share would publish the demo through gradio.live, outside this machine; "
                             "vertical keeps everything local (use --host 0.0.0.0 on a trusted network)")
-    demo = create_demo(path, redact_feedback)
+    auth = read_auth_file(auth_file) if auth_file else None
+    if host not in LOOPBACK and not auth:
+        raise VerticalError(f"refusing to open the demo on {host} without a login: give --auth-file (user:password "
+                            "lines), and --read-only to keep others from editing; or use --host 127.0.0.1")
+    demo = create_demo(path, redact_feedback, read_only)
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)  # no Google Fonts fetch
     demo.queue(default_concurrency_limit=2).launch(server_name=host, server_port=port, share=False, theme=theme,
-                                                   footer_links=[], ssr_mode=False, quiet=True)
+                                                   footer_links=[], ssr_mode=False, quiet=True, auth=auth,
+                                                   max_file_size=f"{UPLOAD_MAX_MB}mb")

@@ -248,3 +248,53 @@ def test_uploaded_documents_are_cited_by_their_file_name(demo_build, tmp_path):
     (other / "ward-rota.md").write_text("# Another\n\ntext\n")
     with pytest.raises(gr.Error, match="same name"):
         upload(source, [str(note), str(other / "ward-rota.md")])
+
+
+def test_uploads_are_documents_only_replace_on_request_and_leave_no_copy(demo_build, tmp_path):
+    import gradio as gr
+
+    from vertical.app.demo import open_source, upload
+
+    source = open_source(demo_build)
+    incoming = tmp_path / "gradio" / "a1"
+    incoming.mkdir(parents=True)
+    forged = incoming / "records.jsonl"  # a .jsonl line could name any id and any citation source
+    forged.write_text('{"id": "lake-vor", "text": "Lake Vor is dry.", "source": "https://intranet/policy"}\n')
+    with pytest.raises(gr.Error, match="only .pdf"):
+        upload(source, [str(forged)])
+    before = {row[0]: row for row in upload(source, [])[1]}
+    existing_id = next(iter(before))
+    clash = incoming / f"{existing_id}.md"
+    clash.write_text("# Replaced\n\nSomeone else's text.\n")
+    with pytest.raises(gr.Error, match="already in the index"):
+        upload(source, [str(clash)])
+    assert not clash.exists()  # Gradio's copy is removed whatever the outcome
+    assert {row[0]: row for row in upload(source, [])[1]} == before
+    clash.write_text("# Replaced\n\nThe author's new text.\n")
+    message, rows = upload(source, [str(clash)], True)
+    assert "replaced 1" in message and not clash.exists()
+
+
+def test_read_only_demo_registers_no_action_that_changes_the_build(demo_build):
+    from vertical.app.demo import create_demo
+
+    def wiring(demo) -> tuple[set[str], int]:
+        config = demo.get_config_file()
+        ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
+        return ids, len(config["dependencies"])
+
+    full_ids, full_actions = wiring(create_demo(demo_build))
+    read_only_ids, read_only_actions = wiring(create_demo(demo_build, read_only=True))
+    assert {"apply-edit", "rollback", "add-documents"} <= full_ids
+    assert not {"apply-edit", "rollback", "add-documents", "edit-prompt"} & read_only_ids
+    assert read_only_actions <= full_actions - 4  # apply, roll back, trace, add: not callable through the API
+    assert {"ask", "search"} <= read_only_ids
+
+
+def test_the_demo_needs_a_login_off_loopback(demo_build, cli, tmp_path):
+    code, output = cli("demo", demo_build, "--host", "0.0.0.0")
+    assert code != 0 and "without a login" in output and "Traceback" not in output
+    weak = tmp_path / "users.txt"
+    weak.write_text("# staff\nnurse:short\n")
+    code, output = cli("demo", demo_build, "--host", "0.0.0.0", "--auth-file", weak)
+    assert code != 0 and "users.txt:2" in output and "12+ characters" in output

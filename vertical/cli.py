@@ -568,6 +568,10 @@ def demo_cmd(
     keep_contacts: bool = typer.Option(False, "--keep-contacts", help="Store feedback as typed; by default "
                                                                        "e-mail addresses and phone numbers are "
                                                                        "redacted before it is saved."),
+    auth_file: Optional[Path] = typer.Option(None, "--auth-file", help="Login: a file of user:password lines "
+                                                                        "(required with a --host other than loopback)."),
+    read_only: bool = typer.Option(False, "--read-only", help="Leave out knowledge editing and document uploads "
+                                                               "(in the page and in Gradio's API)."),
 ) -> None:
     """The Gradio demo: chat with citations, side by side, knowledge editing, knowledge base, report.
     On a bundle only the tabs that run without torch are shown."""
@@ -576,7 +580,7 @@ def demo_cmd(
     if not path.exists():
         raise VerticalError(f"{path} does not exist; give a build folder (builds/<pack>) or a bundle")
     console.print(f"demo of {path} on http://{host}:{port} (Ctrl+C to stop)")
-    launch(path, host, port, share, redact_feedback=not keep_contacts)
+    launch(path, host, port, share, redact_feedback=not keep_contacts, auth_file=auth_file, read_only=read_only)
 
 
 @feedback_app.command("export")
