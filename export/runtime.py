@@ -22,7 +22,7 @@ import numpy as np
 from vertical.errors import VerticalError
 from vertical.evidence import NumberCopy, NumberVocabulary
 from vertical.prompting import register_special_tokens
-from vertical.export.bundle import verify
+from vertical.export.bundle import check_signature, verify
 
 log = logging.getLogger(__name__)
 
@@ -199,12 +199,15 @@ def _load(what: str, path: Path, manifest: dict[str, Any], packages: list[str], 
                             "versions it was exported with") from None
 
 
-def open_bundle(path: Path, verify_files: bool = True):
-    """An Assistant over a bundle; the bundle is verified against its manifest first."""
+def open_bundle(path: Path, verify_files: bool = True, public_key: Path | None = None):
+    """An Assistant over a bundle; the bundle is verified against its manifest first and, with
+    `public_key`, its signature against that key (unsigned or signed by another key: refused)."""
     from vertical.answer import Assistant
     from vertical.index.store import RetrievalIndex
 
     path = Path(path)
+    if public_key is not None:
+        check_signature(path, public_key)
     manifest = verify(path) if verify_files else json.loads((path / "manifest.json").read_text())
     pack = json.loads((path / "pack.json").read_text(encoding="utf-8"))
     try:

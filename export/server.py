@@ -491,13 +491,14 @@ def check_serving(host: str, keys: Sequence[str]) -> None:
 
 def serve(bundle, host: str = "127.0.0.1", port: int = 8000, api_keys: Sequence[str] = (),
           limits: Limits | None = None, allowed_hosts: Sequence[str] = (), ssl_certfile: str | None = None,
-          ssl_keyfile: str | None = None) -> None:
+          ssl_keyfile: str | None = None, public_key=None) -> None:
     """Verify and load the bundle, then serve it until interrupted.
 
     Requests must name this machine's loopback names, the bound address or an `allowed_hosts`
     entry in their Host header; with keys and a non-loopback address, any name is accepted
     unless `allowed_hosts` is given. Connections beyond what the queue admits are refused at
-    once (uvicorn's limit_concurrency), idle keep-alive connections close after 5 s."""
+    once (uvicorn's limit_concurrency), idle keep-alive connections close after 5 s. With
+    `public_key`, a bundle not signed by its private key is refused."""
     import uvicorn
 
     from vertical.export.runtime import open_bundle
@@ -509,7 +510,7 @@ def serve(bundle, host: str = "127.0.0.1", port: int = 8000, api_keys: Sequence[
         hosts.append(host)
     elif api_keys and not allowed_hosts:
         hosts = ["*"]
-    assistant = open_bundle(bundle)
+    assistant = open_bundle(bundle, public_key=public_key)  # with a key: only a bundle its owner signed
     scheme = "https" if ssl_certfile else "http"
     log.info("serving %s on %s://%s:%d (API key %s)", assistant.name, scheme, host, port,
              "required" if api_keys else "off")

@@ -445,3 +445,70 @@ def test_client_disconnect_mid_stream_frees_its_slot(assistant):
     assert reply.status_code == 200
     health = client.get("/health").json()
     assert health["running"] == 0 and health["waiting"] == 0
+
+
+# ---------------------------------------------------------------- who made the bundle
+
+
+def _key_pair(folder: Path, name: str) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private, public = folder / f"{name}.pem", folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+def test_a_signed_bundle_is_trusted_only_with_its_own_key(exported_build, tmp_path, cli):
+    from vertical.export.bundle import check_signature, sign
+    from vertical.export.runtime import open_bundle
+    from vertical.pipeline import load_manifest
+
+    build = tmp_path / "build"
+    shutil.copytree(exported_build, build)
+    ours, ours_public = _key_pair(tmp_path, "ours")
+    theirs, theirs_public = _key_pair(tmp_path, "theirs")
+    code, output = cli("export", build, "--sign", ours)
+    assert code == 0 and "signed with key" in output, output
+    bundle = build / "export"
+    assert "signature.json" in load_manifest(build)["stages"]["export"]["files"]  # the next build keeps it
+    code, output = cli("verify", bundle, "--key", ours_public)
+    assert code == 0 and "signed by key" in output, output
+    code, output = cli("verify", bundle, "--key", theirs_public)
+    assert code != 0 and "does not match" in output and "Traceback" not in output
+    # someone who can write the bundle re-signs it with their own key: refused
+    sign(bundle, theirs)
+    with pytest.raises(BundleInvalid, match="does not match"):
+        open_bundle(bundle, public_key=ours_public)
+    # or edits the manifest after signing (its hashes then describe other files): refused
+    sign(bundle, ours)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["metrics"] = {"qa": 1.0}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleInvalid, match="does not match"):
+        check_signature(bundle, ours_public)
+    (bundle / "signature.json").unlink()
+    code, output = cli("serve", bundle, "--require-signature", ours_public)
+    assert code != 0 and "not signed" in output and "Traceback" not in output
+    code, output = cli("verify", bundle, "--key", ours)  # a private key where the public one belongs
+    assert code != 0 and "Ed25519 public key" in output
+
+
+def test_a_bundle_that_names_native_code_is_refused(bundle, tmp_path):
+    from vertical.export.bundle import list_files
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    config = copy / "model" / "genai_config.json"
+    settings = json.loads(config.read_text())
+    settings["model"]["decoder"]["session_options"] = {"custom_ops_library": "/tmp/evil.so"}
+    config.write_text(json.dumps(settings))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"] = list_files(copy)  # the hashes rewritten, as anyone with write access can
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleInvalid, match="custom_ops_library"):
+        verify(copy)

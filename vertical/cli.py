@@ -447,6 +447,8 @@ def export_cmd(
     model: Optional[str] = typer.Option(None, "--model", help="auto (default: the student if it kept the teacher's "
                                         "QA score, see stages.export.min_retention), student or teacher."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also copy the bundle here (default: BUILD/export)."),
+    sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the bundle with this Ed25519 private key (PEM); "
+                                        "`vertical verify --key PUB` and `serve --require-signature PUB` check it."),
 ) -> None:
     """Export the build as a self-contained bundle: ONNX model and embedder, index, manifest."""
     import shutil
@@ -472,6 +474,15 @@ def export_cmd(
                             settings={"export": overrides}, reporter=RichReporter(progress))
     metrics = results[-1].metrics
     bundle = build / "export"
+    signed = ""
+    if sign is not None:
+        from vertical.export.bundle import sign as sign_bundle
+        from vertical.io import exclusive_lock
+        from vertical.pipeline import record_outputs
+
+        with exclusive_lock(build / ".lock", f"build folder {build}"):
+            signed = sign_bundle(bundle, sign)
+            record_outputs(build, "export", metrics)  # the signature is the export stage's own file now
     if out is not None:
         out = out.resolve()
         with atomic_dir(out) as tmp:
@@ -480,6 +491,8 @@ def export_cmd(
     console.print(f"bundle: {bundle}  ({metrics.get('bundle_bytes', 0) / 1e6:.1f} MB, {metrics.get('model')} ({metrics.get('model_reason')}) "
                   f"{metrics.get('quant')}, greedy agreement with fp32 {metrics.get('greedy_agreement')}, "
                   f"{metrics.get('onnx_tokens_per_s')} tokens/s vs {metrics.get('torch_tokens_per_s')} in PyTorch)")
+    if signed:
+        console.print(f"signed with key {signed}")
 
 
 @app.command("serve")
@@ -500,6 +513,9 @@ def serve_cmd(
     ssl_keyfile: Optional[Path] = typer.Option(None, "--ssl-keyfile", help="The certificate's private key (PEM)."),
     max_tokens: int = typer.Option(512, "--max-tokens", min=1, max=8192, help="Largest max_tokens a request may ask for."),
     concurrency: int = typer.Option(4, "--concurrency", min=1, max=256, help="Answers generated at the same time."),
+    require_signature: Optional[Path] = typer.Option(None, "--require-signature",
+                                                     help="Serve only a bundle signed by the private key of this "
+                                                          "Ed25519 public key (PEM)."),
 ) -> None:
     """Serve a bundle behind an OpenAI-compatible API, without torch. The bundle is verified first.
 
@@ -512,13 +528,18 @@ def serve_cmd(
     check_serving(host, keys)
     serve(bundle, host, port, keys, Limits(max_tokens=max_tokens, max_concurrent=concurrency,
                                            default_max_tokens=min(200, max_tokens)),
-          allow_host, str(ssl_certfile) if ssl_certfile else None, str(ssl_keyfile) if ssl_keyfile else None)
+          allow_host, str(ssl_certfile) if ssl_certfile else None, str(ssl_keyfile) if ssl_keyfile else None,
+          require_signature)
 
 
 @app.command("verify")
-def verify_cmd(bundle: Path = typer.Argument(..., help="Exported bundle folder.")) -> None:
+def verify_cmd(
+    bundle: Path = typer.Argument(..., help="Exported bundle folder."),
+    key: Optional[Path] = typer.Option(None, "--key", help="Also check the signature against this Ed25519 public "
+                                                           "key (PEM): who made the bundle, not only that it is whole."),
+) -> None:
     """Check every file of a bundle against its manifest (sha256 and size); list each one that differs."""
-    from vertical.export.bundle import problems, read_manifest
+    from vertical.export.bundle import check_signature, problems, read_manifest
 
     manifest = read_manifest(bundle)
     found = problems(bundle, manifest)
@@ -527,6 +548,8 @@ def verify_cmd(bundle: Path = typer.Argument(..., help="Exported bundle folder."
     if found:
         raise VerticalError(f"bundle {bundle}: {len(found)} of {len(manifest['files'])} files do not match "
                             "the manifest; copy or export the bundle again")
+    if key is not None:
+        console.print(f"ok: signed by key {check_signature(bundle, key)}")
     console.print(f"ok: all {len(manifest['files'])} files of {bundle} match manifest.json")
 
 
