@@ -167,23 +167,27 @@ def render_answer(answer) -> str:
 
 
 @friendly
-def chat_reply(source: DemoSource, question: str, history: list[dict]):
-    """Stream an answer into the chat history (messages format); citations appear when it ends."""
+def chat_reply(source: DemoSource, question: str, history: list[dict], exchanges: list[dict] | None = None):
+    """Stream an answer into the chat history (messages format); citations appear when it ends.
+    Each finished exchange is also appended to `exchanges`, the session's server-side record
+    that feedback is taken from (the history comes back from the browser, which can rewrite it)."""
+    exchanges = [] if exchanges is None else exchanges
     question = (question or "").strip()
     if not question:
-        yield history, ""
+        yield history, "", exchanges
         return
     turns = [{"role": m["role"], "content": _plain(m["content"])} for m in history if m["role"] in ("user", "assistant")]
     history = history + [{"role": "user", "content": question}, {"role": "assistant", "content": "…"}]
-    yield history, ""
+    yield history, "", exchanges
     answer, pieces = source.assistant.stream(question, max_new_tokens=MAX_TOKENS, history=turns[-6:])
     text = ""
     for piece in pieces:
         text += piece
         history[-1] = {"role": "assistant", "content": inert(text)}
-        yield history, ""
+        yield history, "", exchanges
     history[-1] = {"role": "assistant", "content": render_answer(answer)}
-    yield history, ""
+    exchanges = exchanges + [{"question": question, "answer": answer.text}]
+    yield history, "", exchanges
 
 
 def _plain(content: Any) -> str:
@@ -195,38 +199,31 @@ def _plain(content: Any) -> str:
     return html.unescape(text.split("\n\n<details", 1)[0])
 
 
-def _last_exchange(history: list[dict]) -> tuple[str, str]:
-    question = answer = ""
-    for message in history:
-        if message["role"] == "user":
-            question = _plain(message["content"])
-        elif message["role"] == "assistant":
-            answer = _plain(message["content"])
-    return question, answer
-
-
 @friendly
-def record_rating(source: DemoSource, history: list[dict], like) -> str:
+def record_rating(source: DemoSource, history: list[dict], like, exchanges: list[dict]) -> str:
+    """Thumbs up or down for the answer clicked: the n-th assistant message is the session's n-th
+    exchange, so what is saved is what the model said, whatever the browser sends back."""
     from vertical.feedback import Feedback, record
 
     index = like.index if isinstance(like.index, int) else like.index[0]
-    answer = _plain(history[index]["content"])
-    question = next((_plain(m["content"]) for m in reversed(history[:index]) if m["role"] == "user"), "")
-    if not question:
+    number = sum(1 for m in history[:index + 1] if m["role"] == "assistant") - 1
+    if not 0 <= number < len(exchanges):
         return "Nothing to rate yet."
-    record(source.feedback_dir, Feedback(question=question, answer=answer, rating="up" if like.liked else "down",
-                                         model=source.assistant.name), source.redact_feedback)
+    exchange = exchanges[number]
+    record(source.feedback_dir, Feedback(question=exchange["question"], answer=exchange["answer"],
+                                         rating="up" if like.liked else "down", model=source.assistant.name),
+           source.redact_feedback)
     return f"Thanks: recorded thumbs {'up' if like.liked else 'down'}."
 
 
 @friendly
-def record_correction(source: DemoSource, history: list[dict], correction: str, subject: str) -> str:
+def record_correction(source: DemoSource, exchanges: list[dict], correction: str, subject: str) -> str:
     from vertical.feedback import Feedback, record
 
-    question, answer = _last_exchange(history)
-    if not question or not (correction or "").strip():
+    if not exchanges or not (correction or "").strip():
         return "Ask a question first, then write the answer it should have given."
-    record(source.feedback_dir, Feedback(question=question, answer=answer, rating="down",
+    last = exchanges[-1]
+    record(source.feedback_dir, Feedback(question=last["question"], answer=last["answer"], rating="down",
                                          correction=correction.strip(), subject=(subject or "").strip() or None,
                                          model=source.assistant.name), source.redact_feedback)
     return "Correction saved; `vertical feedback export` turns it into training and edit data."
@@ -481,14 +478,19 @@ def create_demo(path: Path, redact_feedback: bool = True, read_only: bool = Fals
                                            "edit request)")
                 save = gr.Button("Save correction", elem_id="save-correction")
             feedback_note = gr.Markdown(elem_id="feedback-note")
-            ask.click(lambda q, h: (yield from chat_reply(source, q, h)), [question, chatbot], [chatbot, question])
-            question.submit(lambda q, h: (yield from chat_reply(source, q, h)), [question, chatbot], [chatbot, question])
-            clear.click(lambda: [], None, chatbot)
-            def on_like(history: list[dict], like: gr.LikeData) -> str:  # Gradio finds LikeData by annotation
-                return record_rating(source, history, like)
+            exchanges = gr.State([])  # held on the server, per browser session
+            ask.click(lambda q, h, e: (yield from chat_reply(source, q, h, e)), [question, chatbot, exchanges],
+                      [chatbot, question, exchanges])
+            question.submit(lambda q, h, e: (yield from chat_reply(source, q, h, e)), [question, chatbot, exchanges],
+                            [chatbot, question, exchanges])
+            clear.click(lambda: ([], []), None, [chatbot, exchanges])
 
-            chatbot.like(on_like, chatbot, feedback_note)
-            save.click(lambda h, c, s: record_correction(source, h, c, s), [chatbot, correction, subject], feedback_note)
+            def on_like(history: list[dict], exchanges: list[dict], like: gr.LikeData) -> str:  # found by annotation
+                return record_rating(source, history, like, exchanges)
+
+            chatbot.like(on_like, [chatbot, exchanges], feedback_note)
+            save.click(lambda e, c, s: record_correction(source, e, c, s), [exchanges, correction, subject],
+                       feedback_note)
 
         if not source.is_bundle:
             with gr.Tab("Side by side", id="compare"):
