@@ -368,6 +368,9 @@ def test_feedback_redacts_contacts_and_exports_pack_files(tmp_path):
         "Mail [email] or call [phone] or [phone].")
     assert redact("Dose 500 mg every 6 hours, max 4 g in 24 h; CURB-65 of 3; ICD I10.") == (
         "Dose 500 mg every 6 hours, max 4 g in 24 h; CURB-65 of 3; ICD I10.")  # numbers that are not phones stay
+    assert redact("Card 4111 1111 1111 1111, IBAN GB33 BUKB 2020 1555 5555 55, NI QQ 12 34 56 C, "
+                  "lives at SW1A 1AA, DOB: 12/03/1961; HbA1c 53 mmol/mol in 2026.") == (
+        "Card [number], IBAN [iban], NI [ni-number], lives at [postcode], [date-of-birth]; HbA1c 53 mmol/mol in 2026.")
     record(tmp_path, Feedback(question="Who is the mayor of Quentar?", answer="Mira.", rating="down",
                               correction="Osric, reachable at osric@quentar.example", subject="Quentar"))
     record(tmp_path, Feedback(question="Call me on 0161 496 0000 about Lake Vor", answer="ok", rating="up"),

@@ -1,8 +1,9 @@
 """Feedback on answers (thumbs up/down, a corrected answer) and its way back into the pack.
 
 Feedback is appended to `feedback.jsonl` in the build or bundle folder, one JSON object per line,
-outside the hashed stage folders. E-mail addresses and phone numbers are redacted before a record
-is stored unless redaction is switched off (`vertical demo --keep-contacts`). Records hold the
+outside the hashed stage folders, readable by its owner only. E-mail addresses, phone numbers
+and personal identifiers are redacted before a record is stored unless redaction is switched off
+(`vertical demo --keep-contacts`). Records hold the
 question, the answer and the correction only: never request headers, so never an API key.
 
 `export_feedback` turns corrections into pack-format files: instruction examples (Alpaca format)
@@ -29,9 +30,24 @@ _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
 _PHONE = re.compile(r"(?<!\w)(?<!\d\.)(?:\+\d{1,3}[\s.-]?)?(?:\(\d{1,4}\)[\s.-]?)?\d(?:[\s.-]?\d){6,13}(?!\w|\.\d)")
 
 
+# identifiers of a person that a question to a hospital, a bank or a law firm may carry
+_IDENTIFIERS = [
+    (re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), "[iban]"),
+    (re.compile(r"\b[A-Z]{2} ?\d{2} ?\d{2} ?\d{2} ?[A-D]\b"), "[ni-number]"),  # UK National Insurance
+    (re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), "[number]"),  # card and account numbers, 13-19 digits
+    (re.compile(r"\b[A-Z]{1,2}\d[A-Z\d]? ?\d[A-Z]{2}\b"), "[postcode]"),  # UK postcodes: SW1A 1AA, M1 1AE
+    (re.compile(r"\b(?:DOB|D\.O\.B\.|date of birth|born(?: on)?)\s*:?\s*\d{1,4}[/.-]\d{1,2}[/.-]\d{1,4}",
+                re.IGNORECASE), "[date-of-birth]"),
+]
+
+
 def redact(text: str) -> str:
-    """Replace e-mail addresses and phone numbers with placeholders."""
-    return _PHONE.sub("[phone]", _EMAIL.sub("[email]", text))
+    """Replace e-mail addresses, phone numbers and personal identifiers (card, account and
+    National Insurance numbers, IBANs, postcodes, dates of birth) with placeholders."""
+    text = _EMAIL.sub("[email]", text)
+    for pattern, placeholder in _IDENTIFIERS:
+        text = pattern.sub(placeholder, text)
+    return _PHONE.sub("[phone]", text)
 
 
 class Feedback(BaseModel):
