@@ -47,6 +47,7 @@ class Limits:
     max_concurrent: int = 4  # generations running at once (each uses the CPU cores)
     max_waiting: int = 64  # requests queued behind them before the server answers 503
     body_seconds: float = 10.0  # a request body not received in this time is answered 408
+    header_seconds: float = 10.0  # a connection that has not sent a whole request head by then is closed
 
 
 # Names a browser uses for this machine. A key-less server answers only requests addressed to
@@ -460,6 +461,29 @@ class _Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+def header_deadline_protocol(seconds: float):
+    """uvicorn's h11 protocol with a deadline for the request head: uvicorn itself waits forever
+    for headers that never end, so a few hundred trickling sockets ("slowloris") would hold the
+    connection cap and the file descriptors. A connection that has not sent a whole request head
+    `seconds` after it opened is closed."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._head_deadline = self.loop.call_later(seconds, self._head_too_slow)
+
+        def _head_too_slow(self) -> None:
+            if self.cycle is None and not self.transport.is_closing():  # no request head parsed yet
+                self.transport.close()
+
+        def connection_lost(self, exc) -> None:
+            self._head_deadline.cancel()
+            super().connection_lost(exc)
+
+    return HeaderDeadline
+
+
 def read_key_file(path) -> list[str]:
     """API keys from a file, one per line (blank lines and # comments skipped)."""
     from pathlib import Path
@@ -497,7 +521,8 @@ def serve(bundle, host: str = "127.0.0.1", port: int = 8000, api_keys: Sequence[
     Requests must name this machine's loopback names, the bound address or an `allowed_hosts`
     entry in their Host header; with keys and a non-loopback address, any name is accepted
     unless `allowed_hosts` is given. Connections beyond what the queue admits are refused at
-    once (uvicorn's limit_concurrency), idle keep-alive connections close after 5 s. With
+    once (uvicorn's limit_concurrency), idle keep-alive connections close after 5 s, and a
+    connection that has not sent its request head within `limits.header_seconds` is closed. With
     `public_key`, a bundle not signed by its private key is refused."""
     import uvicorn
 
@@ -515,6 +540,6 @@ def serve(bundle, host: str = "127.0.0.1", port: int = 8000, api_keys: Sequence[
     log.info("serving %s on %s://%s:%d (API key %s)", assistant.name, scheme, host, port,
              "required" if api_keys else "off")
     uvicorn.run(create_app(assistant, list(api_keys), limits, hosts), host=host, port=port, log_level="info",
-                timeout_graceful_shutdown=10, timeout_keep_alive=5,
+                timeout_graceful_shutdown=10, timeout_keep_alive=5, http=header_deadline_protocol(limits.header_seconds),
                 limit_concurrency=limits.max_concurrent + limits.max_waiting + 8,
                 ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)

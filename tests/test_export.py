@@ -326,9 +326,9 @@ def test_serving_is_refused_on_an_open_address_without_a_long_enough_key(bundle,
     assert code != 0 and "at least 16" in output
 
 
-def test_a_body_that_never_arrives_is_answered_408(assistant):
-    """A client that sends headers and then trickles (or withholds) its body does not hold the
-    connection: a real uvicorn server answers 408 once the body deadline passes."""
+def test_a_body_or_head_that_never_arrives_does_not_hold_the_connection(assistant):
+    """A client that sends headers and then withholds its body gets 408 once the body deadline
+    passes; one that never finishes its headers is disconnected at the head deadline."""
     import socket
     import time
 
@@ -336,8 +336,11 @@ def test_a_body_that_never_arrives_is_answered_408(assistant):
 
     from vertical.export.server import Limits, create_app
 
+    from vertical.export.server import header_deadline_protocol
+
     app = create_app(assistant, None, Limits(body_seconds=1.0), ["127.0.0.1"])
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                           http=header_deadline_protocol(1.0)))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     for _ in range(100):
@@ -352,6 +355,11 @@ def test_a_body_that_never_arrives_is_answered_408(assistant):
             started = time.monotonic()
             reply = sock.recv(4096).decode()
         assert reply.startswith("HTTP/1.1 408") and time.monotonic() - started < 5, reply
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # slowloris: headers never end
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            started = time.monotonic()
+            assert sock.recv(4096) == b""  # closed by the server
+            assert time.monotonic() - started < 5
     finally:
         server.should_exit = True
         thread.join(10)
