@@ -72,8 +72,10 @@ class DemoSource:
 
 def open_source(path: Path, redact_feedback: bool = True) -> DemoSource:
     """A build folder (has manifest.json with stages) or an exported bundle (has pack.json)."""
+    from vertical.export.bundle import is_bundle
+
     path = Path(path).resolve()
-    if (path / "pack.json").is_file() and (path / "model" / "genai_config.json").is_file():
+    if is_bundle(path):
         from vertical.export.runtime import open_bundle
 
         assistant = open_bundle(path)

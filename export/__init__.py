@@ -21,8 +21,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 AGREEMENT_TOKENS = 48  # greedy tokens compared per prompt between quantisations
-# `quant: auto` weighs int4 against int8 from this size up. Below it block-wise int4 loses the model:
-# SmolLM2-135M's int4 kept 4-13% of fp32's greedy tokens on the four packs, int8 56-82% (1-2 December).
+# `quant: auto` weighs int4 against int8 from this size up. Below it block-wise int4 loses the model
+# (a 135M model's int4 keeps a small fraction of fp32's greedy tokens; docs/reference.md, export).
 INT4_FROM_PARAMETERS = 1_000_000_000
 
 

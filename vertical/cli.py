@@ -187,8 +187,7 @@ def build_cmd(
     """Build a vertical model from a pack. Up-to-date stages are skipped; a killed build resumes."""
     from vertical.pipeline import build
 
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=False) as progress:
+    with _progress(transient=False) as progress:
         results = build(pack, out=out, steps=_split(steps), force=_split(force), base_model=base_model,
                         reporter=RichReporter(progress))
     table = Table("stage", "status", "seconds", "metrics")
@@ -198,15 +197,19 @@ def build_cmd(
     console.print(table)
 
 
+def _progress(transient: bool = True) -> Progress:
+    """The progress display every long command shows on stderr (kept on screen for build and export)."""
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=err_console, transient=transient)
+
+
 # ---------------------------------------------------------------- retrieval and answers
 
 
-def _looks_like_bundle(path: Path) -> bool:
-    return (path / "pack.json").is_file() and (path / "model").is_dir()
-
-
 def _build_dir(path: Path) -> Path:
-    if _looks_like_bundle(path):
+    from vertical.export.bundle import is_bundle
+
+    if is_bundle(path):
         raise VerticalError(f"{path} is an exported bundle, not a build folder: give the build it came from "
                             "(builds/<pack>)")
     if not (path / "manifest.json").is_file():
@@ -246,7 +249,9 @@ def search_cmd(
 
 def _open_assistant(path: Path):
     """A bundle runs on onnxruntime (no torch); a build folder on its torch models."""
-    if _looks_like_bundle(path):  # a damaged manifest is then reported as the bundle's problem
+    from vertical.export.bundle import is_bundle
+
+    if is_bundle(path):  # a damaged manifest is then reported as the bundle's problem
         from vertical.export.runtime import open_bundle
 
         return open_bundle(path)
@@ -336,8 +341,7 @@ def index_add(
     """Add or replace documents in a built index; unchanged documents are not re-embedded."""
     from vertical.index import add_documents
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  console=err_console, transient=True) as progress:
+    with _progress() as progress:
         note = add_documents(_build_dir(build), paths, track=RichReporter(progress).track)
     console.print(f"added {len(note['added'])}, replaced {len(note['replaced'])}, unchanged {note['unchanged']} "
                   f"({note['embedded_chunks']} chunks embedded)")
@@ -468,8 +472,7 @@ def export_cmd(
     manifest = load_manifest(build)
     if not manifest.get("pack"):
         raise VerticalError(f"{build}/manifest.json names no pack: rebuild with `vertical build PACK --out {build}`")
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=False) as progress:
+    with _progress(transient=False) as progress:
         results = run_build(manifest.get("pack_dir") or manifest["pack"], out=build, steps=["export"],
                             settings={"export": overrides}, reporter=RichReporter(progress))
     metrics = results[-1].metrics
@@ -566,8 +569,7 @@ def eval_cmd(
     edit efficacy / generalization / locality, retrieval and speed: report.json, report.md and plots."""
     from vertical.evaluate import evaluate_path
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  console=err_console, transient=True) as progress:
+    with _progress() as progress:
         folder, summary = evaluate_path(path, qa, edits, out, questions, RichReporter(progress).track)
     table = Table("model", "QA accuracy")
     for name, accuracy in summary["qa_accuracy"].items():

@@ -404,8 +404,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
                                "sequences": len(sequences), **counts}
     tune = ctx.pack.config.stages.tune
     # The eval stage's whole sample: whether the student ships is decided on it. On the tune stage's
-    # 20 a student can tie its teacher by chance (medical, thirteenth round: 0.45 = 0.45 on the 20,
-    # 0.300 against 0.525 on the 40), and the eval stage reuses these answers.
+    # 20 items a student can tie its teacher by chance; the eval stage reuses these answers.
     qa_items = eval_sample(ctx.pack, ctx.build_dir)
     answer_tokens = ctx.pack.config.stages.eval.answer_tokens
     retriever = lambda question: retrieve(index, embedder.encode, question, tune.rag_sources)[0]  # noqa: E731

@@ -310,8 +310,10 @@ def evaluate_path(path: Path, qa_file: Path | None = None, edits_file: Path | No
     from vertical.pack import read_jsonl
     from vertical.pack.schema import EditRequest, EvalSettings, QAItem
 
+    from vertical.export.bundle import is_bundle as looks_like_bundle
+
     path = Path(path)
-    is_bundle = (path / "pack.json").is_file()
+    is_bundle = looks_like_bundle(path)
     if not is_bundle and not (path / "manifest.json").is_file():
         raise VerticalError(f"{path} is neither a build folder nor an exported bundle")
     pack = None

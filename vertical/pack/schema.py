@@ -25,9 +25,8 @@ class Strict(BaseModel):
 class IndexSettings(Strict):
     """Retrieval index: how documents are cut into chunks and how they are searched."""
 
-    chunk_tokens: int = Field(128, ge=32, le=512, description="chunk size in embedder tokens; against 200, 128 made "
-                              "the shipped packs' retrieval prompts 21% shorter and their base model answered 59 of "
-                              "180 items right instead of 53 (2 December)")
+    chunk_tokens: int = Field(128, ge=32, le=512, description="chunk size in embedder tokens: smaller "
+                              "chunks make shorter retrieval prompts (see docs/reference.md, index stage)")
     chunk_overlap: int = Field(24, ge=0, le=256, description="tokens shared by neighbouring chunks")
     retrieval: Literal["auto", "dense", "bm25", "hybrid"] = Field(
         "auto", description="search mode; auto keeps whichever scores best on the retrieval eval set")
@@ -88,11 +87,10 @@ class DistillSettings(Strict):
                                              "at step 20 of 60). With stages.export.model auto, a student below half "
                                              "of min_retention halfway stops there")
     batch_size: int = Field(4, ge=1, le=512)
-    learning_rate: float = Field(1e-3, gt=0, lt=1, description="AdamW peak rate (warmup, then cosine decay); 1e-3 healed the legal student faster than 2e-4 (KD loss 1.42 vs 1.74 after 60 steps)")
+    learning_rate: float = Field(1e-3, gt=0, lt=1, description="AdamW peak rate (warmup, then cosine decay)")
     max_length: int = Field(512, ge=32, le=32768, description="tokens per training sequence (retrieved sources are shortened to fit, as in tune)")
     teacher_answers: int = Field(16, ge=0, description="pack prompts the teacher answers for sequence-level distillation "
-                                 "(32 until the twelfth round: 108 s of medical's AVX2 build, 49 s with 16, and 40 steps "
-                                 "of 4 sequences drawn from about 700 met their cross-entropy term in 3 steps)")
+                                 "(each costs a greedy generation of up to answer_tokens)")
     answer_tokens: int = Field(96, ge=8, le=2048, description="longest teacher answer generated")
     documents: int = Field(64, ge=0, description="document chunks used as plain text for token-level distillation")
     seed: int = 0
