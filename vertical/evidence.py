@@ -129,7 +129,8 @@ class EvidenceSelector:
         """Numbered sources holding only the chosen sentences: the chunks that have at least one,
         the chunk with the best sentence first (a small reader leans on what it reads first),
         each with its sentences in document order."""
-        candidates = _statements(chunks) if self.sentences else []
+        candidates = [(c, s) for c, chunk in enumerate(chunks)
+                      for s in split_sentences(chunk.text, chunk.start)] if self.sentences else []
         if not candidates:  # evidence_sentences 0, or no sentence to choose: the whole chunks
             return [_source(i + 1, chunk, chunk.text, ()) for i, chunk in enumerate(chunks)]
         if question_vector is None:
@@ -151,25 +152,6 @@ class EvidenceSelector:
             picked = tuple(sorted(picked, key=lambda s: s.start))
             sources.append(_source(len(sources) + 1, chunks[c], " … ".join(s.text for s in picked), picked))
         return sources
-
-
-def _statements(chunks: Sequence) -> list[tuple[int, Sentence]]:
-    """(chunk position, sentence) for the sentences of the chunks that can hold an answer: not a
-    question (a legal FAQ's "How long can step-in last?" matches its question best and answers
-    nothing), and each stretch of a document once (neighbouring chunks overlap; the whole sentence
-    is kept over a piece of it cut at the chunk's edge)."""
-    found: list[tuple[int, Sentence, str]] = []
-    for c, chunk in enumerate(chunks):
-        for sentence in split_sentences(chunk.text, chunk.start):
-            if sentence.text.rstrip("\"')").endswith("?"):
-                continue
-            same = next((i for i, (_, other, doc) in enumerate(found) if doc == chunk.doc_id
-                         and sentence.start < other.end and other.start < sentence.end), None)
-            if same is None:
-                found.append((c, sentence, chunk.doc_id))
-            elif len(sentence.text) > len(found[same][1].text):
-                found[same] = (c, sentence, chunk.doc_id)
-    return [(c, sentence) for c, sentence, _ in found]
 
 
 # Questions that ask for an amount, a count, a time or a date: the sentence that answers them
