@@ -282,25 +282,31 @@ def test_api_key_never_reaches_the_logs(exported_build, tmp_path):
     key = "vk-secret-7f3a9c2e41"
     port = free_port()
     log_path = tmp_path / "serve.log"
+    certificate, private_key = _self_signed(tmp_path)  # and over HTTPS, as `--ssl-certfile/--ssl-keyfile` serve it
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "vertical", "--debug", "serve", str(exported_build / "export"),
-                                 "--port", str(port)], env={**os.environ, "VERTICAL_API_KEY": key},
+                                 "--port", str(port), "--ssl-certfile", str(certificate), "--ssl-keyfile",
+                                 str(private_key)], env={**os.environ, "VERTICAL_API_KEY": key},
                                 stdout=log_file, stderr=subprocess.STDOUT)
         try:
-            url = f"http://127.0.0.1:{port}"
+            url = f"https://127.0.0.1:{port}"
+            client = httpx.Client(verify=str(certificate), timeout=60)
             for _ in range(600):
                 try:
-                    httpx.get(f"{url}/health", timeout=2)
+                    client.get(f"{url}/health", timeout=2)
                     break
                 except httpx.HTTPError:
                     time.sleep(0.2)
             body = {"messages": [{"role": "user", "content": "What colour is the Zorblat fruit?"}], "max_tokens": 4}
-            assert httpx.post(f"{url}/v1/chat/completions", json=body,
-                              headers={"Authorization": f"Bearer {key}"}, timeout=60).status_code == 200
-            assert httpx.post(f"{url}/v1/chat/completions", json=body,
-                              headers={"Authorization": f"Bearer {key}x"}, timeout=60).status_code == 401
-            assert httpx.post(f"{url}/v1/chat/completions", content=b"{bad json " + key.encode(),
-                              headers={"Authorization": f"Bearer {key}"}, timeout=60).status_code == 400
+            assert client.post(f"{url}/v1/chat/completions", json=body,
+                               headers={"Authorization": f"Bearer {key}"}).status_code == 200
+            assert client.post(f"{url}/v1/chat/completions", json=body,
+                               headers={"Authorization": f"Bearer {key}x"}).status_code == 401
+            assert client.post(f"{url}/v1/chat/completions", content=b"{bad json " + key.encode(),
+                               headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+                               ).status_code == 400
+            with pytest.raises(httpx.HTTPError):  # plain HTTP gets no answer from an HTTPS server
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -464,3 +470,30 @@ def test_damaged_feedback_lines_are_skipped_and_reported_and_the_file_is_private
     assert code == 0, output
     assert "2 instruction example(s)" in output and "skipped 2 damaged line(s)" in output
     assert "feedback.jsonl line 2" in output and "Traceback" not in output
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 signed by its own key (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=2))
+                   .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                  critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "server.crt", folder / "server.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
