@@ -362,16 +362,13 @@ class NumberCopy:
 
     def blocked(self, text: str) -> np.ndarray:
         """A boolean mask over the vocabulary: True for the tokens that may not come next."""
-        mask = np.zeros(self.vocabulary.size, dtype=bool)
         match = _RUN.search(text)
         run = match.group() if match else ""
         if _IN_CITATION.search(text[: len(text) - len(run)]):
-            return mask  # a citation's number
-        if run and run.rstrip(".,") not in self.allowed:  # an unfinished number: only a continuation fits
-            mask[:] = True
-            for i, piece in self.vocabulary.pieces.items():
-                mask[i] = not self._fits(run, piece)
-            return mask
+            return np.zeros(self.vocabulary.size, dtype=bool)  # a citation's number
+        # an unfinished number: only a piece that continues it fits, so every other token is blocked
+        unfinished = bool(run) and run.rstrip(".,") not in self.allowed
+        mask = np.full(self.vocabulary.size, unfinished, dtype=bool)
         for i, piece in self.vocabulary.pieces.items():
             mask[i] = not self._fits(run, piece)
         return mask
