@@ -590,9 +590,6 @@ def read_auth_file(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 def launch(path: Path, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
            redact_feedback: bool = True, auth_file: Path | None = None, read_only: bool = False) -> None:
     """Start the demo and block until interrupted. Off this machine's loopback it needs a login
@@ -604,7 +601,9 @@ def launch(path: Path, host: str = "127.0.0.1", port: int = 7860, share: bool = 
         raise VerticalError("--share would publish the demo through gradio.live, outside this machine; "
                             "vertical keeps everything local (use --host 0.0.0.0 on a trusted network)")
     auth = read_auth_file(auth_file) if auth_file else None
-    if host not in LOOPBACK and not auth:
+    from vertical.export.server import LOOPBACK_HOSTS
+
+    if host not in LOOPBACK_HOSTS and not auth:
         raise VerticalError(f"refusing to open the demo on {host} without a login: give --auth-file (user:password "
                             "lines), and --read-only to keep others from editing; or use --host 127.0.0.1")
     demo = create_demo(path, redact_feedback, read_only)
