@@ -47,12 +47,12 @@ def random_features(tokenizer, rows: int, seq: int, answer_share: float) -> list
 
 
 def stage_trainer_seconds(model, tokenizer, features: list[dict], settings, hp: dict) -> float:
-    """Seconds the tune stage's Trainer takes for one epoch over `features`, in file order, no saving."""
+    """Seconds the tune stage's Trainer takes for one epoch over `features`, no saving."""
     from vertical.tune import make_trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(model, tokenizer, features, settings, hp, Path(tmp), save_strategy="no",
-                               train_sampling_strategy="sequential", disable_tqdm=True, logging_steps=1000,
+                               disable_tqdm=True, logging_steps=1000,
                                warmup_steps=0)
         started = time.perf_counter()
         trainer.train()

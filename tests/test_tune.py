@@ -294,3 +294,17 @@ def test_answer_loss_equals_the_models_own_loss(tokenizer, tiny_model_dir, tmp_p
     count = int((batch["labels"][:, 1:] != -100).sum()) * 2
     halved = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(count))
     assert torch.allclose(halved, ours / 2, atol=1e-5)
+
+
+def test_training_order_is_fixed_by_the_seed_and_covers_every_epoch():
+    from vertical.tune import training_order
+
+    lengths = [5, 9, 2, 7, 3, 8, 1]
+    order = training_order(lengths, 2.5, batch=1, seed=3)
+    assert len(order) == round(2.5 * len(lengths))
+    assert sorted(order[:7]) == sorted(order[7:14]) == list(range(7))  # each whole epoch takes every example once
+    assert order[:7] != order[7:14]  # reshuffled each epoch
+    assert order == training_order(lengths, 2.5, batch=1, seed=3)
+    assert order != training_order(lengths, 2.5, batch=1, seed=4)
+    window = training_order(list(range(200)), 1, batch=4, seed=0)  # one window of 200: batches of like length
+    assert all(max(window[b:b + 4]) - min(window[b:b + 4]) == 3 for b in range(0, 200, 4))

@@ -124,8 +124,35 @@ def _answer_loss_trainer():
     return AnswerLossTrainer
 
 
+def training_order(lengths: list[int], epochs: float, batch: int, seed: int) -> list[int]:
+    """The examples' indices for the whole run, epoch after epoch (a fractional last epoch takes
+    its share of the examples). Each epoch is a fresh shuffle, seeded by the seed and the epoch,
+    cut into batches of like length (less padding) within windows of 50 batches, and the batches
+    shuffled. The order is laid out before training because Trainer's own length-grouped sampler
+    draws each epoch's shuffle from the global torch generator, whose state after a resume differs
+    from the uninterrupted run's: the resumed run would then train on other batches and end with
+    other weights."""
+    order: list[int] = []
+    window = 50 * batch
+    total = max(1, round(epochs * len(lengths)))
+    epoch = 0
+    while len(order) < total:
+        rng = random.Random(f"{seed}:{epoch}")
+        indices = list(range(len(lengths)))
+        rng.shuffle(indices)
+        for start in range(0, len(indices), window):
+            by_length = sorted(indices[start:start + window], key=lambda i: -lengths[i])
+            batches = [by_length[b:b + batch] for b in range(0, len(by_length), batch)]
+            rng.shuffle(batches)
+            order += [i for b in batches for i in b]
+        epoch += 1
+    return order[:total]
+
+
 def make_trainer(model, tokenizer, features: list[dict], settings, hp: dict[str, Any], output_dir: Path, **overrides):
-    """The stage's Trainer (also used by benchmarks/tune.py, so both measure the same thing)."""
+    """The stage's Trainer (also used by benchmarks/tune.py, so both measure the same thing). It
+    takes the examples once each, in `training_order`, so resuming from a checkpoint skips exactly
+    the batches the killed run had trained on."""
     import torch
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
@@ -136,7 +163,7 @@ def make_trainer(model, tokenizer, features: list[dict], settings, hp: dict[str,
         output_dir=str(output_dir),
         per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation,
-        num_train_epochs=settings.epochs,
+        num_train_epochs=1,  # the epochs are laid out in the dataset itself, by training_order
         learning_rate=hp["learning_rate"],
         lr_scheduler_type="cosine",
         warmup_steps=max(1, int(0.05 * len(features) / (settings.batch_size * settings.gradient_accumulation))),
@@ -146,14 +173,16 @@ def make_trainer(model, tokenizer, features: list[dict], settings, hp: dict[str,
         save_total_limit=2,
         report_to=[],
         seed=settings.seed,
-        train_sampling_strategy="group_by_length",  # fewer padding tokens per batch
+        train_sampling_strategy="sequential",
         dataloader_num_workers=0,
         bf16=bf16_supported("cuda" if use_gpu else "cpu"),  # mixed precision on a GPU, or a CPU with native bf16
         use_cpu=not use_gpu,
         include_num_input_tokens_seen="non_padding",
     )
     options.update(overrides)
-    return _answer_loss_trainer()(model=model, args=TrainingArguments(**options), train_dataset=features,
+    batch = settings.batch_size * settings.gradient_accumulation
+    order = training_order([len(f["input_ids"]) for f in features], settings.epochs, batch, settings.seed)
+    return _answer_loss_trainer()(model=model, args=TrainingArguments(**options), train_dataset=[features[i] for i in order],
                    data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
 
 
