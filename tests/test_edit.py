@@ -247,3 +247,35 @@ def test_target_search_from_a_cached_prefix_equals_the_full_forward(tiny_model_d
             full = model(input_ids=torch.tensor([row])).logits[0]
             assert torch.allclose(cached[i, :len(row) - cut], full[cut:], atol=1e-4), i
     assert torch.equal(cached, again)
+
+
+def test_null_space_keeps_the_asked_share_of_the_key_energy():
+    from vertical.edit.methods import null_space
+
+    torch.manual_seed(0)
+    keys = torch.randn(64, 500) * torch.linspace(0.01, 3, 64)[:, None]  # directions of unequal energy
+    C = (keys @ keys.T / 500).double()
+    P = null_space(C, 0.05)
+    assert torch.allclose(P, P.T, atol=1e-10) and torch.allclose(P @ P, P, atol=1e-10)  # an orthogonal projection
+    assert 0 < torch.trace(P @ C) / torch.trace(C) <= 0.05 + 1e-9
+    assert 0 < torch.linalg.matrix_rank(P) < 64
+
+
+def test_alphaedit_writes_only_into_the_null_space_of_the_preserved_keys(tiny_pack, tmp_path, tiny_model_dir):
+    """Every row of each layer's update lies in the null space P of the key statistics, so the
+    preserved keys' outputs move only by what P lets through; the edit still changes the model."""
+    from vertical.edit import Editor
+    from vertical.edit.methods import null_space
+    from vertical.pack import load_pack
+
+    pack = load_pack(tiny_pack)
+    editor = Editor.load(tiny_model_dir, "", {**FAST, "null_space_energy": 0.3}, ["The Siln river flows into Lake Vor."] * 20)
+    applied = editor.apply(pack.edits(), "alphaedit")
+    (entry, tensors), = applied
+    assert entry["method"] == "alphaedit" and entry["layers"] == [0, 1]
+    moments = editor.moments([0, 1])
+    for layer, name in zip(entry["layers"], entry["weights"]):
+        delta = tensors[f"delta.{name}"].double()
+        assert delta.abs().max() > 0
+        P = null_space(moments[layer], 0.3)
+        assert torch.allclose(delta @ P, delta, atol=1e-5 * delta.abs().max().item())

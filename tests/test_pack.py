@@ -151,7 +151,7 @@ def test_packs_init_from_docs(cli, tmp_path):
     assert [p.name for p in pack.document_files()] == ["policy.md"]
     # the template's own settings only: written-out defaults would override the model's tuned edit layer
     assert pack.config.stages.model_dump(exclude_unset=True) == load_pack("medical").config.stages.model_dump(exclude_unset=True)
-    assert "edit" not in (tmp_path / "acme" / "pack.yaml").read_text()
+    assert "hparams" not in (tmp_path / "acme" / "pack.yaml").read_text()
     # refusing to overwrite is also a one-line error
     code, output = cli("packs", "init", "acme", "--docs", docs, "--dir", tmp_path / "acme")
     assert code != 0 and "already exists" in output

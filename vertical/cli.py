@@ -377,7 +377,7 @@ def edit_cmd(
                                      help="`BUILD` to apply --requests; `rollback BUILD [EDIT_ID]` to undo the last "
                                           "edit, or EDIT_ID and every edit after it."),
     requests: Optional[Path] = typer.Option(None, "--requests", help="Edit requests JSONL (EasyEdit fields)."),
-    method: Optional[str] = typer.Option(None, "--method", help="rome, memit or ft (default: the pack's)."),
+    method: Optional[str] = typer.Option(None, "--method", help="rome, memit, alphaedit or ft (default: the pack's)."),
 ) -> None:
     """Edit facts in the build's FFN weights and measure the edits, or roll edits back."""
     from vertical.edit import edit_build, rollback
@@ -392,8 +392,8 @@ def edit_cmd(
         raise VerticalError("usage: vertical edit BUILD --requests FILE [--method rome|memit|ft]")
     if requests is None:
         raise VerticalError("--requests FILE is required: a JSONL of edits (prompt, subject, target_new, ...)")
-    if method not in (None, "rome", "memit", "ft"):
-        raise VerticalError(f"--method {method}: use rome, memit or ft")
+    if method not in (None, "rome", "memit", "alphaedit", "ft"):
+        raise VerticalError(f"--method {method}: use rome, memit, alphaedit or ft")
     _print_edit_metrics(edit_build(_build_dir(Path(args[0])), requests, method))
 
 

@@ -350,7 +350,7 @@ def _reapply_edits(ctx, model_dir: Path, kept: list[int]) -> dict[str, Any] | No
         teacher_layers = sorted({layer for entry in group for layer in entry["layers"]})
         layers = sorted({student_layer(layer, kept) for layer in teacher_layers})
         span = len(default_layers) if isinstance(default_layers, list) else len(layers)
-        if method == "memit" and len(layers) < span:  # MEMIT spreads over a span; keep its width in the student
+        if method in ("memit", "alphaedit") and len(layers) < span:  # spread over a span; keep its width in the student
             start = max(0, min(layers[0], len(kept) - span))
             layers = list(range(start, start + span))
         editor.hp = load_hparams(model_name, {**overrides, "layer": layers[0], "layers": layers})

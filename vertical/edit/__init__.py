@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class Editor:
     hp: Any
     model_name: str
     documents: list[str]
+    previous: list = field(default_factory=list)  # requests already in the weights, which AlphaEdit keeps
 
     @classmethod
     def load(cls, model_dir: Path, model_name: str, overrides: dict | None, documents: list[str]) -> "Editor":
@@ -116,7 +117,7 @@ class Editor:
         (the build's progress reporter) shows one step per ROME / FT edit."""
         import torch
 
-        from vertical.edit.methods import constrained_ft, memit, rome
+        from vertical.edit.methods import alphaedit, constrained_ft, memit, rome
 
         applied: list[tuple[dict, dict]] = []
         originals: dict[str, torch.Tensor] = {}
@@ -141,9 +142,12 @@ class Editor:
         try:
             if method == "memit":
                 layers = self.memit_layers(requests)
-                moments = self.moments
                 run(requests, layers, lambda: memit(self.model, self.tokenizer, self.layout, requests, layers, self.hp,
-                                                    self.templates(), moments))
+                                                    self.templates(), self.moments))
+            elif method == "alphaedit":
+                layers = self.memit_layers(requests)
+                run(requests, layers, lambda: alphaedit(self.model, self.tokenizer, self.layout, requests, layers,
+                                                        self.hp, self.templates(), self.moments, self.previous))
             else:
                 layer = self.edit_layer(requests)
                 for request in track(requests, len(requests), f"{method} edits") if track else requests:
@@ -153,7 +157,7 @@ class Editor:
                     elif method == "ft":
                         call = lambda r=request: constrained_ft(self.model, self.tokenizer, self.layout, r, layer, self.hp)  # noqa: E731
                     else:
-                        raise VerticalError(f"unknown edit method '{method}': use rome, memit or ft")
+                        raise VerticalError(f"unknown edit method '{method}': use rome, memit, alphaedit or ft")
                     run([request], [layer], call)
         except BaseException:
             params = dict(self.model.named_parameters())
@@ -290,6 +294,7 @@ def edit_build(build_dir: Path, requests_file: Path, method: str | None = None) 
         previous = read_log(edit_dir) if source.parent == edit_dir else []
         editor = Editor.load(source, _model_name(build_dir), settings.hparams.model_dump(exclude_unset=True),
                              _document_texts(pack) if settings.hparams.mom2 == "stats" else [])
+        editor.previous = [EditRequest.model_validate(r) for entry in previous for r in entry["requests"]]
         metrics, applied = _run_edits(editor, requests, method)
         metrics["requests_file"] = str(requests_file)
         history = json.loads((edit_dir / "metrics.json").read_text()) if (edit_dir / "metrics.json").is_file() else {}

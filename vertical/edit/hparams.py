@@ -31,6 +31,10 @@ class EditHyperParams(BaseModel):
     mom2: Literal["stats", "identity"] = "stats"
     mom2_tokens: int = Field(20000, ge=1000, description="tokens of text for the key statistics")
     mom2_update_weight: float = Field(15000.0, gt=0, description="MEMIT's lambda on the key covariance")
+    # AlphaEdit: how much of the preserved keys' energy the update may touch, and its ridge
+    null_space_energy: float = Field(0.05, gt=0, le=1, description="share of the key second moment, smallest "
+                                     "directions first, that spans the null space AlphaEdit writes into")
+    alphaedit_ridge: float = Field(0.1, gt=0, description="ridge, relative to the mean diagonal of P K K^T")
     # fine-tuning baseline
     ft_steps: int = Field(25, ge=1)
     ft_lr: float = Field(5e-4, gt=0)

@@ -1,4 +1,4 @@
-"""The three ways to write a fact into the weights.
+"""The four ways to write a fact into the weights.
 
 ROME  one edit, one layer: a rank-one update of the down projection W of layer l such that the
       subject's key k* now maps to v* = W k* + delta, while keys of other text (second moment C)
@@ -6,6 +6,9 @@ ROME  one edit, one layer: a rank-one update of the down projection W of layer l
 MEMIT many edits at once, spread over layers L: the residual target z of each edit at the top of
       L is reached in steps; at each layer, with keys K and the remaining residual R divided over
       the layers left,                      W += R K^T (lambda C + K K^T)^-1
+AlphaEdit  MEMIT's schedule, each layer's update projected onto the null space P of the preserved
+      keys (the directions that carry almost none of C) and kept off earlier edits' keys K_p
+      (Fang et al., ICLR 2025):   W += R K^T P (P (K K^T + K_p K_p^T) + ridge I)^-1
 FT    baseline: gradient descent on the same layer's down projection only, each entry kept within
       a small L-infinity distance of its original value (Zhu et al., constrained fine-tuning).
 
@@ -61,6 +64,58 @@ def rome(model, tokenizer, layout: FFNLayout, request: EditRequest, layer: int, 
 def memit(model, tokenizer, layout: FFNLayout, requests: list[EditRequest], layers: list[int], hp,
           templates: list[str], moments: Moments) -> dict[int, torch.Tensor]:
     """Apply a batch of edits over `layers` in place; returns {layer: delta W}."""
+    cov = moments(layers) if hp.mom2 == "stats" else {}
+
+    def solve(layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        C = cov[layer].double() if layer in cov else torch.eye(K.shape[0], dtype=torch.float64)
+        A = hp.mom2_update_weight * C + K @ K.T
+        # the same tiny ridge as ROME's solve: C from fewer tokens than the FFN is wide is singular
+        A += 1e-6 * A.diagonal().mean().clamp(min=1e-12) * torch.eye(A.shape[0], dtype=A.dtype)
+        return torch.linalg.solve(A, (R @ K.T).T).T  # R K^T A^-1 (A symmetric)
+
+    return _spread(model, tokenizer, layout, requests, layers, hp, templates, solve, "MEMIT")
+
+
+def null_space(moment: torch.Tensor, energy: float) -> torch.Tensor:
+    """P [m, m]: the projection onto the key directions that carry the smallest `energy` share of
+    the preserved keys' second moment. An update W += X P leaves W k almost unchanged for every
+    key k of the preserved text, since P k is almost zero."""
+    values, vectors = torch.linalg.eigh(moment.double())  # ascending
+    values = values.clamp(min=0)
+    share = values.cumsum(0) / values.sum().clamp(min=1e-12)
+    basis = vectors[:, share <= energy]
+    return basis @ basis.T
+
+
+def alphaedit(model, tokenizer, layout: FFNLayout, requests: list[EditRequest], layers: list[int], hp,
+              templates: list[str], moments: Moments, previous: list[EditRequest] = ()) -> dict[int, torch.Tensor]:
+    """Apply a batch of edits over `layers` in place, each layer's update projected onto the null
+    space of the preserved keys (AlphaEdit); the keys of `previous` edits are kept in place too.
+    Returns {layer: delta W}."""
+    cov = moments(layers) if hp.mom2 == "stats" else {}
+
+    def solve(layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        m = K.shape[0]
+        P = null_space(cov[layer], hp.null_space_energy) if layer in cov else torch.eye(m, dtype=torch.float64)
+        M = K @ K.T
+        if previous:
+            Kp = torch.cat([keys_at(model, tokenizer, layout, [layer], r, templates, per_context=True)[layer]
+                            for r in previous]).T.double()
+            M = M + Kp @ Kp.T
+        A = P @ M
+        A += hp.alphaedit_ridge * A.diagonal().mean().clamp(min=1e-12) * torch.eye(m, dtype=A.dtype)
+        # X = A^-1 P K R^T lies in P's range (X = (P K R^T - P M X) / ridge), so W + X^T moves
+        # only null-space directions of the preserved keys
+        return torch.linalg.solve(A, P @ K @ R.T).T
+
+    return _spread(model, tokenizer, layout, requests, layers, hp, templates, solve, "AlphaEdit")
+
+
+def _spread(model, tokenizer, layout: FFNLayout, requests: list[EditRequest], layers: list[int], hp,
+            templates: list[str], solve: Callable, name: str) -> dict[int, torch.Tensor]:
+    """MEMIT's schedule, shared by AlphaEdit: the residual target z of each edit at the top of
+    `layers`, reached in steps; each layer takes the remaining residual divided over the layers
+    left, through `solve(layer, K [m, n*c], R [d, n*c]) -> delta W [d, m]`."""
     top = layers[-1]
     # target residual at the top layer for every edit (one delta per edit, all contexts)
     targets = []
@@ -69,7 +124,6 @@ def memit(model, tokenizer, layout: FFNLayout, requests: list[EditRequest], laye
         targets.append(delta)
     start = {r.prompt: _residual_at(model, tokenizer, layout, top, r, templates) for r in requests}
     goal = [start[r.prompt] + d for r, d in zip(requests, targets)]  # [contexts, d] each
-    cov = moments(layers) if hp.mom2 == "stats" else {}
     updates: dict[int, torch.Tensor] = {}
     for i, layer in enumerate(layers):
         keys, residuals = [], []
@@ -80,12 +134,8 @@ def memit(model, tokenizer, layout: FFNLayout, requests: list[EditRequest], laye
             residuals.append((target - now) / (len(layers) - i))
         K = torch.cat(keys).T.double()  # [m, n*c]
         R = torch.cat(residuals).T.double()  # [d, n*c]
-        C = cov[layer].double() if layer in cov else torch.eye(K.shape[0], dtype=torch.float64)
-        A = hp.mom2_update_weight * C + K @ K.T
-        # the same tiny ridge as ROME's solve: C from fewer tokens than the FFN is wide is singular
-        A += 1e-6 * A.diagonal().mean().clamp(min=1e-12) * torch.eye(A.shape[0], dtype=A.dtype)
-        update = torch.linalg.solve(A, (R @ K.T).T).T.float()  # R K^T A^-1 (A symmetric)
-        _check(update, f"MEMIT batch at layer {layer}")
+        update = solve(layer, K, R).float()
+        _check(update, f"{name} batch at layer {layer}")
         weight = layout.down_proj(layer).weight
         with torch.no_grad():
             weight += update.to(weight.dtype)

@@ -74,7 +74,7 @@ class TuneSettings(Strict):
 class EditSettings(Strict):
     """Knowledge editing of the pack's edits; `hparams` overrides the model's tuned values."""
 
-    method: Literal["rome", "memit", "ft"] = "rome"
+    method: Literal["rome", "memit", "alphaedit", "ft"] = "rome"
     hparams: EditHyperParams = Field(default_factory=EditHyperParams)
 
 
