@@ -31,8 +31,8 @@ def main() -> None:
 
     from vertical import pipeline
     from vertical.answer import retrieve
-    from vertical.evaluate import sample_items
-    from vertical.evaluate.qa import TorchLM, score_qa
+    from vertical.scoring import sample_items
+    from vertical.scoring import TorchLM, score_qa
     from vertical.index import open_index
     from vertical.models import load_causal_lm, load_tokenizer
     from vertical.pack import load_pack

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main() -> None:
     from sentence_transformers import SentenceTransformer
 
-    from vertical.export.convert import export_embedder
+    from vertical.index.embedder import export_embedder
     from vertical.export.runtime import OnnxEmbedder
     from vertical.index import _chunk_all, _chunk_tokenizer
     from vertical.index.documents import load_documents

@@ -40,7 +40,7 @@ def run(*args: str) -> str:
 def ask_all(target: Path, questions: list[dict]) -> list[dict]:
     """Every question asked as `vertical ask --json` does, in one process (the models load once)."""
     from vertical.cli import _open_assistant, answer_json
-    from vertical.evaluate.qa import is_correct
+    from vertical.scoring import is_correct
 
     assistant = _open_assistant(target)
     rows = []

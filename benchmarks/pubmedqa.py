@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from vertical.answer import retrieve
-    from vertical.evaluate.qa import TorchLM, score_qa
+    from vertical.scoring import TorchLM, score_qa
     from vertical.generation import best_model_dir
     from vertical.index import open_index
     from vertical.models import load_causal_lm, load_tokenizer

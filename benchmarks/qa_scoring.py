@@ -26,8 +26,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from vertical.answer import retrieve
-    from vertical.evaluate import sample_items
-    from vertical.evaluate.qa import TorchLM, score_qa
+    from vertical.scoring import sample_items
+    from vertical.scoring import TorchLM, score_qa
     from vertical.generation import best_model_dir
     from vertical.index import open_index
     from vertical.models import load_causal_lm, load_tokenizer

@@ -114,13 +114,13 @@ def main() -> None:
 
     from sentence_transformers import SentenceTransformer
 
-    from vertical.export.convert import export_embedder
-    from vertical.index import EMBEDDER, _chunk_tokenizer, _embedder
+    from vertical.index.embedder import export_embedder
+    from vertical.index import EMBEDDER, _chunk_tokenizer, open_embedder
     from vertical.models.registry import resolve_embedder
 
     folder = Path(tempfile.mkdtemp())
     export_embedder("all-minilm-l6-v2", folder / EMBEDDER)  # as the index stage does
-    embedder, tokenizer = _embedder(folder), _chunk_tokenizer(folder)
+    embedder, tokenizer = open_embedder(folder), _chunk_tokenizer(folder)
     plain_model = SentenceTransformer(str(resolve_embedder("all-minilm-l6-v2")), device="cpu", local_files_only=True)
     real_vectors = None
     print(f"{'chunks':>8} {'faiss':>6} {'vertical ch/s':>14} {'plain ch/s':>11} {'ratio':>6} "

@@ -34,38 +34,9 @@ def inputs(ctx) -> dict[str, Any]:
             "retrieval_eval": ctx.pack.fingerprint("retrieval_eval")}
 
 
-def student_ships(settings, retention: float | None) -> tuple[bool, str]:
-    """Whether `stages.export` ships the distilled student rather than the teacher, and why. `auto`
-    ships it only if it kept at least `min_retention` of the teacher's QA score: a faster model that
-    lost the pack's answers is no deployment, and an unmeasured one is not shipped by default."""
-    if settings.model == "student":
-        return True, "asked for (stages.export.model: student)"
-    if settings.model == "teacher":
-        return False, "asked for (stages.export.model: teacher)"
-    if retention is None:
-        return False, ("no QA score to compare the student with the teacher, so the teacher ships "
-                       "(stages.export.model: student ships the student unmeasured)")
-    if retention >= settings.min_retention:
-        return True, f"retention {retention:.2f} >= {settings.min_retention}"
-    return False, f"student retention {retention:.2f} < {settings.min_retention}"
-
-
-def student_worth_finishing(settings, retention_at_check: float | None) -> tuple[bool, str]:
-    """Halfway through distillation, whether the rest of the training can still make the
-    student ship under `auto` (the only choice retention decides), and why. A student below half
-    of `min_retention` then will not double its score in the remaining steps (the legal, finance
-    and games students kept 0.00-0.27 after all 60 steps; legal's had 0.22 at step 20 and at 30)."""
-    if retention_at_check is None:
-        return True, "no QA score to compare the student with the teacher"
-    if retention_at_check < settings.min_retention / 2:
-        return False, (f"retention {retention_at_check:.2f} halfway, below half of the "
-                       f"{settings.min_retention} the export needs: the bundle ships the teacher")
-    return True, f"retention {retention_at_check:.2f} halfway"
-
-
 def _model_to_export(ctx, settings) -> tuple[Path, str, str]:
     """(model folder, "student" | "teacher", why), by student_ships on the distill stage's retention."""
-    from vertical.distill import EDITS_SKIPPED
+    from vertical.distill import EDITS_SKIPPED, student_ships
     from vertical.edit import read_log
     from vertical.errors import VerticalError
     from vertical.generation import best_model_dir

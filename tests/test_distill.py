@@ -117,7 +117,7 @@ def test_selected_logits_equal_the_full_forward_at_those_positions(tmp_path):
 
 
 def test_held_out_loss_is_the_models_own_loss_on_the_labelled_tokens(tmp_path):
-    from vertical.evaluate.qa import mean_loss
+    from vertical.scoring import mean_loss
 
     model = load_causal_lm(make_tiny_model(tmp_path / "m", layers=2))
     features = [{"input_ids": [5, 9, 3, 7, 11, 2], "attention_mask": [1] * 6, "labels": [-100, -100, -100, 7, 11, 2]},

@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from vertical.evaluate import edit_scores, sample_items
-from vertical.evaluate.qa import choose, is_correct, score_qa
+from vertical.evaluate import edit_scores
+from vertical.scoring import sample_items
+from vertical.scoring import choose, is_correct, score_qa
 from vertical.pack.schema import EditRequest, QAItem
 
 
@@ -150,7 +151,7 @@ def test_eval_reuses_the_distill_stages_answers_and_they_equal_fresh_ones(export
     assert reused["edited + retrieval"]["reused_from_earlier_stages"] == reused["edited + retrieval"]["n"] > 0
     assert reused["student + retrieval"]["reused_from_earlier_stages"] == reused["student + retrieval"]["n"]
     assert reused["base + retrieval"]["reused_from_earlier_stages"] == 0
-    monkeypatch.setattr("vertical.evaluate.qa.known_predictions", lambda build_dir, model_dir: {})
+    monkeypatch.setattr("vertical.scoring.known_predictions", lambda build_dir, model_dir: {})
     code, output = cli("eval", exported_build, "--out", tmp_path / "fresh")
     assert code == 0, output
     fresh = {row["model"]: row for row in json.loads((tmp_path / "fresh" / "report.json").read_text())["qa"]}

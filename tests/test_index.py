@@ -143,7 +143,7 @@ def test_documents_that_would_exhaust_the_machine_are_skipped_and_named(mixed_do
 @pytest.fixture(scope="module")
 def index_dir(tmp_path_factory) -> Path:
     """An index folder holding only the exported embedder, as the index stage writes it."""
-    from vertical.export.convert import export_embedder
+    from vertical.index.embedder import export_embedder
     from vertical.index import EMBEDDER
 
     folder = tmp_path_factory.mktemp("index")

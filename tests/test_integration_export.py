@@ -13,7 +13,7 @@ FACT = ("Clause 14.2 (Termination for convenience). The client may terminate thi
 def test_fp32_bundle_model_decodes_as_pytorch_on_a_retrieval_prompt(default_model_dir, tmp_path):
     """Both decode plain greedy, as the QA scoring does. A repetition penalty in the runtime once made
     the bundle's answers differ and stop copying from the sources (legal short answers 0.35 -> 0.04)."""
-    from vertical.evaluate.qa import OnnxLM, TorchLM
+    from vertical.scoring import OnnxLM, TorchLM
     from vertical.export.convert import export_language_model
     from vertical.export.runtime import OnnxChatModel
     from vertical.models import load_causal_lm, load_tokenizer

@@ -205,8 +205,8 @@ def test_tune_under_torchrun_two_processes(tiny_pack, tmp_path, tiny_model_dir):
 
 def test_a_docs_only_pack_trains_on_generated_questions_and_is_scored_on_held_out_ones(tiny_pack, tmp_path,
                                                                                        tiny_model_dir):
-    from vertical.evaluate import eval_sample
-    from vertical.evaluate.qa import normalize
+    from vertical.scoring import eval_sample
+    from vertical.scoring import normalize
     from vertical.pack import load_pack
 
     config = yaml.safe_load((tiny_pack / "pack.yaml").read_text())

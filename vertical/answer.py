@@ -82,7 +82,7 @@ class Assistant:
     @classmethod
     def from_build(cls, build_dir: Path) -> "Assistant":
         from vertical.generation import ChatModel, best_model_dir
-        from vertical.index import open_index
+        from vertical.index.store import open_index
         from vertical.pack import load_pack
         from vertical.pipeline import load_manifest
 

@@ -38,7 +38,7 @@ PROBE_SEQUENCES = 8  # sequences on which the candidate layer layouts are compar
 
 
 def inputs(ctx) -> dict[str, Any]:
-    from vertical.evaluate import sample_inputs
+    from vertical.scoring import sample_inputs
 
     pack = ctx.pack
     return {"instructions": pack.fingerprint("instructions"), "system_prompt": sha256_text(pack.config.system_prompt),
@@ -298,6 +298,35 @@ def decode_tokens_per_s(model, tokenizer, new_tokens: int = 32, runs: int = 2) -
     return decode_speeds({"model": model}, tokenizer, new_tokens, runs)["model"]
 
 
+def student_ships(settings, retention: float | None) -> tuple[bool, str]:
+    """Whether `stages.export` ships the distilled student rather than the teacher, and why. `auto`
+    ships it only if it kept at least `min_retention` of the teacher's QA score: a faster model that
+    lost the pack's answers is no deployment, and an unmeasured one is not shipped by default."""
+    if settings.model == "student":
+        return True, "asked for (stages.export.model: student)"
+    if settings.model == "teacher":
+        return False, "asked for (stages.export.model: teacher)"
+    if retention is None:
+        return False, ("no QA score to compare the student with the teacher, so the teacher ships "
+                       "(stages.export.model: student ships the student unmeasured)")
+    if retention >= settings.min_retention:
+        return True, f"retention {retention:.2f} >= {settings.min_retention}"
+    return False, f"student retention {retention:.2f} < {settings.min_retention}"
+
+
+def student_worth_finishing(settings, retention_at_check: float | None) -> tuple[bool, str]:
+    """Halfway through distillation, whether the rest of the training can still make the
+    student ship under `auto` (the only choice retention decides), and why. A student below half
+    of `min_retention` then will not double its score in the remaining steps (the legal, finance
+    and games students kept 0.00-0.27 after all 60 steps; legal's had 0.22 at step 20 and at 30)."""
+    if retention_at_check is None:
+        return True, "no QA score to compare the student with the teacher"
+    if retention_at_check < settings.min_retention / 2:
+        return False, (f"retention {retention_at_check:.2f} halfway, below half of the "
+                       f"{settings.min_retention} the export needs: the bundle ships the teacher")
+    return True, f"retention {retention_at_check:.2f} halfway"
+
+
 def decode_speeds(models: dict[str, Any], tokenizer, new_tokens: int = 48, runs: int = 3) -> dict[str, float]:
     """Greedy decoding speed of several torch models, best of `runs` each, the models taking turns
     so that a busy moment of a shared CPU slows all of them alike instead of one."""
@@ -317,62 +346,11 @@ def decode_speeds(models: dict[str, Any], tokenizer, new_tokens: int = 48, runs:
     return {name: round(rate, 2) for name, rate in best.items()}
 
 
-def _reapply_edits(ctx, model_dir: Path, kept: list[int]) -> dict[str, Any] | None:
-    """Run the teacher's logged edits again on the student, at the student layers that correspond
-    to the teacher's edited layers, and measure them (deltas cannot be copied: the shapes match
-    but the student's keys and values differ). Consecutive edits of one method are replayed
-    together, in the log's order (a build's ROME edits, then a later `vertical edit --method memit`)."""
-    from vertical.distill.student import student_layer
-    from vertical.edit import Editor, _document_texts, _model_name, _run_edits, _true_targets, measure, read_log
-    from vertical.edit.hparams import load_hparams
-    from vertical.pack.schema import EditRequest
-
-    entries = read_log(ctx.build_dir / "edit")
-    if not entries:
-        return None
-    groups: list[tuple[str, list[dict]]] = []
-    for entry in entries:
-        if groups and groups[-1][0] == entry["method"]:
-            groups[-1][1].append(entry)
-        else:
-            groups.append((entry["method"], [entry]))
-    settings = ctx.pack.config.stages.edit
-    model_name = _model_name(ctx.build_dir)
-    overrides = settings.hparams.model_dump(exclude_unset=True)
-    default_layers = load_hparams(model_name, overrides).layers
-    editor = Editor.load(model_dir, model_name, overrides,
-                         _document_texts(ctx.pack) if settings.hparams.mom2 == "stats" else [])
-    everything = [EditRequest.model_validate(r) for entry in entries for r in entry["requests"]]
-    true_targets = _true_targets(editor, everything) if len(groups) > 1 else None
-    runs = []
-    for method, group in groups:
-        requests = [EditRequest.model_validate(r) for entry in group for r in entry["requests"]]
-        teacher_layers = sorted({layer for entry in group for layer in entry["layers"]})
-        layers = sorted({student_layer(layer, kept) for layer in teacher_layers})
-        span = len(default_layers) if isinstance(default_layers, list) else len(layers)
-        if method in ("memit", "alphaedit") and len(layers) < span:  # spread over a span; keep its width in the student
-            start = max(0, min(layers[0], len(kept) - span))
-            layers = list(range(start, start + span))
-        editor.hp = load_hparams(model_name, {**overrides, "layer": layers[0], "layers": layers})
-        metrics, _ = _run_edits(editor, requests, method, ctx.reporter.track)
-        runs.append({**metrics, "teacher_layers": teacher_layers, "student_layers": layers})
-    editor.model.save_pretrained(model_dir, safe_serialization=True)
-    if len(runs) == 1:
-        return runs[0]
-    after = measure(editor, everything, true_targets)  # every edit, once all are in
-    return {"method": "+".join(method for method, _ in groups), "edits": len(everything), "runs": runs,
-            "after": after, **{k: after[k] for k in ("efficacy", "generalization", "locality", "fluency")},
-            "teacher_layers": sorted({l for r in runs for l in r["teacher_layers"]}),
-            "student_layers": sorted({l for r in runs for l in r["student_layers"]})}
-
-
 def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.answer import retrieve
-    from vertical.distill.student import choose_layers, make_student
-    from vertical.edit import read_log
-    from vertical.evaluate import eval_sample
-    from vertical.evaluate.qa import TorchLM, known_predictions, score_qa, write_predictions
-    from vertical.export import student_ships, student_worth_finishing
+    from vertical.distill.student import choose_layers, make_student, student_layer
+    from vertical.edit import read_log, replay_edits
+    from vertical.scoring import TorchLM, eval_sample, known_predictions, score_qa, write_predictions
     from vertical.generation import best_model_dir
     from vertical.index import open_index
     from vertical.models import load_causal_lm, load_tokenizer, save_tokenizer
@@ -473,7 +451,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
     # Re-applying the edits costs minutes; a student the export stage will pass over for the teacher
     # (it lost the pack's answers) does not need them.
     ships, why = student_ships(export, metrics.get("retention"))
-    edits = _reapply_edits(ctx, out / "model", kept) if ships else None
+    edits = replay_edits(ctx.build_dir, ctx.pack, out / "model", lambda layer: student_layer(layer, kept), len(kept),
+                         ctx.reporter.track) if ships else None
     if edits is not None:
         metrics["edits"] = edits
         metrics["edit_efficacy"] = edits["efficacy"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -373,3 +374,52 @@ def apply_deltas(model, entries: list[dict], edit_dir: Path) -> None:
                     raise VerticalError(f"{entry['id']}: the model has no weight {name} of the edited shape; "
                                         "re-run the edit requests on it instead")
                 params[name] += saved[f"delta.{name}"].to(params[name].dtype)
+
+
+def replay_edits(build_dir: Path, pack, model_dir: Path, to_layer: Callable[[int], int], layer_count: int,
+                 track=None) -> dict[str, Any] | None:
+    """Run the build's logged edits again on another model of the family (the distilled student in
+    `model_dir`, `layer_count` layers), at the layers `to_layer` maps the edited layers to, measure
+    them and save the model (deltas cannot be copied: the shapes match
+    but the student's keys and values differ). Consecutive edits of one method are replayed
+    together, in the log's order (a build's ROME edits, then a later `vertical edit --method memit`)."""
+    from vertical.edit.hparams import load_hparams
+    from vertical.pack.schema import EditRequest
+
+    entries = read_log(build_dir / "edit")
+    if not entries:
+        return None
+    groups: list[tuple[str, list[dict]]] = []
+    for entry in entries:
+        if groups and groups[-1][0] == entry["method"]:
+            groups[-1][1].append(entry)
+        else:
+            groups.append((entry["method"], [entry]))
+    settings = pack.config.stages.edit
+    model_name = _model_name(build_dir)
+    overrides = settings.hparams.model_dump(exclude_unset=True)
+    default_layers = load_hparams(model_name, overrides).layers
+    editor = Editor.load(model_dir, model_name, overrides,
+                         _document_texts(pack) if settings.hparams.mom2 == "stats" else [])
+    everything = [EditRequest.model_validate(r) for entry in entries for r in entry["requests"]]
+    true_targets = _true_targets(editor, everything) if len(groups) > 1 else None
+    runs = []
+    for method, group in groups:
+        requests = [EditRequest.model_validate(r) for entry in group for r in entry["requests"]]
+        teacher_layers = sorted({layer for entry in group for layer in entry["layers"]})
+        layers = sorted({to_layer(layer) for layer in teacher_layers})
+        span = len(default_layers) if isinstance(default_layers, list) else len(layers)
+        if method in ("memit", "alphaedit") and len(layers) < span:  # spread over a span; keep its width in the student
+            start = max(0, min(layers[0], layer_count - span))
+            layers = list(range(start, start + span))
+        editor.hp = load_hparams(model_name, {**overrides, "layer": layers[0], "layers": layers})
+        metrics, _ = _run_edits(editor, requests, method, track)
+        runs.append({**metrics, "teacher_layers": teacher_layers, "student_layers": layers})
+    editor.model.save_pretrained(model_dir, safe_serialization=True)
+    if len(runs) == 1:
+        return runs[0]
+    after = measure(editor, everything, true_targets)  # every edit, once all are in
+    return {"method": "+".join(method for method, _ in groups), "edits": len(everything), "runs": runs,
+            "after": after, **{k: after[k] for k in ("efficacy", "generalization", "locality", "fluency")},
+            "teacher_layers": sorted({l for r in runs for l in r["teacher_layers"]}),
+            "student_layers": sorted({l for r in runs for l in r["student_layers"]})}

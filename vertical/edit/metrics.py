@@ -15,31 +15,8 @@ from collections import Counter
 import torch
 
 from vertical.edit.tokens import encode, left_padded, target_ids
+from vertical.generation import mean_logprobs
 from vertical.pack.schema import EditRequest
-
-
-def mean_logprobs(model, rows: list[tuple[list[int], list[int]]], pad: int, batch_size: int = 16) -> list[float]:
-    """Mean log P of each continuation's tokens after its prompt, for (prompt ids, continuation ids)
-    rows run together in right-padded batches of similar length: padding after a row changes none
-    of its logits under the causal mask, so each value is the single-row one (to float rounding)."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))
-    values = [0.0] * len(rows)
-    for start in range(0, len(order), batch_size):
-        chosen = order[start:start + batch_size]
-        width = max(len(rows[i][0]) + len(rows[i][1]) for i in chosen)
-        ids = torch.full((len(chosen), width), pad)
-        mask = torch.zeros((len(chosen), width), dtype=torch.long)
-        for row, i in enumerate(chosen):
-            sequence = rows[i][0] + rows[i][1]
-            ids[row, :len(sequence)] = torch.tensor(sequence)
-            mask[row, :len(sequence)] = 1
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        for row, i in enumerate(chosen):
-            prompt, continuation = rows[i]
-            logp = logits[row, len(prompt) - 1:len(prompt) + len(continuation) - 1].log_softmax(-1)
-            values[i] = float(logp[torch.arange(len(continuation)), torch.tensor(continuation)].mean())
-    return values
 
 
 def target_logprobs(model, tokenizer, pairs: list[tuple[str, str]]) -> list[float]:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from pathlib import Path
 from typing import Any
 
 from vertical.errors import VerticalError
 from vertical.io import sha256_text
+from vertical.scoring import eval_sample, pack_questions, sample_items
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _rows(path: Path) -> list[tuple[str, str, Path, bool]]:
 
 def _open(kind: str, folder: Path, build_index: tuple | None):
     """(lm, (index, encode)) for one row: a TorchLM with the build's index, or an OnnxLM with the bundle's."""
-    from vertical.evaluate.qa import OnnxLM, TorchLM
+    from vertical.scoring import OnnxLM, TorchLM
 
     if kind == "onnx":
         from vertical.export.runtime import open_bundle
@@ -127,7 +127,7 @@ def evaluate(path: Path, qa_items: list, edits: list, system_prompt: str, settin
              track=None) -> dict[str, Any]:
     """Score every model of a build (or the one of a bundle) on the same QA items and edits."""
     from vertical.answer import retrieve
-    from vertical.evaluate.qa import known_predictions, score_qa
+    from vertical.scoring import known_predictions, score_qa
 
     path = Path(path)
     build_dir = None if (path / "pack.json").is_file() else path
@@ -219,57 +219,6 @@ def _recorded_metrics(metrics: dict[str, dict]) -> dict[str, Any]:
                                         "bundle_quant": export.get("quant"),
                                         "bundle_mb": round(export["bundle_bytes"] / 1e6, 1)
                                         if export.get("bundle_bytes") else None}.items() if v is not None}}
-
-
-def sample_items(items: list, count: int, seed: int) -> list:
-    """A seeded sample in which short-answer items (answers written in the pack's documents) make
-    at least half, or all there are: a sample in the pack's own proportions measured medical mostly
-    on PubMedQA's yes/no/maybe, not on the hospital's notes."""
-    if not count or count >= len(items):
-        return list(items)
-    rng = random.Random(seed)
-    choice = [i for i in items if i.choices]
-    short = [i for i in items if not i.choices]
-    take_short = min(len(short), max(round(count * len(short) / len(items)), (count + 1) // 2))
-    return rng.sample(short, take_short) + rng.sample(choice, min(len(choice), count - take_short))
-
-
-HELD_OUT_GENERATED = "tune/heldout_qa.jsonl"  # generated questions kept out of training (packs without qa_eval)
-
-
-def pack_questions(pack, build_dir: Path | None = None) -> list:
-    """The pack's QA items; for a pack without any, the held-out split of the questions the tune
-    stage generated from its documents, so that every build has a score."""
-    items = pack.qa_eval()
-    if items or build_dir is None or not (Path(build_dir) / HELD_OUT_GENERATED).is_file():
-        return items
-    from vertical.pack.schema import QAItem
-
-    lines = (Path(build_dir) / HELD_OUT_GENERATED).read_text(encoding="utf-8").splitlines()
-    return [QAItem.model_validate({k: v for k, v in json.loads(line).items() if k in QAItem.model_fields})
-            for line in lines if line.strip()]
-
-
-def eval_sample(pack, build_dir: Path | None = None) -> list:
-    """The QA items the eval stage scores (stages.eval: how many, which seed)."""
-    settings = pack.config.stages.eval
-    return sample_items(pack_questions(pack, build_dir), settings.questions, settings.seed)
-
-
-def stage_questions(pack, count: int, questions: list) -> list:
-    """The QA items the tune stage scores, of `questions` (the pack's, or the held-out generated
-    ones): a subset of the eval stage's own sample (same mix of kinds), so that the eval stage
-    reuses those answers instead of asking again."""
-    if not count:
-        return []
-    settings = pack.config.stages.eval
-    sample = sample_items(questions, settings.questions, settings.seed)
-    return sample_items(sample if count <= len(sample) else questions, count, settings.seed)
-
-
-def sample_inputs(pack) -> dict[str, Any]:
-    """What eval_sample, stage_questions and the answers' length depend on (part of the scoring stages' inputs)."""
-    return {"qa_eval": pack.fingerprint("qa_eval"), "eval_sample": pack.config.stages.eval.model_dump()}
 
 
 def run(ctx, out: Path) -> dict[str, Any]:

@@ -23,14 +23,13 @@ import numpy as np
 from vertical.errors import VerticalError
 from vertical.index.chunking import Chunk, chunk_document
 from vertical.index.documents import Document, load_documents
-from vertical.index.store import Hit, RetrievalIndex
+from vertical.index.store import EMBEDDER, Hit, RetrievalIndex, open_embedder, open_index  # noqa: F401 (the stage's public names)
 from vertical.io import atomic_dir, atomic_write_json, files_under, read_json, sha256_json
 
 log = logging.getLogger(__name__)
 
 MODES = ("dense", "bm25", "hybrid")
 DEFAULT_THRESHOLD = 0.25  # used when a pack has no retrieval evaluation set to calibrate on
-EMBEDDER = "embedder"  # index/embedder/: the sentence embedder as one ONNX graph
 
 __all__ = ["Hit", "RetrievalIndex", "add_documents", "inputs", "open_index", "remove_documents", "run"]
 
@@ -52,12 +51,6 @@ def _chunk_all(documents: list[Document], tokenizer, settings) -> list[Chunk]:
     return [c for doc in documents for c in chunk_document(doc, tokenizer, settings.chunk_tokens, settings.chunk_overlap)]
 
 
-def _embedder(folder: Path):
-    from vertical.export.runtime import OnnxEmbedder
-
-    return OnnxEmbedder(folder / EMBEDDER)
-
-
 def _chunk_tokenizer(folder: Path):
     """The embedder's tokenizer with character offsets and without its truncation, for chunking."""
     from transformers import PreTrainedTokenizerFast
@@ -66,7 +59,7 @@ def _chunk_tokenizer(folder: Path):
 
 
 def run(ctx, out: Path) -> dict[str, Any]:
-    from vertical.export.convert import export_embedder
+    from vertical.index.embedder import export_embedder
 
     settings = ctx.pack.config.stages.index
     documents, problems = load_documents(ctx.pack.document_files(), ctx.pack.root)
@@ -77,7 +70,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     # as fast as the PyTorch model on 2 CPU cores (benchmarks/embedder.py: 2.3x on medical's chunks)
     ctx.reporter.stage("index", "running", "embedder to ONNX")
     export_embedder(ctx.pack.config.embedder, out / EMBEDDER)
-    embedder = _embedder(out)
+    embedder = open_embedder(out)
     if settings.chunk_tokens > embedder.max_tokens:  # the embedder would silently drop each chunk's tail
         raise VerticalError(f"{ctx.pack.root / 'pack.yaml'}: stages.index.chunk_tokens is {settings.chunk_tokens}, "
                             f"longer than the {embedder.max_tokens}-token window of the embedder "
@@ -176,15 +169,6 @@ def calibrate_threshold(index: RetrievalIndex, embedder, questions: list[str]) -
 
 
 # ---------------------------------------------------------------- using a built index
-
-
-def open_index(build_dir: Path):
-    """Load a build's index and its embedder (for search and answers); nothing is re-embedded."""
-    folder = Path(build_dir) / "index"
-    if not (folder / "index.json").is_file() or not (folder / EMBEDDER / "model.onnx").is_file():
-        raise VerticalError(f"{build_dir} has no retrieval index of this version; run "
-                            "`vertical build PACK --steps index` first")
-    return RetrievalIndex.load(folder), _embedder(folder)
 
 
 def _rewrite_index(build_dir: Path, index: RetrievalIndex, note: dict[str, Any]) -> None:

@@ -22,7 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from vertical.errors import VerticalError
 from vertical.index.chunking import Chunk
+
+EMBEDDER = "embedder"  # index/embedder/: the sentence embedder as one ONNX graph
 
 log = logging.getLogger(__name__)
 
@@ -181,3 +184,19 @@ class RetrievalIndex:
         if index._faiss.ntotal != len(chunks):
             raise ValueError(f"{folder}: faiss.index has {index._faiss.ntotal} vectors for {len(chunks)} chunks")
         return index
+
+
+def open_embedder(folder: Path):
+    """The index's ONNX sentence embedder (index/embedder/), as the bundle runs it."""
+    from vertical.export.runtime import OnnxEmbedder
+
+    return OnnxEmbedder(folder / EMBEDDER)
+
+
+def open_index(build_dir: Path):
+    """Load a build's index and its embedder (for search and answers); nothing is re-embedded."""
+    folder = Path(build_dir) / "index"
+    if not (folder / "index.json").is_file() or not (folder / EMBEDDER / "model.onnx").is_file():
+        raise VerticalError(f"{build_dir} has no retrieval index of this version; run "
+                            "`vertical build PACK --steps index` first")
+    return RetrievalIndex.load(folder), open_embedder(folder)

@@ -9,7 +9,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from vertical.edit.hparams import EditHyperParams
 from vertical.models.registry import DEFAULT_BASE_MODEL, DEFAULT_EMBEDDER
 
 SUPPORTED_DOCUMENT_SUFFIXES = (".txt", ".md", ".html", ".htm", ".pdf", ".docx", ".jsonl")
@@ -17,6 +16,45 @@ SUPPORTED_DOCUMENT_SUFFIXES = (".txt", ".md", ".html", ".htm", ".pdf", ".docx", 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class EditHyperParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # where: ROME edits `layer`; MEMIT spreads a batch over `layers`; "auto" = from a causal trace
+    layer: int | Literal["auto"] = "auto"
+    layers: list[int] | Literal["auto"] = "auto"
+    memit_span: int = Field(5, ge=1, description="layers MEMIT uses around the traced layer when layers is auto")
+    # the target vector: gradient steps on a delta added at the last subject token
+    v_steps: int = Field(25, ge=1, le=500)
+    v_lr: float = Field(0.5, gt=0)
+    v_weight_decay: float = Field(0.5, ge=0)
+    kl_factor: float = Field(0.0625, ge=0)
+    clamp_norm_factor: float = Field(4.0, gt=0)
+    context_templates: int = Field(5, ge=0, le=50, description="random prefixes the edit must hold under")
+    context_tokens: int = Field(10, ge=2, le=40)
+    # protecting other knowledge: second moment of FFN keys, from pack documents + generic text
+    mom2: Literal["stats", "identity"] = "stats"
+    mom2_tokens: int = Field(20000, ge=1000, description="tokens of text for the key statistics")
+    mom2_update_weight: float = Field(15000.0, gt=0, description="MEMIT's lambda on the key covariance")
+    # AlphaEdit: how much of the preserved keys' energy the update may touch, and its ridge
+    null_space_energy: float = Field(0.05, gt=0, le=1, description="share of the key second moment, smallest "
+                                     "directions first, that spans the null space AlphaEdit writes into")
+    alphaedit_ridge: float = Field(0.1, gt=0, description="ridge, relative to the mean diagonal of P K K^T")
+    # fine-tuning baseline
+    ft_steps: int = Field(25, ge=1)
+    ft_lr: float = Field(5e-4, gt=0)
+    ft_norm_constraint: float = Field(5e-4, ge=0, description="max change of any weight entry (L-inf)")
+    seed: int = 0
+
+
+    @field_validator("layers")
+    @classmethod
+    def _increasing(cls, value):
+        # MEMIT targets the last listed layer and spreads the change over the ones below it
+        if isinstance(value, list) and (not value or any(b <= a for a, b in zip(value, value[1:]))):
+            raise ValueError("layers must be a non-empty list of increasing layer numbers, e.g. [4, 5, 6, 7, 8]")
+        return value
 
 
 # ---------------------------------------------------------------- pack.yaml

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def inputs(ctx) -> dict[str, Any]:
-    from vertical.evaluate import sample_inputs
+    from vertical.scoring import sample_inputs
 
     pack = ctx.pack
     return {
@@ -217,7 +217,7 @@ HELD_OUT_QUESTIONS = 30  # generated questions scored instead of qa_eval in a pa
 def _generated_data(ctx, index, embedder, settings, tokenizer, out: Path) -> tuple[list, list, dict[str, int]]:
     """(training examples from generated questions, held-out QA items, counts). The pack's
     evaluation facts and questions are excluded before anything is generated."""
-    from vertical.evaluate.qa import normalize
+    from vertical.scoring import normalize
     from vertical.io import atomic_write_text
     from vertical.pack.schema import QAItem
     from vertical.tune.data import generated_examples
@@ -256,8 +256,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
 
     from vertical.answer import retrieve
     from vertical.base import count_parameters
-    from vertical.evaluate import stage_questions
-    from vertical.evaluate.qa import TorchLM, known_predictions, mean_loss, score_qa, write_predictions
+    from vertical.scoring import TorchLM, known_predictions, mean_loss, score_qa, stage_questions, write_predictions
     from vertical.index import open_index
     from vertical.models import load_causal_lm, load_tokenizer, save_tokenizer
     from vertical.pipeline import PhaseClock

@@ -150,7 +150,7 @@ def generate_questions(chunks: list, count: int, seed: int, held_out_facts: set[
     files taking turns; none about a fact of `held_out_facts` ((doc_id, normalised answer) pairs of
     the pack's evaluation items) or close to one of `held_out_questions` (half or more of its
     content words)."""
-    from vertical.evaluate.qa import normalize
+    from vertical.scoring import normalize
 
     rng = random.Random(seed)
     held_words = [content_words(q) for q in held_out_questions]

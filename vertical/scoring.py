@@ -1,4 +1,6 @@
-"""QA accuracy of a torch model on a pack's evaluation items.
+"""QA accuracy of a model (PyTorch or the ONNX bundle) on a pack's evaluation items, and which
+items each scoring stage (tune, distill, eval) asks. Shared below the stages, so that every stage
+scores alike and the eval stage can reuse the answers an earlier stage already gave.
 
 Multiple-choice items (PubMedQA's yes/no/maybe) are scored by the model's probability of each
 choice right after "Answer:", in the same prompt for every model, so base and tuned models are
@@ -9,10 +11,12 @@ normalised gold answer occurs in the normalised output.
 from __future__ import annotations
 
 import json
+import random
 import re
 import string
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from vertical.evidence import allowed_numbers, check_answer, cut_answer, digits
 from vertical.pack.schema import QAItem
@@ -87,7 +91,7 @@ class TorchLM:
     def mean_logprobs(self, rows: list[tuple[list[int], list[int]]]) -> list[float]:
         """Mean log P of each (prompt, continuation) row's continuation, rows batched (fp32: the
         edit metrics compare two such values, and the edit stage computes them in fp32 too)."""
-        from vertical.edit.metrics import mean_logprobs
+        from vertical.generation import mean_logprobs
 
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return mean_logprobs(self.model, rows, pad)
@@ -387,3 +391,57 @@ def mean_loss(model, features: list[dict], batch_size: int = 4) -> float:
             total += float(torch.nn.functional.cross_entropy(logits.float(), targets[rows, columns], reduction="sum"))
             count += len(rows)
     return total / max(count, 1)
+
+
+# ---------------------------------------------------------------- which questions each stage asks
+
+
+def sample_items(items: list, count: int, seed: int) -> list:
+    """A seeded sample in which short-answer items (answers written in the pack's documents) make
+    at least half, or all there are: a sample in the pack's own proportions measured medical mostly
+    on PubMedQA's yes/no/maybe, not on the hospital's notes."""
+    if not count or count >= len(items):
+        return list(items)
+    rng = random.Random(seed)
+    choice = [i for i in items if i.choices]
+    short = [i for i in items if not i.choices]
+    take_short = min(len(short), max(round(count * len(short) / len(items)), (count + 1) // 2))
+    return rng.sample(short, take_short) + rng.sample(choice, min(len(choice), count - take_short))
+
+
+HELD_OUT_GENERATED = "tune/heldout_qa.jsonl"  # generated questions kept out of training (packs without qa_eval)
+
+
+def pack_questions(pack, build_dir: Path | None = None) -> list:
+    """The pack's QA items; for a pack without any, the held-out split of the questions the tune
+    stage generated from its documents, so that every build has a score."""
+    items = pack.qa_eval()
+    if items or build_dir is None or not (Path(build_dir) / HELD_OUT_GENERATED).is_file():
+        return items
+    from vertical.pack.schema import QAItem
+
+    lines = (Path(build_dir) / HELD_OUT_GENERATED).read_text(encoding="utf-8").splitlines()
+    return [QAItem.model_validate({k: v for k, v in json.loads(line).items() if k in QAItem.model_fields})
+            for line in lines if line.strip()]
+
+
+def eval_sample(pack, build_dir: Path | None = None) -> list:
+    """The QA items the eval stage scores (stages.eval: how many, which seed)."""
+    settings = pack.config.stages.eval
+    return sample_items(pack_questions(pack, build_dir), settings.questions, settings.seed)
+
+
+def stage_questions(pack, count: int, questions: list) -> list:
+    """The QA items the tune stage scores, of `questions` (the pack's, or the held-out generated
+    ones): a subset of the eval stage's own sample (same mix of kinds), so that the eval stage
+    reuses those answers instead of asking again."""
+    if not count:
+        return []
+    settings = pack.config.stages.eval
+    sample = sample_items(questions, settings.questions, settings.seed)
+    return sample_items(sample if count <= len(sample) else questions, count, settings.seed)
+
+
+def sample_inputs(pack) -> dict[str, Any]:
+    """What eval_sample, stage_questions and the answers' length depend on (part of the scoring stages' inputs)."""
+    return {"qa_eval": pack.fingerprint("qa_eval"), "eval_sample": pack.config.stages.eval.model_dump()}
