@@ -18,12 +18,14 @@ class ScriptedLM:
 
     def __init__(self, prefer: dict[str, float], answer: str = ""):
         self.prefer, self.answer = prefer, answer
+        self.ids: dict[str, int] = {}
 
     def chat_ids(self, messages, suffix=""):
         return [0]
 
     def piece_ids(self, text):
-        return [hash(text) % 1000 + 1000, 1]  # two tokens: the multi-token path
+        # one id per distinct text (hash() % 1000 let two texts collide in some processes), two tokens: the multi-token path
+        return [self.ids.setdefault(text, 1000 + len(self.ids)), 1]
 
     def logprobs(self, ids, continuation):
         for text, value in self.prefer.items():
