@@ -22,6 +22,7 @@ import numpy as np
 from vertical.errors import VerticalError
 from vertical.evidence import NumberCopy, NumberVocabulary
 from vertical.prompting import register_special_tokens
+from vertical.reader import log_softmax
 from vertical.export.bundle import check_signature, verify
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,14 @@ class OnnxChatModel:
             text += piece
             yield piece
 
+    def piece_ids(self, text: str) -> list[int]:
+        with self._lock:
+            return [int(t) for t in self.tokenizer.encode(text)]
+
+    def prefill(self, ids: list[int]) -> "OnnxPrefilled":
+        """The prompt read once, for extractive answers (vertical.reader)."""
+        return OnnxPrefilled(self, ids)
+
     @property
     def number_vocabulary(self) -> NumberVocabulary:
         if self._numbers is None:
@@ -176,6 +185,43 @@ class OnnxChatModel:
             generator.generate_next_token()
         return [int(t) for t in generator.get_sequence(0)[len(ids):]]
 
+
+class OnnxPrefilled:
+    """An onnxruntime-genai generator after one pass over a prompt (vertical.reader.Prefilled).
+    Each path is appended token by token and the generator rewound to the prompt after it."""
+
+    def __init__(self, chat: OnnxChatModel, ids: list[int], longest: int = 64):
+        og = chat._og
+        if len(ids) + longest > chat.context_length:
+            raise PromptTooLong(f"the prompt is {len(ids)} tokens; the model's context is {chat.context_length}")
+        params = og.GeneratorParams(chat.model)
+        params.set_search_options(max_length=len(ids) + longest)
+        self._generator = og.Generator(chat.model, params)
+        self._generator.append_tokens(ids)
+        self._prompt_length = len(ids)
+        self.first = log_softmax(self._generator.get_logits())
+
+    def follow(self, paths: list[list[int]]) -> list[list[float]]:
+        # Paths in sorted order share their longest prefixes with their neighbours, so the generator
+        # is rewound only to where the next path departs (a trie walked depth first): the spans
+        # "5 mg [1]" and "5 mg twice daily [1]" read "5 mg" once.
+        appended: list[int] = []
+        after: list[np.ndarray] = []  # log P of the next token after each appended token
+        rows: list[list[float]] = [[] for _ in paths]
+        for index in sorted(range(len(paths)), key=lambda i: paths[i]):
+            path = paths[index]
+            keep = 0
+            while keep < min(len(appended), len(path) - 1) and appended[keep] == path[keep]:
+                keep += 1
+            if keep < len(appended):
+                self._generator.rewind_to(self._prompt_length + keep)
+                del appended[keep:], after[keep:]
+            for token in path[keep:-1]:
+                self._generator.append_tokens([token])
+                appended.append(token)
+                after.append(log_softmax(self._generator.get_logits()))
+            rows[index] = [float(self.first[path[0]])] + [float(after[j][path[j + 1]]) for j in range(len(path) - 1)]
+        return rows
 
 def _installed(package: str) -> str:
     from importlib.metadata import PackageNotFoundError, version

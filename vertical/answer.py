@@ -9,6 +9,7 @@ from pathlib import Path
 from vertical.errors import VerticalError
 from vertical.evidence import EVIDENCE_SENTENCES, EvidenceSelector, LoopGuard, allowed_numbers, check_answer
 from vertical.prompting import NO_ANSWER, Source, build_messages, cited_numbers
+from vertical.reader import is_factoid, reconsider
 
 
 @dataclass
@@ -22,6 +23,7 @@ class Answer:
     faithful: bool = True  # the model's numbers and names are all in the evidence it was given
     fallback: bool = False  # they were not, so `text` says so and points at the evidence
     raw: str = ""  # what the model said (cut at a loop), before the faithfulness check
+    reread: bool = False  # `text` is the evidence span the model found likelier than its own answer
 
     def citations(self) -> list[Source]:
         """The sources the answer cites; all retrieved ones if it cites none."""
@@ -122,6 +124,16 @@ class Assistant:
         answer.cited = cited_numbers(answer.text, len(answer.sources))
         return answer
 
+    def reread(self, answer: Answer, messages: list[dict[str, str]]) -> None:
+        """Replace a finished factoid answer by the evidence span the model itself finds likelier,
+        if there is one (vertical.reader.reconsider)."""
+        span = reconsider(lambda: self.model.prefill(self.model.prompt_ids(messages)), self.model.piece_ids,
+                          answer.question, answer.sources, answer.raw, answer.fallback)
+        if span is not None:
+            raw, answer.text = answer.raw, span
+            self.finish(answer)
+            answer.raw, answer.reread = raw, True
+
     def stream(self, question: str, k: int | None = None, max_new_tokens: int = 200,
                history: list[dict[str, str]] | None = None) -> tuple[Answer, Iterator[str]]:
         """Start an answer: returns the Answer (sources filled in) and an iterator of text pieces;
@@ -132,14 +144,20 @@ class Assistant:
             if messages is None:
                 yield answer.text
                 return
+            # a factoid answer may be replaced by an evidence span (vertical.reader): it is given whole
+            whole = is_factoid(question) and hasattr(self.model, "prefill")
             guard = LoopGuard()
             for piece in self.model.stream(messages, max_new_tokens, numbers=answer.numbers()):
                 answer.text += piece
-                yield piece
+                if not whole:
+                    yield piece
                 if guard.feed(piece):  # looping, or two sentences said: answer.text is cut in finish()
                     break
             self.finish(answer)
-            if answer.fallback:  # the streamed words are withdrawn: say so
+            if whole:
+                self.reread(answer, messages)
+                yield answer.text
+            elif answer.fallback:  # the streamed words are withdrawn: say so
                 yield f"\n(Withdrawn: not what the sources say. {answer.text})"
 
         return answer, pieces()

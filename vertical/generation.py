@@ -42,6 +42,16 @@ class ChatModel:
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                   return_dict=True)
 
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        return self._inputs(messages)["input_ids"][0].tolist()
+
+    def piece_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def prefill(self, ids: list[int]) -> "TorchPrefilled":
+        """The prompt read once, for a second, extractive reading (vertical.reader)."""
+        return TorchPrefilled(self.model, ids)
+
     def generate(self, messages: list[dict[str, str]], max_new_tokens: int = 200,
                  numbers: set[str] | None = None) -> str:
         return "".join(self.stream(messages, max_new_tokens, numbers))
@@ -139,3 +149,44 @@ def mean_logprobs(model, rows: list[tuple[list[int], list[int]]], pad: int, batc
             logp = logits[row, len(prompt) - 1:len(prompt) + len(continuation) - 1].log_softmax(-1)
             values[i] = float(logp[torch.arange(len(continuation)), torch.tensor(continuation)].mean())
     return values
+
+
+class TorchPrefilled:
+    """A torch causal LM after one pass over a prompt (vertical.reader.Prefilled): the prompt's KV
+    cache is kept, and the paths that follow it run together in right-padded batches over copies
+    of that cache, so twelve candidate answers cost about one short prefill, not twelve."""
+
+    def __init__(self, model, prompt_ids: list[int], precision=None, batch_size: int = 12):
+        import contextlib
+
+        import torch
+
+        self.model, self.batch_size = model, batch_size
+        self._precision = precision or contextlib.nullcontext
+        with torch.inference_mode(), self._precision():
+            out = model(torch.tensor([prompt_ids]), use_cache=True, logits_to_keep=1)
+        self._cache = out.cache
+        self.first = out.logits[0, -1].float().log_softmax(-1).numpy()
+
+    def follow(self, paths: list[list[int]]) -> list[list[float]]:
+        import copy
+
+        import torch
+
+        rows: list[list[float]] = []
+        for begin in range(0, len(paths), self.batch_size):
+            batch = paths[begin:begin + self.batch_size]
+            width = max(len(p) for p in batch) - 1
+            if width == 0:  # one-token paths: the prompt's own next-token distribution scores them
+                rows.extend([float(self.first[p[0]])] for p in batch)
+                continue
+            # a path's last token is never input; padding after a path changes none of its logits
+            ids = torch.tensor([p[:-1] + [p[0]] * (width - len(p) + 1) for p in batch])
+            cache = copy.deepcopy(self._cache)
+            cache.batch_repeat_interleave(len(batch))
+            with torch.inference_mode(), self._precision():
+                logits = self.model(ids, cache=cache, use_cache=True).logits.float().log_softmax(-1)
+            for row, path in enumerate(batch):
+                rows.append([float(self.first[path[0]])] +
+                            [float(logits[row, j, path[j + 1]]) for j in range(len(path) - 1)])
+        return rows

@@ -15,16 +15,18 @@ import random
 import re
 import string
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from vertical.evidence import allowed_numbers, check_answer, cut_answer, digits
 from vertical.pack.schema import QAItem
 from vertical.prompting import Source, build_messages, prompt_length
+from vertical.reader import log_softmax, reconsider
 
 Retriever = Callable[[str], list[Source]]
 ANSWER_PREFIX = "Answer:"
-SCORING_VERSION = 6  # part of a reusable answer's key: raise it when normalize / is_correct / choose / check_answer change
+SCORING_VERSION = 7  # part of a reusable answer's key: raise it when normalize / is_correct / choose / check_answer change
 MAX_ANSWER_WORDS = 40  # a longer answer is wrong whatever it contains: quoting whole passages cannot pass
 GENERATION_BATCH = 8  # short answers generated together (see TorchLM.generate_batch)
 
@@ -116,6 +118,11 @@ class TorchLM:
                 scores.append(score)
         return scores
 
+    def prefill(self, ids: list[int]):
+        from vertical.generation import TorchPrefilled
+
+        return TorchPrefilled(self.model, ids, self._precision)
+
     def generate(self, messages: list[dict[str, str]], max_new_tokens: int, numbers: set[str] | None = None) -> str:
         return self.generate_batch([messages], max_new_tokens, [numbers])[0]
 
@@ -141,15 +148,6 @@ class TorchLM:
                                       logits_processor=copy_numbers(self.tokenizer, numbers or [None] * len(conversations),
                                                                     width))
         return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
-
-
-def _log_softmax(logits):
-    """Log-probabilities from one position's logits (numpy, float64 for stable sums)."""
-    import numpy as np
-
-    logits = np.asarray(logits, dtype=np.float64).reshape(-1)
-    top = logits.max()
-    return logits - top - np.log(np.exp(logits - top).sum())
 
 
 class OnnxLM:
@@ -185,7 +183,7 @@ class OnnxLM:
         generator.append_tokens(ids)
         rows = []
         for position in range(max(len(continuation), 1)):
-            rows.append(_log_softmax(generator.get_logits()))
+            rows.append(log_softmax(generator.get_logits()))
             if position + 1 < len(continuation):
                 generator.append_tokens([continuation[position]])
         return rows
@@ -201,17 +199,20 @@ class OnnxLM:
         params.set_search_options(max_length=len(ids) + max(len(c) for c in continuations) + 1)
         generator = og.Generator(self.chat.model, params)
         generator.append_tokens(ids)
-        first = _log_softmax(generator.get_logits())
+        first = log_softmax(generator.get_logits())
         scores = []
         for continuation in continuations:
             score = float(first[continuation[0]])
             for previous, token in zip(continuation, continuation[1:]):
                 generator.append_tokens([previous])
-                score += float(_log_softmax(generator.get_logits())[token])
+                score += float(log_softmax(generator.get_logits())[token])
             if len(continuation) > 1:
                 generator.rewind_to(len(ids))
             scores.append(score)
         return scores
+
+    def prefill(self, ids: list[int]):
+        return self.chat.prefill(ids)
 
     def generate(self, messages: list[dict[str, str]], max_new_tokens: int, numbers: set[str] | None = None) -> str:
         return self.chat.generate(messages, max_new_tokens, numbers)
@@ -302,8 +303,12 @@ def score_qa(lm, items: list[QAItem], system_prompt: str, retriever: Retriever |
             row.update(prediction=text, correct=is_correct(text, item.gold))
         else:  # the answer a user gets: cut at a loop, checked against its evidence (vertical.evidence)
             checked = check_answer(predictions[i], item.question, given[i])
+            span = reconsider(lambda: lm.prefill(lm.chat_ids(prompts[i])), lm.piece_ids, item.question, given[i],
+                              checked.raw, checked.fallback)
+            if span is not None:  # the model's own likelier reading of its evidence (vertical.reader)
+                checked = replace(check_answer(span, item.question, given[i]), raw=checked.raw)
             row.update(prediction=checked.text, raw=checked.raw, faithful=checked.faithful, fallback=checked.fallback,
-                       abstained=checked.abstained, correct=is_correct(checked.text, item.gold))
+                       abstained=checked.abstained, reread=span is not None, correct=is_correct(checked.text, item.gold))
         correct += row["correct"]
         rows.append(row)
     by_kind = {kind: kind_summary([r for r in rows if r["kind"] == kind]) for kind in ("choice", "short")}
@@ -329,7 +334,8 @@ def kind_summary(rows: list[dict]) -> dict:
     if answered:
         summary.update({"faithfulness": _share([r["faithful"] for r in answered]),
                         "fallback": _share([r["fallback"] for r in answered]),
-                        "abstention": _share([r["abstained"] for r in answered])})
+                        "abstention": _share([r["abstained"] for r in answered]),
+                        "reread": _share([r.get("reread", False) for r in answered])})
     return summary
 
 

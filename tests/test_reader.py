@@ -1,0 +1,108 @@
+"""The extractive second reading (vertical.reader): candidate spans, and when a span replaces the
+model's own answer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vertical.evidence import Sentence
+from vertical.prompting import Source
+from vertical.reader import answer_head, candidates, is_factoid, reconsider
+
+
+def source(number: int, *sentences: str) -> Source:
+    text = " ".join(sentences)
+    spans, at = [], 0
+    for s in sentences:
+        spans.append(Sentence(at, at + len(s), s))
+        at += len(s) + 1
+    return Source(number, "Title", "doc.md", 0, len(text), text, doc_id=f"doc{number}", sentences=tuple(spans))
+
+
+EVIDENCE = [source(1, "Transfuse below 70 g/L; with acute coronary syndrome the threshold is 80 g/L.",
+                   "The standard apixaban dose is 5 mg twice daily, reduced if creatinine is 133 micromol/L or more."),
+            source(2, "Hotel stays outside London are capped at GBP 180 a night.")]
+
+
+def texts(question: str) -> set[str]:
+    return {c.text for group in candidates(question, EVIDENCE) for c in group}
+
+
+def test_candidates_are_whole_answers_of_the_asked_type():
+    found = texts("What is the standard apixaban dose?")
+    assert {"5 mg twice daily", "5 mg", "80 g/L", "GBP 180", "133 micromol/L"} <= found
+    # a number is not cut from its unit or its currency, and a span does not end on a stopword
+    assert not {"5", "133", "80", "180", "5 mg twice daily, reduced if"} & found
+    # a span made only of the question's own words does not answer it
+    assert "standard apixaban dose" not in found and "apixaban" not in found
+    # a question that asks for an amount gets spans that hold a number
+    assert all(any(ch.isdigit() for ch in t) for t in texts("How much is the hotel cap outside London?"))
+    assert "Hotel stays" in texts("Which stays are capped?")
+
+
+def test_factoid_questions_and_answer_heads():
+    assert is_factoid("What mean arterial pressure should vasopressors aim for?")
+    assert is_factoid("In septic shock, how long may antibiotics wait?")
+    assert not is_factoid("Why is the dose reduced?") and not is_factoid("Is apixaban safe in pregnancy?")
+    assert not is_factoid("How does the stop-loss procedure work?")
+    assert answer_head("70 g/L [1]. Answer: 70 g/L [1].") == "70 g/L"
+    assert answer_head("12 years old, love. He started at twelve.") == "12 years old"
+    assert answer_head("1.2 to 2 g over 20 minutes") == "1.2 to 2 g over 20 minutes"
+
+
+class ScoredPrefill:
+    """A prefilled model whose path scores come from a table of texts (one token per text)."""
+
+    def __init__(self, scores: dict[str, float]):
+        self.vocabulary: dict[str, int] = {}
+        self.scores = scores
+        self.calls = 0
+        self.first = np.zeros(10_000)
+
+    def tokenize(self, text: str) -> list[int]:
+        return [self.vocabulary.setdefault(text, len(self.vocabulary))]
+
+    def follow(self, paths):
+        self.calls += 1
+        names = {v: k for k, v in self.vocabulary.items()}
+        return [[self.scores.get(names[p[0]], -20.0)] for p in paths]
+
+
+def ask(scores: dict[str, float], answer: str, question: str = "What is the threshold in acute coronary syndrome?",
+        unsupported: bool = False):
+    model = ScoredPrefill(scores)
+    chosen = reconsider(lambda: model, model.tokenize, question, EVIDENCE, answer, unsupported)
+    return chosen, model
+
+
+def test_a_span_replaces_the_answer_only_when_the_model_finds_it_likelier():
+    assert ask({"80 g/L [1]": -2.0, "70 g/L [1]": -4.0}, "70 g/L [1].")[0] == "80 g/L [1]."
+    assert ask({"80 g/L [1]": -4.5, "70 g/L [1]": -4.0}, "70 g/L [1].")[0] is None
+    assert ask({"12 mmol/L [1]": -1.0, "80 g/L [1]": -9.0}, "12 mmol/L [1].")[0] is None  # its own answer wins
+    # an answer its evidence does not back is replaced by the best span whatever the margin
+    assert ask({"80 g/L [1]": -9.0}, "12 mmol/L [1].", unsupported=True)[0] == "80 g/L [1]."
+
+
+@pytest.mark.parametrize("question, answer", [("Why is the threshold higher in coronary syndrome?", "80 g/L [1]."),
+                                              ("What is the threshold?", "I don't know: the documents I have do not cover this question.")])
+def test_explanations_and_abstentions_are_left_alone_without_running_the_model(question, answer):
+    chosen, model = ask({"80 g/L [1]": 0.0}, answer, question)
+    assert chosen is None and model.calls == 0
+
+
+def test_torch_prefill_scores_paths_as_a_full_forward_pass(tiny_model_dir):
+    import torch
+
+    from vertical.generation import TorchPrefilled
+    from vertical.models import load_causal_lm
+
+    model = load_causal_lm(tiny_model_dir)
+    prompt = [5, 9, 13, 2, 7]
+    paths = [[4], [4, 8, 15], [16, 23], [4, 8, 15, 16, 23, 42, 7, 3, 1, 2, 9, 11, 12, 14]]
+    scored = TorchPrefilled(model, prompt, batch_size=3).follow(paths)
+    for path, row in zip(paths, scored):
+        with torch.inference_mode():
+            full = model(torch.tensor([prompt + path])).logits[0].float().log_softmax(-1)
+        expected = [float(full[len(prompt) - 1 + j, token]) for j, token in enumerate(path)]
+        assert row == pytest.approx(expected, abs=1e-4)

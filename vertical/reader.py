@@ -1,0 +1,168 @@
+"""Extractive second reading: a factoid answer is weighed against the evidence spans it could copy.
+
+    question + evidence -> the chat prompt, read once (a KV cache / generator state)
+    -> the model's own greedy answer, as before; its head ("70 g/L" of "70 g/L [1]. ...")
+    -> candidate spans of the evidence: 1..MAX_SPAN_WORDS words, starting at the STARTS words the
+       model most expects to write first, not ending in a stopword or in a number whose unit
+       follows, not made only of the question's own words, and holding a number when the question
+       asks for one
+    -> each candidate and the head score log P("<text> [n]") under the same model
+    -> the best span replaces the model's answer when it scores higher than the head, or when the
+       model's answer states what its evidence does not (vertical.evidence.check_answer)
+
+A 135M-parameter reader that writes freely commits to its first token greedily and garbles
+figures ("133 mg" for the evidence's "5 mg twice daily" beside "133 micromol/L"); scored as whole
+spans, the same model's probabilities often prefer the figure the evidence states. Where its free
+answer is already the likelier one it stands: it may write "12" for the evidence's "twelve", or
+answer in the pack's voice. A span answer is faithful by construction. Why / how-does / yes-or-no
+questions keep the free answer.
+
+Torch-free: the build's torch models (vertical.generation.TorchPrefilled) and the bundle's
+onnxruntime-genai model (vertical.export.runtime.OnnxPrefilled) read prompts for it, so the bundle
+answers as the build was measured.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from vertical.evidence import STOPWORDS, asks_for_number, content_words, digits, is_abstention
+from vertical.prompting import Source, cited_numbers
+
+MAX_SPAN_WORDS = 8  # "the direct answer alone": a longer span is a quote
+STARTS = 12  # start words followed per question: those with the likeliest first tokens
+
+_FACTOID = re.compile(
+    r"^\W*(?:[\w'-]+[\s,;:]+){0,5}?(?:what|which|who|whom|whose|where|when|"
+    r"how\s+(?:much|many|long|often|soon|quickly|far|old|high|low|large|big|fast|frequently|early|late))\b",
+    re.IGNORECASE)
+_EXPLAIN = re.compile(r"\b(why|explain|describe|summari[sz]e|compare|difference|how (?:does|do|can|should)|"
+                      r"what happens)\b", re.IGNORECASE)
+_EDGE = "\"'()[]{},;:.!?*"
+_NUMBER_WORD = re.compile(r"^[\d.,:/%-]+$")
+_CURRENCY = re.compile(r"^(?:[A-Z]{3}|[$£€¥])$")
+_DIGIT = re.compile(r"\d")
+# where the model's own short answer ends: at its citation, a line break or a sentence's end
+_HEAD_END = re.compile(r"\s*\[|\n|(?<=[A-Za-z0-9%)])[.,;](?:\s|$)")
+
+
+def is_factoid(question: str) -> bool:
+    """A what / which / who / when / where / how much ... question that a span can answer; not a
+    why, how-does or yes-or-no question, which needs a sentence of its own."""
+    return bool(_FACTOID.match(question)) and not _EXPLAIN.search(question)
+
+
+class Prefilled(Protocol):
+    """A model that has read a prompt once."""
+
+    first: Sequence[float]  # log P of each vocabulary token as the first of the answer
+
+    def follow(self, paths: list[list[int]]) -> list[list[float]]:
+        """log P of each token of each path, after the prompt and the path's tokens before it."""
+        ...
+
+
+@dataclass(frozen=True)
+class Candidate:
+    text: str
+    source: int  # the number of the source it is copied from
+
+
+def _words(text: str) -> set[str]:
+    """Content words, a possessive counted as its noun ("Thornwick's" is "thornwick")."""
+    return {w[:-2] if w.endswith("'s") else w for w in content_words(text)}
+
+
+def _trim(text: str) -> str:
+    """A span without the punctuation that ends its last word, brackets kept when they pair."""
+    text = text.rstrip(",;:.!?\"'*")
+    while text.endswith((")", "]")) and text.count(text[-1]) > text.count("(" if text[-1] == ")" else "["):
+        text = text[:-1].rstrip(",;:.!?\"'*")
+    return text
+
+
+def _spans(words: list[str], start: int) -> list[str]:
+    """The spans that start at words[start]: not ending after a stopword, nor after a bare number
+    whose unit follows ("133" of "133 micromol/L")."""
+    spans = []
+    window = [words[start].lstrip(_EDGE), *words[start + 1:start + MAX_SPAN_WORDS]]
+    for count in range(1, len(window) + 1):
+        last = window[count - 1]
+        core = last.strip(_EDGE)
+        if not core or core.lower() in STOPWORDS:
+            continue
+        following = words[start + count].strip(_EDGE).lower() if start + count < len(words) else ""
+        if _NUMBER_WORD.match(last) and following and following not in STOPWORDS:
+            continue
+        spans.append(_trim(" ".join(window[:count])))
+    return [s for s in spans if s]
+
+
+def candidates(question: str, sources: Sequence[Source]) -> list[list[Candidate]]:
+    """The evidence's candidate answers, grouped by the word they start at."""
+    asked, wants_number = _words(question), asks_for_number(question)
+    groups: list[list[Candidate]] = []
+    loose: list[list[Candidate]] = []  # the same, without asking for a number: when none holds one
+    seen: set[tuple[int, str]] = set()
+    for source in sources:
+        for sentence in source.sentences or ():
+            words = sentence.text.split()
+            for i, word in enumerate(words):
+                head = word.strip(_EDGE)
+                if not head or head.lower() in STOPWORDS:
+                    continue
+                if i and _NUMBER_WORD.match(head) and _CURRENCY.match(words[i - 1]):
+                    continue  # "100" of "GBP 100": the amount starts at its currency
+                found = [Candidate(text, source.number) for text in _spans(words, i)
+                         if not _words(text) <= asked and (source.number, text) not in seen]
+                seen.update((c.source, c.text) for c in found)
+                if found:
+                    loose.append(found)
+                    numbered = [c for c in found if _DIGIT.search(digits(c.text))]
+                    if numbered or not wants_number:
+                        groups.append(numbered if wants_number else found)
+    return groups or loose
+
+
+def answer_head(answer: str) -> str:
+    """The model's short answer without its citation and what follows ("70 g/L [1]. ..." -> "70 g/L")."""
+    return _HEAD_END.split(answer.strip(), maxsplit=1)[0].strip()
+
+
+def reconsider(prefill: Callable[[], Prefilled], tokenize: Callable[[str], list[int]], question: str,
+               sources: Sequence[Source], answer: str, unsupported: bool) -> str | None:
+    """The evidence span to answer with instead of the model's `answer`, or None to keep it.
+    `unsupported`: the answer states what its evidence does not, so any span is better.
+    `prefill()` reads the prompt; it is called only for a factoid question with evidence."""
+    if not sources or not is_factoid(question) or is_abstention(answer):
+        return None
+    groups = candidates(question, sources)
+    if not groups:
+        return None
+    prefilled = prefill()
+    first = prefilled.first
+    leads = [tokenize(group[0].text)[:1] for group in groups]
+    ranked = sorted((g for g in range(len(groups)) if leads[g]), key=lambda g: -float(first[leads[g][0]]))
+    chosen = [c for g in ranked[:STARTS] for c in groups[g]]
+    head = answer_head(answer)
+    cited = (cited_numbers(answer, len(sources)) or [sources[0].number])[0]
+    texts = [f"{c.text} [{c.source}]" for c in chosen] + ([f"{head} [{cited}]"] if head else [])
+    paths = [tokenize(text) for text in texts]
+    scores = [sum(row) for row in prefilled.follow(paths)]
+    best = max(range(len(chosen)), key=lambda i: scores[i])
+    own = scores[-1] if head else -np.inf
+    if unsupported or scores[best] > own:
+        return f"{chosen[best].text} [{chosen[best].source}]."
+    return None
+
+
+def log_softmax(logits) -> np.ndarray:
+    """Log-probabilities from one position's logits (float64, for stable sums)."""
+    row = np.asarray(logits, dtype=np.float64).reshape(-1)
+    top = row.max()
+    return row - top - np.log(np.exp(row - top).sum())
