@@ -250,6 +250,7 @@ def compare(source: DemoSource, question: str) -> tuple[str, str, str]:
         if messages is not None:
             answer.text = models["student"].generate(messages, MAX_TOKENS, answer.numbers())
             source.assistant.finish(answer)
+            source.assistant.reread(answer, messages, models["student"])
         student = render_answer(answer)
     return inert(base.strip() or EMPTY_ANSWER), vertical, student
 

@@ -33,6 +33,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vertical.evidence import LoopGuard
+from vertical.reader import is_factoid
 
 log = logging.getLogger(__name__)
 
@@ -359,12 +360,14 @@ def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: L
             # its slot: ordinary endpoints are not cancelled on a disconnect as streams are
             while not await request.is_disconnected() and (piece := await run_in_threadpool(next_piece)) is not None:
                 produced.append(piece)
+            answer.text = "".join(produced) if messages is not None else answer.text
+            assistant.finish(answer)
+            if messages is not None and not await request.is_disconnected():
+                await run_in_threadpool(assistant.reread, answer, messages)
         if await request.is_disconnected():
             return Response(status_code=400)
         state["served"] += 1
         metrics.tokens(len(ids), len(produced) if messages is not None else 0)
-        answer.text = "".join(produced) if messages is not None else answer.text
-        assistant.finish(answer)
         usage = {"prompt_tokens": len(ids), "completion_tokens": len(produced) if messages is not None else 0}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         finish = _finish_reason(messages, ids, len(produced), max_tokens)
@@ -387,15 +390,24 @@ def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: L
                                       {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None},
                                       sources=sources, refused=answer.refused)
                     yield f"data: {json.dumps(first)}\n\n"
+                    # a factoid answer may be replaced by an evidence span (vertical.reader): it is sent whole
+                    whole = messages is not None and is_factoid(answer.question)
                     while (piece := await run_in_threadpool(next_piece)) is not None:
                         count += 1
                         answer.text += piece
-                        chunk = _envelope(reply_id, created, "chat.completion.chunk",
-                                          {"index": 0, "delta": {"content": piece}, "finish_reason": None})
-                        yield f"data: {json.dumps(chunk)}\n\n"
+                        if not whole:
+                            chunk = _envelope(reply_id, created, "chat.completion.chunk",
+                                              {"index": 0, "delta": {"content": piece}, "finish_reason": None})
+                            yield f"data: {json.dumps(chunk)}\n\n"
                     streamed = answer.text
                     assistant.finish(answer)
-                    if answer.fallback:  # what was streamed is not what the evidence says: say so
+                    if whole:
+                        await run_in_threadpool(assistant.reread, answer, messages)
+                        streamed = answer.text
+                        chunk = _envelope(reply_id, created, "chat.completion.chunk",
+                                          {"index": 0, "delta": {"content": answer.text}, "finish_reason": None})
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                    if answer.fallback and not whole:  # what was streamed is not what the evidence says: say so
                         note = _envelope(reply_id, created, "chat.completion.chunk",
                                          {"index": 0, "delta": {"content": f"\n(Withdrawn: not what the sources say. "
                                                                            f"{answer.text})"},

@@ -80,7 +80,10 @@ def test_a_span_replaces_the_answer_only_when_the_model_finds_it_likelier():
     assert ask({"80 g/L [1]": -2.0, "70 g/L [1]": -4.0}, "70 g/L [1].")[0] == "80 g/L [1]."
     assert ask({"80 g/L [1]": -4.5, "70 g/L [1]": -4.0}, "70 g/L [1].")[0] is None
     assert ask({"12 mmol/L [1]": -1.0, "80 g/L [1]": -9.0}, "12 mmol/L [1].")[0] is None  # its own answer wins
-    # an answer its evidence does not back is replaced by the best span whatever the margin
+    # a sentence-long answer keeps its place: a sum of log-probabilities favours the shorter text
+    sentence = "The threshold for patients with acute coronary syndrome is 70 g/L [1]."
+    assert ask({"80 g/L [1]": -2.0}, sentence)[0] is None
+    # an answer its evidence does not back is replaced by the best span whatever it scores
     assert ask({"80 g/L [1]": -9.0}, "12 mmol/L [1].", unsupported=True)[0] == "80 g/L [1]."
 
 

@@ -124,10 +124,11 @@ class Assistant:
         answer.cited = cited_numbers(answer.text, len(answer.sources))
         return answer
 
-    def reread(self, answer: Answer, messages: list[dict[str, str]]) -> None:
-        """Replace a finished factoid answer by the evidence span the model itself finds likelier,
-        if there is one (vertical.reader.reconsider)."""
-        span = reconsider(lambda: self.model.prefill(self.model.prompt_ids(messages)), self.model.piece_ids,
+    def reread(self, answer: Answer, messages: list[dict[str, str]], model=None) -> None:
+        """Replace a finished factoid answer by the evidence span the model that wrote it (by
+        default the assistant's) finds likelier, if there is one (vertical.reader.reconsider)."""
+        model = model or self.model
+        span = reconsider(lambda: model.prefill(model.prompt_ids(messages)), model.piece_ids,
                           answer.question, answer.sources, answer.raw, answer.fallback)
         if span is not None:
             raw, answer.text = answer.raw, span

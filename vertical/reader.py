@@ -7,8 +7,9 @@
        follows, not made only of the question's own words, and holding a number when the question
        asks for one
     -> each candidate and the head score log P("<text> [n]") under the same model
-    -> the best span replaces the model's answer when it scores higher than the head, or when the
-       model's answer states what its evidence does not (vertical.evidence.check_answer)
+    -> the best span replaces the model's answer when it scores higher than the head (a head of at
+       most MAX_SPAN_WORDS words: a sentence-long answer is not weighed against short spans), or
+       when the model's answer states what its evidence does not (vertical.evidence.check_answer)
 
 A 135M-parameter reader that writes freely commits to its first token greedily and garbles
 figures ("133 mg" for the evidence's "5 mg twice daily" beside "133 micromol/L"); scored as whole
@@ -139,8 +140,11 @@ def reconsider(prefill: Callable[[], Prefilled], tokenize: Callable[[str], list[
     """The evidence span to answer with instead of the model's `answer`, or None to keep it.
     `unsupported`: the answer states what its evidence does not, so any span is better.
     `prefill()` reads the prompt; it is called only for a factoid question with evidence."""
+    head = answer_head(answer)
     if not sources or not is_factoid(question) or is_abstention(answer):
         return None
+    if len(head.split()) > MAX_SPAN_WORDS and not unsupported:
+        return None  # a sentence is not weighed against short spans: a sum of log P favours the shorter
     groups = candidates(question, sources)
     if not groups:
         return None
@@ -149,7 +153,6 @@ def reconsider(prefill: Callable[[], Prefilled], tokenize: Callable[[str], list[
     leads = [tokenize(group[0].text)[:1] for group in groups]
     ranked = sorted((g for g in range(len(groups)) if leads[g]), key=lambda g: -float(first[leads[g][0]]))
     chosen = [c for g in ranked[:STARTS] for c in groups[g]]
-    head = answer_head(answer)
     cited = (cited_numbers(answer, len(sources)) or [sources[0].number])[0]
     texts = [f"{c.text} [{c.source}]" for c in chosen] + ([f"{head} [{cited}]"] if head else [])
     paths = [tokenize(text) for text in texts]
