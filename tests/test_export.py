@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -178,7 +179,9 @@ print("HEAVY", heavy)
 def test_ask_accepts_a_bundle(bundle, cli):
     code, output = cli("ask", bundle, QUESTION, "--max-tokens", "8")
     assert code == 0, output
-    assert "[1] The Zorblat fruit" in output and "Test disclaimer." in output
+    # the random model's answer may be a span of either document (the second reading): it cites that one
+    assert re.search(r"^\[\d\] The (Zorblat fruit|valley of Quentar) — documents/", output, re.M), output
+    assert "Test disclaimer." in output
 
 
 def test_ask_json_gives_the_answer_its_citations_and_evidence_apart(bundle, cli):
@@ -186,7 +189,8 @@ def test_ask_json_gives_the_answer_its_citations_and_evidence_apart(bundle, cli)
     assert code == 0, output
     reply = json.loads(output.strip().splitlines()[-1])
     assert set(reply) >= {"answer", "citations", "evidence"}
-    assert reply["citations"][0]["doc_id"] == "zorblat" and reply["citations"][0]["title"] == "The Zorblat fruit"
+    titles = {"zorblat": "The Zorblat fruit", "quentar": "The valley of Quentar"}
+    assert all(titles.get(c["doc_id"]) == c["title"] for c in reply["citations"]) and reply["citations"]
     assert all(set(e) == {"doc_id", "span", "text"} for e in reply["evidence"]) and reply["evidence"]
     text = (Path(bundle) / "index" / "chunks.jsonl").read_text()
     assert all(e["text"] in text for e in reply["evidence"])
