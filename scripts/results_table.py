@@ -8,7 +8,7 @@ differences (normal approximation: mean +- 1.96 sd / sqrt(n)). The build's time 
 stages' recorded seconds (manifest.json next to the report's build folder, when there is one).
 
 A second table gives the short answers' grounding (recall@k, accuracy when the right document was
-retrieved, faithfulness, fallback) for the full vertical model and the bundle. A third splits each report's items by whether the pack's instruction data asks a similar
+retrieved, faithfulness, fallback, span answers of the second reading) for the full vertical model and the bundle. A third splits each report's items by whether the pack's instruction data asks a similar
 question (at least half of the content words shared, Jaccard): such an item's fact is taught by
 training as well as given by retrieval, so the split shows how much of the margin holds on facts
 the training data does not ask about. (Identical questions are refused by `vertical packs validate`.)
@@ -120,8 +120,9 @@ def grounding_table(paths: list[str]) -> None:
     """Short answers of the full vertical model and of the bundle: where the right document was
     among the sources, how often the reader then answered right, and how it held to its evidence."""
     print()
-    print("| pack | model | short answers | accuracy | recall@k | accuracy when retrieved | faithfulness | fallback |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| pack | model | short answers | accuracy | recall@k | accuracy when retrieved | faithfulness | fallback "
+          "| span answers |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in paths:
         report = json.loads(Path(name).read_text())
         rows = {row["model"]: row for row in report["qa"]}
@@ -131,7 +132,7 @@ def grounding_table(paths: list[str]) -> None:
             if not short or not short["n"]:
                 continue
             cells = [f"{short.get(k):.3f}" if short.get(k) is not None else "-"
-                     for k in ("accuracy", "recall@k", "accuracy_when_retrieved", "faithfulness", "fallback")]
+                     for k in ("accuracy", "recall@k", "accuracy_when_retrieved", "faithfulness", "fallback", "reread")]
             print(f"| {report['pack']} | {model} | {short['n']} | " + " | ".join(cells) + " |")
 
 
