@@ -204,7 +204,8 @@ def test_demo_on_a_bundle_hides_the_torch_tabs(exported_build, browser, tmp_path
 def test_rendered_text_cannot_fetch_remote_images_and_handlers_fail_in_one_line():
     import gradio as gr
 
-    from vertical.app.demo import friendly, inert, report_tables
+    from vertical.app.common import friendly, inert
+    from vertical.app.components.report import report_tables
     from vertical.errors import VerticalError
 
     shown = inert("Dose ![chart](https://example.org/x.png) see [1] <img src=x>")
@@ -233,7 +234,8 @@ def test_uploaded_documents_are_cited_by_their_file_name(demo_build, tmp_path):
     """Gradio hands over uploads under random temporary folders; the index names the file itself."""
     import gradio as gr
 
-    from vertical.app.demo import open_source, upload
+    from vertical.app.common import open_source
+    from vertical.app.components.knowledge import upload
 
     source = open_source(demo_build)
     gradio_tmp = tmp_path / "gradio" / "3f9a1c"
@@ -255,7 +257,8 @@ def test_uploaded_documents_are_cited_by_their_file_name(demo_build, tmp_path):
 def test_uploads_are_documents_only_replace_on_request_and_leave_no_copy(demo_build, tmp_path):
     import gradio as gr
 
-    from vertical.app.demo import open_source, upload
+    from vertical.app.common import open_source
+    from vertical.app.components.knowledge import upload
 
     source = open_source(demo_build)
     incoming = tmp_path / "gradio" / "a1"
@@ -305,7 +308,8 @@ def test_the_demo_needs_a_login_off_loopback(demo_build, cli, tmp_path):
 def test_feedback_records_what_the_model_said_not_what_the_browser_sends_back(demo_build):
     from types import SimpleNamespace
 
-    from vertical.app.demo import chat_reply, open_source, record_correction, record_rating
+    from vertical.app.common import open_source
+    from vertical.app.components.chat import chat_reply, record_correction, record_rating
     from vertical.feedback import read
 
     source = open_source(demo_build)

@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from vertical import pipeline
-from vertical.errors import PackInvalid, VerticalError
+from vertical.errors import VerticalError
 
 
 def _with_edit(pack: Path, **edit) -> None:
