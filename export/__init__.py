@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 AGREEMENT_TOKENS = 48  # greedy tokens compared per prompt between quantisations
 # `quant: auto` weighs int4 against int8 from this size up. Below it block-wise int4 loses the model
-# (a 135M model's int4 keeps a small fraction of fp32's greedy tokens; docs/reference.md, export).
+# (a 135M model's int4 keeps a small fraction of fp32's greedy tokens; docs/export.md, quantisation).
 INT4_FROM_PARAMETERS = 1_000_000_000
 
 

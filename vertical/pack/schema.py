@@ -64,7 +64,7 @@ class IndexSettings(Strict):
     """Retrieval index: how documents are cut into chunks and how they are searched."""
 
     chunk_tokens: int = Field(128, ge=32, le=512, description="chunk size in embedder tokens: smaller "
-                              "chunks make shorter retrieval prompts (see docs/reference.md, index stage)")
+                              "chunks make shorter retrieval prompts (see docs/retrieval.md)")
     chunk_overlap: int = Field(24, ge=0, le=256, description="tokens shared by neighbouring chunks")
     retrieval: Literal["auto", "dense", "bm25", "hybrid"] = Field(
         "auto", description="search mode; auto keeps whichever scores best on the retrieval eval set")
