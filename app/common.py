@@ -68,7 +68,7 @@ def open_source(path: Path, redact_feedback: bool = True) -> DemoSource:
 
     path = Path(path).resolve()
     if is_bundle(path):
-        from vertical.export.runtime import open_bundle
+        from vertical.answer import open_bundle
 
         assistant = open_bundle(path)
         pack = json.loads((path / "pack.json").read_text(encoding="utf-8"))

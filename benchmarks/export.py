@@ -41,54 +41,18 @@ PROMPTS = [
 ]
 
 
-def onnx_speed(model, prompts: list[str], tokens: int) -> tuple[float, float]:
-    """Median decode tokens/s (tokens after the first) and time to first token (ms) over the prompts."""
-    rates, firsts = [], []
+def speeds(decoders: dict, prompts: list[str], ids_of, rounds: int) -> dict[str, tuple[float, float]]:
+    """Per named decoder (prompt ids -> token iterator): the median over the prompts of its best
+    decode tokens/s and best first-token ms, the decoders taking turns on each prompt
+    (vertical.generation.decode_speeds)."""
+    from vertical.generation import decode_speeds
+
+    per_prompt = []
     for prompt in prompts:
-        ids = model.prompt_ids([{"role": "user", "content": prompt}])
-        started, first, count = time.perf_counter(), None, 0
-        for _ in model.stream_ids(ids, tokens):
-            count += 1
-            if first is None:
-                first = time.perf_counter()
-        if count > 1:
-            rates.append((count - 1) / (time.perf_counter() - first))
-            firsts.append((first - started) * 1000)
-    return statistics.median(rates), statistics.median(firsts)
-
-
-def torch_speed(model, tokenizer, prompts: list[str], tokens: int) -> tuple[float, float]:
-    """The same measurement for a transformers model: first token = prefill + one step."""
-    import torch
-
-    rates, firsts = [], []
-    for prompt in prompts:
-        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                               return_tensors="pt", return_dict=True)
-        with torch.inference_mode():
-            started = time.perf_counter()
-            model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            first = time.perf_counter() - started
-            started = time.perf_counter()
-            model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                           pad_token_id=tokenizer.pad_token_id)
-            total = time.perf_counter() - started
-        rates.append((tokens - 1) / max(total - first, 1e-9))
-        firsts.append(first * 1000)
-    return statistics.median(rates), statistics.median(firsts)
-
-
-def taking_turns(measures: dict, rounds: int) -> dict[str, tuple[float, float]]:
-    """Each named measurement (a callable returning (tokens/s, first-token ms)) once per round, in
-    turn, after one warm-up round; per name the best rate and the best first-token time."""
-    for measure in measures.values():
-        measure()
-    best = {name: (0.0, float("inf")) for name in measures}
-    for _ in range(rounds):
-        for name, measure in measures.items():
-            rate, first = measure()
-            best[name] = (max(best[name][0], rate), min(best[name][1], first))
-    return best
+        ids = ids_of(prompt)
+        per_prompt.append(decode_speeds({name: (lambda d=decode: d(ids)) for name, decode in decoders.items()}, rounds))
+    return {name: (statistics.median(p[name].tokens_per_s for p in per_prompt),
+                   statistics.median(p[name].first_token_ms for p in per_prompt)) for name in decoders}
 
 
 def free_port() -> int:
@@ -146,9 +110,10 @@ def load_test(assistant, clients_levels: list[int], requests: int, answer_tokens
 
 def main() -> None:
     from vertical.export.convert import export_language_model
-    from vertical.export.runtime import OnnxChatModel, open_bundle
-    from vertical.generation import best_model_dir
-    from vertical.models import load_causal_lm, load_tokenizer
+    from vertical.answer import open_bundle
+    from vertical.export.runtime import OnnxChatModel
+    from vertical.generation import best_model_dir, greedy_ids
+    from vertical.models import load_causal_lm
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--build", type=Path, default=Path("builds/medical"))
@@ -170,20 +135,21 @@ def main() -> None:
     tokens, prompts = args.tokens, PROMPTS
     bundled = OnnxChatModel(bundle / "model")
     one_thread = OnnxChatModel(bundle / "model", threads=1)
-    torch_model, tokenizer = load_causal_lm(exported_dir), load_tokenizer(exported_dir)
-    measures = {"bundle": lambda: onnx_speed(bundled, prompts, tokens),
-                "bundle, 1 thread": lambda: onnx_speed(one_thread, prompts, tokens),
-                "pytorch": lambda: torch_speed(torch_model, tokenizer, prompts, tokens)}
+    torch_model = load_causal_lm(exported_dir)
+    measures = {"bundle": lambda ids: bundled.stream_ids(ids, tokens),
+                "bundle, 1 thread": lambda ids: one_thread.stream_ids(ids, tokens),
+                "pytorch": lambda ids: greedy_ids(torch_model, ids, tokens)}
     with tempfile.TemporaryDirectory() as scratch:
         if has_student:  # whichever of teacher and student the bundle does not hold, exported the same way
             other_dir = teacher_dir if role == "student" else student_dir
             other = OnnxChatModel(export_language_model(other_dir, Path(scratch) / "other", quant, Path(scratch)))
-            measures["other"] = lambda: onnx_speed(other, prompts, tokens)
-        speed = taking_turns(measures, args.rounds)
+            measures["other"] = lambda ids: other.stream_ids(ids, tokens)
+        speed = speeds(measures, prompts, lambda prompt: bundled.prompt_ids([{"role": "user", "content": prompt}]),
+                       args.rounds)
     (onnx_rate, onnx_first), (single_rate, single_first) = speed["bundle"], speed["bundle, 1 thread"]
     torch_rate, torch_first = speed["pytorch"]
     print(f"\n1. exported bundle vs the same model in PyTorch eager (fp32); {tokens} new tokens, "
-          f"{len(prompts)} prompts, best of {args.rounds} rounds taking turns")
+          f"{len(prompts)} prompts, median over the prompts of the best of {args.rounds} runs taking turns")
     print(f"{'':24} {'decode tok/s':>12} {'TTFT ms':>9}")
     print(f"{'PyTorch eager':24} {torch_rate:12.1f} {torch_first:9.1f}")
     print(f"{'ONNX ' + quant + ', 1 thread':24} {single_rate:12.1f} {single_first:9.1f}")

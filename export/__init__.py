@@ -82,21 +82,6 @@ def _agreement_prompts(ctx, assistant, count: int) -> list[list[dict[str, str]]]
     return prompts
 
 
-def onnx_tokens_per_s(model, new_tokens: int = 64) -> float:
-    """Decode speed of an exported model (tokens after the first, per second; best of two)."""
-    ids = model.prompt_ids([{"role": "user", "content": "Summarise the main points of the guideline in detail."}])
-    best = 0.0
-    for _ in range(2):
-        started, first, count = time.perf_counter(), None, 0
-        for _piece in model.stream_ids(ids, new_tokens):
-            count += 1
-            if first is None:
-                first = time.perf_counter()
-        if first is not None and count > 1:
-            best = max(best, (count - 1) / (time.perf_counter() - first))
-    return round(best, 2)
-
-
 def _build_metrics(build_dir: Path) -> dict[str, Any]:
     """The headline numbers of every stage, for the bundle's manifest."""
     from vertical.pipeline import load_manifest
@@ -126,9 +111,9 @@ def _versions() -> dict[str, str]:
 def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.answer import Assistant
     from vertical.base import count_parameters
-    from vertical.distill import decode_tokens_per_s
     from vertical.export.bundle import FORMAT, FORMAT_VERSION, MANIFEST, list_files
     from vertical.export.convert import export_language_model, prefix_agreement
+    from vertical.generation import SPEED_PROMPT, chat_prompt_ids, decode_speeds, greedy_ids
     from vertical.export.runtime import OnnxChatModel, OnnxEmbedder
     from vertical.index import EMBEDDER
     from vertical.index.store import RetrievalIndex
@@ -185,10 +170,13 @@ def run(ctx, out: Path) -> dict[str, Any]:
 
     # speed of the exported model and of the same model in PyTorch eager (fp32)
     ctx.reporter.stage("export", "running", "measuring decode speed")
-    metrics["onnx_tokens_per_s"] = onnx_tokens_per_s(OnnxChatModel(out / "model"))
-    torch_model = load_causal_lm(model_dir)
-    metrics["torch_tokens_per_s"] = decode_tokens_per_s(torch_model, load_tokenizer(model_dir), new_tokens=64)
-    del torch_model
+    onnx_model, torch_model = OnnxChatModel(out / "model"), load_causal_lm(model_dir)
+    prompt = chat_prompt_ids(load_tokenizer(model_dir), SPEED_PROMPT)
+    speeds = decode_speeds({"onnx": lambda: onnx_model.stream_ids(prompt, 64),
+                            "torch": lambda: greedy_ids(torch_model, prompt, 64)}, runs=2)
+    metrics["onnx_tokens_per_s"] = round(speeds["onnx"].tokens_per_s, 2)
+    metrics["torch_tokens_per_s"] = round(speeds["torch"].tokens_per_s, 2)
+    del torch_model, onnx_model
     metrics["onnx_speedup"] = round(metrics["onnx_tokens_per_s"] / max(metrics["torch_tokens_per_s"], 1e-9), 2)
     lap("decode_speed")
     metrics["phase_seconds"] = clock.seconds

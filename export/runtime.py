@@ -1,6 +1,7 @@
 """The torch-free runtime: answer questions from a verified bundle with onnxruntime only.
 
-    open_bundle(path) -> Assistant(index, OnnxEmbedder, OnnxChatModel, system prompt)
+    load_models(bundle, manifest) -> (OnnxEmbedder, OnnxChatModel); vertical.answer.open_bundle
+    puts them together with the bundle's index into an Assistant.
 
 Nothing here imports torch or transformers (tests/test_export.py checks it in a fresh process):
 the language model runs in onnxruntime-genai, the embedder in onnxruntime with the `tokenizers`
@@ -23,13 +24,12 @@ from vertical.errors import VerticalError
 from vertical.evidence import NumberCopy, NumberVocabulary
 from vertical.prompting import register_special_tokens
 from vertical.reader import log_softmax
-from vertical.export.bundle import check_signature, verify
 
 log = logging.getLogger(__name__)
 
 # Plain greedy decoding, as the torch path (vertical.generation) and the QA evaluation: no repetition
 # penalty, because it also penalises the prompt's tokens, i.e. copying facts from the retrieved
-# sources (a penalty of 1.1 took the legal teacher's short-answer accuracy from 0.35 to 0.04).
+# sources (docs/export.md, decoding, measures what a penalty of 1.1 costs).
 
 
 class OnnxEmbedder:
@@ -96,8 +96,8 @@ class OnnxChatModel:
 
         self._og = og
         self.folder = Path(folder)
-        # onnxruntime-genai runs the decoder on one thread unless told otherwise; every CPU this
-        # process may use halves the prefill of a retrieval prompt on two cores (2.4 -> 1.1 s).
+        # onnxruntime-genai runs the decoder on one thread unless told otherwise; running it on every
+        # CPU this process may use about halves a retrieval prompt's prefill on two cores.
         og_config = og.Config(str(folder))
         threads = threads or _usable_cpus()
         og_config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
@@ -223,6 +223,7 @@ class OnnxPrefilled:
             rows[index] = [float(self.first[path[0]])] + [float(after[j][path[j + 1]]) for j in range(len(path) - 1)]
         return rows
 
+
 def _installed(package: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -245,28 +246,9 @@ def _load(what: str, path: Path, manifest: dict[str, Any], packages: list[str], 
                             "versions it was exported with") from None
 
 
-def open_bundle(path: Path, verify_files: bool = True, public_key: Path | None = None):
-    """An Assistant over a bundle; the bundle is verified against its manifest first and, with
-    `public_key`, its signature against that key (unsigned or signed by another key: refused)."""
-    from vertical.answer import Assistant
-    from vertical.index.store import RetrievalIndex
-
-    path = Path(path)
-    if public_key is not None:
-        check_signature(path, public_key)
-    manifest = verify(path) if verify_files else json.loads((path / "manifest.json").read_text())
-    pack = json.loads((path / "pack.json").read_text(encoding="utf-8"))
-    try:
-        index = RetrievalIndex.load(path / "index")
-    except (OSError, ValueError, KeyError) as exc:
-        raise VerticalError(f"bundle {path}: the index cannot be read ({exc}); export the bundle again") from None
+def load_models(path: Path, manifest: dict[str, Any]) -> tuple["OnnxEmbedder", "OnnxChatModel"]:
+    """A bundle's embedder and language model; a failure to load either is one line naming the
+    versions it was exported with and the ones installed."""
     embedder = _load("embedder", path, manifest, ["onnxruntime", "tokenizers"], lambda: OnnxEmbedder(path / "embedder"))
     model = _load("language model", path, manifest, ["onnxruntime-genai"], lambda: OnnxChatModel(path / "model"))
-    assistant = Assistant(index, embedder, model, pack["system_prompt"], pack.get("disclaimer", ""), pack["name"])
-    assistant.manifest = manifest
-    return assistant
-
-
-def bundle_info(assistant) -> dict[str, Any]:
-    manifest = getattr(assistant, "manifest", {})
-    return {"name": assistant.name, "model": manifest.get("model", {}), "created": manifest.get("created")}
+    return embedder, model

@@ -538,7 +538,7 @@ def serve(bundle, host: str = "127.0.0.1", port: int = 8000, api_keys: Sequence[
     `public_key`, a bundle not signed by its private key is refused."""
     import uvicorn
 
-    from vertical.export.runtime import open_bundle
+    from vertical.answer import open_bundle
 
     limits = limits or Limits()
     check_serving(host, api_keys)

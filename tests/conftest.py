@@ -18,6 +18,18 @@ CHAT_TEMPLATE = (
 )
 
 
+# The slow tier (`pytest -m slow`): whole builds, the real default model, the browser, kills and
+# torchrun. `pytest -q` runs the rest, the unit tier; `.ci/run` runs both.
+SLOW_FIXTURES = {"exported_build", "default_model_dir", "browser"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the markers
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("integration") or SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path_factory, monkeypatch):
     """Every test gets its own model cache and builds folder; nothing touches ~/.cache."""

@@ -24,7 +24,7 @@ def bundle(exported_build) -> Path:
 
 @pytest.fixture(scope="module")
 def assistant(bundle):
-    from vertical.export.runtime import open_bundle
+    from vertical.answer import open_bundle
 
     return open_bundle(bundle)
 
@@ -163,7 +163,7 @@ def test_runtime_never_imports_torch_or_transformers(bundle):
     code = f"""
 import sys
 from fastapi.testclient import TestClient
-from vertical.export.runtime import open_bundle
+from vertical.answer import open_bundle
 from vertical.export.server import create_app
 client = TestClient(create_app(open_bundle({str(bundle)!r})), base_url="http://localhost")
 reply = client.post("/v1/chat/completions", json={{"messages": [{{"role": "user", "content": {QUESTION!r}}}], "max_tokens": 8}})
@@ -197,6 +197,7 @@ def test_ask_json_gives_the_answer_its_citations_and_evidence_apart(bundle, cli)
     assert all(e["text"] not in reply["answer"] for e in reply["evidence"]) or reply["fallback"]
 
 
+@pytest.mark.slow
 def test_export_cli_other_quant_and_out(exported_build, tmp_path, cli):
     code, output = cli("export", exported_build, "--quant", "int4", "--out", tmp_path / "b4")
     assert code == 0, output
@@ -475,9 +476,10 @@ def _key_pair(folder: Path, name: str) -> tuple[Path, Path]:
     return private, public
 
 
+@pytest.mark.slow
 def test_a_signed_bundle_is_trusted_only_with_its_own_key(exported_build, tmp_path, cli):
     from vertical.export.bundle import check_signature, sign
-    from vertical.export.runtime import open_bundle
+    from vertical.answer import open_bundle
     from vertical.pipeline import load_manifest
 
     build = tmp_path / "build"

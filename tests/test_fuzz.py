@@ -40,7 +40,7 @@ body = st.fixed_dictionaries(
 def client(exported_build):
     from fastapi.testclient import TestClient
 
-    from vertical.export.runtime import open_bundle
+    from vertical.answer import open_bundle
     from vertical.export.server import Limits, create_app
 
     app = create_app(open_bundle(exported_build / "export"), None, Limits(max_tokens=8, default_max_tokens=4))

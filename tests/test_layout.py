@@ -54,3 +54,45 @@ def test_shared_layers_import_no_stage():
     problems = [f"{file.relative_to(ROOT)}:{line} imports {module}"
                 for file in shared for module, _, line in _imports(file) if _stage_of(module)]
     assert problems == []
+
+
+def _module_files() -> dict[str, Path]:
+    """Every module of the distribution by its import name (vertical.export is export/, vertical.app is app/)."""
+    found = {}
+    for package, folder in {"vertical": ROOT / "vertical", "vertical.export": ROOT / "export",
+                            "vertical.app": ROOT / "app"}.items():
+        for file in folder.rglob("*.py"):
+            parts = [p for p in file.relative_to(folder).with_suffix("").parts if p != "__init__"]
+            found[".".join([package, *parts])] = file
+    return found
+
+
+def test_no_import_cycle_among_modules_counting_imports_inside_functions():
+    files = _module_files()
+
+    def owner(name: str) -> str | None:  # `from vertical.x import y` names module vertical.x.y or vertical.x
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for module, file in files.items():
+        targets = {owner(f"{name}.{n}") if n else owner(name) for name, names, _ in _imports(file) for n in names or [""]}
+        # a module may import its own package's __init__ (the package re-exports it)
+        graph[module] = {t for t in targets if t and t != module and not module.startswith(t + ".")}
+
+    cycles, state = [], {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                cycles.append(" -> ".join(path[path.index(target):] + [target]))
+            elif target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []

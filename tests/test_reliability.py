@@ -82,6 +82,7 @@ def _kill_inside(stage: str, command: list[str], out: Path, seconds: float, rng:
     raise AssertionError(f"could not kill the build inside stage {stage}: it finishes in {seconds:.2f}s")
 
 
+@pytest.mark.slow
 def test_sigkill_in_every_stage_resumes_to_the_same_result(tmp_path, tiny_model_dir):
     pack = fast_pack(tmp_path, tune=SMALL_TUNE)
     clean, killed = tmp_path / "clean", tmp_path / "killed"
@@ -140,6 +141,7 @@ def _unshare_works() -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _unshare_works(), reason="unprivileged network namespaces are not available here")
 def test_build_and_serve_with_all_network_denied(tmp_path, tiny_model_dir):
     """A full build and a served bundle inside a network namespace with only loopback; an audit hook
@@ -260,6 +262,7 @@ def test_bad_command_is_one_line_and_leaves_the_build_intact(finished_build, tmp
 # ---------------------------------------------------------------- the server under load and abuse
 
 
+@pytest.mark.slow
 def test_server_under_load_slow_clients_and_disconnects(exported_build, tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from load import run_load
@@ -275,6 +278,7 @@ def test_server_under_load_slow_clients_and_disconnects(exported_build, tmp_path
     assert result["p50_ms"] is not None and result["p99_ms"] >= result["p50_ms"]
 
 
+@pytest.mark.slow
 def test_api_key_never_reaches_the_logs(exported_build, tmp_path):
     import httpx
 

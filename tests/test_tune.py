@@ -163,6 +163,7 @@ def test_adapters_sit_in_the_top_layers_and_gradients_stop_there(tmp_path):
     assert not seen["out"].requires_grad  # nothing below the lowest adapted layer is back-propagated
 
 
+@pytest.mark.slow
 def test_tune_resumes_after_kill(tiny_pack, tmp_path, tiny_model_dir):
     _with_tune(tiny_pack, epochs=20, batch_size=1, gradient_accumulation=1, eval_holdout=0, eval_questions=0,
                save_steps=5, lora_rank=4)
@@ -186,6 +187,7 @@ def test_tune_resumes_after_kill(tiny_pack, tmp_path, tiny_model_dir):
     assert not (out / ".work" / "tune").exists() or not any((out / ".work" / "tune").iterdir())
 
 
+@pytest.mark.slow
 def test_tune_under_torchrun_two_processes(tiny_pack, tmp_path, tiny_model_dir):
     """`torchrun -m vertical build` trains on every rank (DDP over gloo here); rank 0 writes the build."""
     _with_tune(tiny_pack, epochs=2, batch_size=1, gradient_accumulation=1, eval_holdout=0, eval_questions=0, lora_rank=4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -73,7 +74,7 @@ class Assistant:
     """An index, an embedder, a chat model and a system prompt, ready to answer questions.
 
     The same class answers from a build (torch models, `Assistant.from_build`) and from an
-    exported bundle (ONNX models, `vertical.export.runtime.open_bundle`): anything with
+    exported bundle (ONNX models, `open_bundle` below): anything with
     `encode_query(texts)` and `stream(messages, max_new_tokens)` fits.
     """
 
@@ -168,3 +169,26 @@ class Assistant:
         for _ in pieces:
             pass
         return answer
+
+
+def open_bundle(path: Path, verify_files: bool = True, public_key: Path | None = None) -> Assistant:
+    """An Assistant over an exported bundle, torch-free: the bundle is verified against its
+    manifest first and, with `public_key`, its signature against that key (unsigned or signed by
+    another key: refused)."""
+    from vertical.export.bundle import check_signature, verify
+    from vertical.export.runtime import load_models
+    from vertical.index.store import RetrievalIndex
+
+    path = Path(path)
+    if public_key is not None:
+        check_signature(path, public_key)
+    manifest = verify(path) if verify_files else json.loads((path / "manifest.json").read_text())
+    pack = json.loads((path / "pack.json").read_text(encoding="utf-8"))
+    try:
+        index = RetrievalIndex.load(path / "index")
+    except (OSError, ValueError, KeyError) as exc:
+        raise VerticalError(f"bundle {path}: the index cannot be read ({exc}); export the bundle again") from None
+    embedder, model = load_models(path, manifest)
+    assistant = Assistant(index, embedder, model, pack["system_prompt"], pack.get("disclaimer", ""), pack["name"])
+    assistant.manifest = manifest
+    return assistant

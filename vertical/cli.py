@@ -252,7 +252,7 @@ def _open_assistant(path: Path):
     from vertical.export.bundle import is_bundle
 
     if is_bundle(path):  # a damaged manifest is then reported as the bundle's problem
-        from vertical.export.runtime import open_bundle
+        from vertical.answer import open_bundle
 
         return open_bundle(path)
     from vertical.answer import Assistant

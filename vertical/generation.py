@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from vertical.errors import VerticalError
 from vertical.evidence import NumberCopy, NumberVocabulary
@@ -43,7 +46,7 @@ class ChatModel:
                                                   return_dict=True)
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        return self._inputs(messages)["input_ids"][0].tolist()
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def piece_ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -84,6 +87,45 @@ class ChatModel:
         thread.join()
         if errors:
             raise errors[0]
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The token ids of chat messages in the tokenizer's template, ready for the answer."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True)["input_ids"][0].tolist()
+
+
+def left_padded(rows: list[list[int]], pad: int):
+    """Token rows as one left-padded batch (ids, attention mask), so that every row continues at
+    the end: what batched generation needs."""
+    import torch
+
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    return ids, mask
+
+
+def generate_batch(model, prompts: list[list[int]], pad: int, max_new_tokens: int, *, tokenizer=None,
+                   numbers: list[set[str] | None] | None = None, precision=None, **options) -> list[list[int]]:
+    """The new tokens of each prompt (token ids), the prompts run together in one left-padded batch:
+    on a CPU their prefill dominates and the decoding steps are shared, so 8 answers cost about half
+    of 8 separate ones. Greedy unless `options` (transformers' generate arguments) say otherwise; a
+    row that ends early is padded with `pad` to the batch's length. `numbers[i]`: the only numbers
+    row i may write (vertical.evidence.NumberCopy; needs `tokenizer`)."""
+    import contextlib
+
+    import torch
+
+    ids, mask = left_padded(prompts, pad)
+    width = ids.shape[1]
+    if numbers is not None:
+        options["logits_processor"] = copy_numbers(tokenizer, numbers, width)
+    options.setdefault("do_sample", False)
+    with torch.inference_mode(), (precision or contextlib.nullcontext)():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
+                             **options)
+    return out[:, width:].tolist()
 
 
 def special_tokens(tokenizer) -> list[str]:
@@ -190,3 +232,56 @@ class TorchPrefilled:
                 rows.append([float(self.first[path[0]])] +
                             [float(logits[row, j, path[j + 1]]) for j in range(len(path) - 1)])
         return rows
+
+
+# ---------------------------------------------------------------- decode speed
+
+# One prompt for every decode-speed number of a build, long enough to keep a model writing.
+SPEED_PROMPT = [{"role": "user", "content": "Summarise the main points of the guideline in detail."}]
+
+
+@dataclass
+class DecodeSpeed:
+    tokens_per_s: float  # tokens after the first, per second: decoding alone
+    first_token_ms: float  # reading the prompt and writing the first token
+
+
+def time_decoding(tokens: Iterable[Any]) -> DecodeSpeed | None:
+    """Times one decoding, given as the iterator of its tokens (None if it wrote fewer than two)."""
+    started, first, count = time.perf_counter(), None, 0
+    for _ in tokens:
+        count += 1
+        if first is None:
+            first = time.perf_counter()
+    if first is None or count < 2:
+        return None
+    return DecodeSpeed((count - 1) / (time.perf_counter() - first), (first - started) * 1000)
+
+
+def decode_speeds(decoders: dict[str, Callable[[], Iterable[Any]]], runs: int = 3) -> dict[str, DecodeSpeed]:
+    """The best decode speed of each named decoder (a callable that starts one decoding), after one
+    warm-up run each; the decoders take turns, so that a busy moment of a shared CPU slows all of
+    them alike instead of one."""
+    for decode in decoders.values():
+        time_decoding(decode())
+    best = {name: DecodeSpeed(0.0, float("inf")) for name in decoders}
+    for _ in range(runs):
+        for name, decode in decoders.items():
+            speed = time_decoding(decode())
+            if speed is not None:
+                best[name] = DecodeSpeed(max(best[name].tokens_per_s, speed.tokens_per_s),
+                                         min(best[name].first_token_ms, speed.first_token_ms))
+    return best
+
+
+def greedy_ids(model, prompt_ids: list[int], new_tokens: int) -> Iterator[int]:
+    """A torch model's greedy tokens after a prompt, `new_tokens` of them whatever they are (no
+    stop at end of text): the loop whose speed is comparable with onnxruntime-genai's."""
+    import torch
+
+    with torch.inference_mode():
+        out = model(torch.tensor([prompt_ids]), use_cache=True, logits_to_keep=1)
+        for _ in range(new_tokens):
+            token = int(out.logits[0, -1].argmax())
+            yield token
+            out = model(torch.tensor([[token]]), cache=out.cache, use_cache=True)

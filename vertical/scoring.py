@@ -131,23 +131,12 @@ class TorchLM:
         """Greedy answers to several prompts in one left-padded batch: on a CPU the prompts' prefill
         dominates and the decoding steps are shared, so 8 answers cost about half of 8 separate ones.
         `numbers[i]`: the only numbers answer i may write (vertical.evidence.NumberCopy)."""
-        import torch
+        from vertical.generation import chat_prompt_ids, generate_batch
 
-        from vertical.generation import copy_numbers
-
-        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
-        try:
-            inputs = self.tokenizer.apply_chat_template(conversations, add_generation_prompt=True, padding=True,
-                                                        return_tensors="pt", return_dict=True)
-        finally:
-            self.tokenizer.padding_side = side
-        with torch.inference_mode(), self._precision():
-            width = inputs["input_ids"].shape[1]
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id,
-                                      logits_processor=copy_numbers(self.tokenizer, numbers or [None] * len(conversations),
-                                                                    width))
-        return [self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+        rows = generate_batch(self.model, [chat_prompt_ids(self.tokenizer, c) for c in conversations],
+                              self.tokenizer.pad_token_id, max_new_tokens, tokenizer=self.tokenizer,
+                              numbers=numbers or [None] * len(conversations), precision=self._precision)
+        return [self.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
 
 class OnnxLM:

@@ -115,11 +115,9 @@ def _training_sequences(ctx, teacher, tokenizer, index, embedder, work: Path) ->
 def _teacher_answers(teacher, tokenizer, prompts: list[list[dict]], max_new_tokens: int, cache: Path) -> list[list[int]]:
     """Greedy answers in batches (a batch costs about one sequence on a CPU), in bf16 autocast where
     native (as the QA scoring), cached for a resume."""
-    import torch
-
-    from vertical.models.registry import autocast
-
+    from vertical.generation import chat_prompt_ids, generate_batch
     from vertical.io import atomic_write_json
+    from vertical.models.registry import autocast
 
     if cache.is_file():
         try:
@@ -131,22 +129,14 @@ def _teacher_answers(teacher, tokenizer, prompts: list[list[dict]], max_new_toke
     answers: list[list[int]] = [[] for _ in prompts]
     # batches of similar length: the prompts mix bare questions with ones carrying retrieved sources
     order = sorted(range(len(prompts)), key=lambda i: prompt_length(prompts[i]))
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for start in range(0, len(order), 16):
-            rows = order[start:start + 16]
-            batch = tokenizer.apply_chat_template([prompts[i] for i in rows], add_generation_prompt=True, padding=True,
-                                                  return_tensors="pt", return_dict=True)
-            with torch.inference_mode(), autocast():
-                out = teacher.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id)
-            for i, row in zip(rows, out[:, batch["input_ids"].shape[1]:].tolist()):
-                while row and row[-1] == tokenizer.pad_token_id and row[-1] != tokenizer.eos_token_id:
-                    row.pop()
-                answers[i] = row
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(order), 16):
+        rows = order[start:start + 16]
+        out = generate_batch(teacher, [chat_prompt_ids(tokenizer, prompts[i]) for i in rows], tokenizer.pad_token_id,
+                             max_new_tokens, precision=autocast)
+        for i, row in zip(rows, out):
+            while row and row[-1] == tokenizer.pad_token_id and row[-1] != tokenizer.eos_token_id:
+                row.pop()
+            answers[i] = row
     atomic_write_json(cache, answers)
     return answers
 
@@ -293,11 +283,6 @@ def _mean(values) -> float | None:
 # ---------------------------------------------------------------- measurements
 
 
-def decode_tokens_per_s(model, tokenizer, new_tokens: int = 32, runs: int = 2) -> float:
-    """Greedy decoding speed of a torch model on a fixed short prompt (best of `runs`)."""
-    return decode_speeds({"model": model}, tokenizer, new_tokens, runs)["model"]
-
-
 def student_ships(settings, retention: float | None) -> tuple[bool, str]:
     """Whether `stages.export` ships the distilled student rather than the teacher, and why. `auto`
     ships it only if it kept at least `min_retention` of the teacher's QA score: a faster model that
@@ -317,8 +302,8 @@ def student_ships(settings, retention: float | None) -> tuple[bool, str]:
 def student_worth_finishing(settings, retention_at_check: float | None) -> tuple[bool, str]:
     """Halfway through distillation, whether the rest of the training can still make the
     student ship under `auto` (the only choice retention decides), and why. A student below half
-    of `min_retention` then will not double its score in the remaining steps (the legal, finance
-    and games students kept 0.00-0.27 after all 60 steps; legal's had 0.22 at step 20 and at 30)."""
+    of `min_retention` then does not double its score in the remaining steps (docs/distill.md shows
+    the students' scores halfway and at the end)."""
     if retention_at_check is None:
         return True, "no QA score to compare the student with the teacher"
     if retention_at_check < settings.min_retention / 2:
@@ -327,31 +312,12 @@ def student_worth_finishing(settings, retention_at_check: float | None) -> tuple
     return True, f"retention {retention_at_check:.2f} halfway"
 
 
-def decode_speeds(models: dict[str, Any], tokenizer, new_tokens: int = 48, runs: int = 3) -> dict[str, float]:
-    """Greedy decoding speed of several torch models, best of `runs` each, the models taking turns
-    so that a busy moment of a shared CPU slows all of them alike instead of one."""
-    import torch
-
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Summarise the main points of the guideline."}],
-                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    best = dict.fromkeys(models, 0.0)
-    for _ in range(runs):
-        for name, model in models.items():
-            started = time.perf_counter()
-            with torch.inference_mode():
-                out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-            produced = out.shape[1] - inputs["input_ids"].shape[1]
-            best[name] = max(best[name], produced / (time.perf_counter() - started))
-    return {name: round(rate, 2) for name, rate in best.items()}
-
-
 def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.answer import retrieve
     from vertical.distill.student import choose_layers, make_student, student_layer
     from vertical.edit import read_log, replay_edits
     from vertical.scoring import TorchLM, eval_sample, known_predictions, score_qa, write_predictions
-    from vertical.generation import best_model_dir
+    from vertical.generation import SPEED_PROMPT, best_model_dir, chat_prompt_ids, decode_speeds, greedy_ids
     from vertical.index import open_index
     from vertical.models import load_causal_lm, load_tokenizer, save_tokenizer
     from vertical.pipeline import PhaseClock
@@ -393,7 +359,9 @@ def run(ctx, out: Path) -> dict[str, Any]:
                               answer_tokens, known_predictions(ctx.build_dir, teacher_dir))
         teacher_score = metrics["teacher_score"] = teacher_qa["accuracy"]
     # the student's shape, hence its speed, is final here: training and the edits change values only
-    speeds = decode_speeds({"teacher": teacher, "student": student}, tokenizer)
+    prompt = chat_prompt_ids(tokenizer, SPEED_PROMPT)
+    speeds = {name: round(speed.tokens_per_s, 2) for name, speed in decode_speeds(
+        {"teacher": lambda: greedy_ids(teacher, prompt, 48), "student": lambda: greedy_ids(student, prompt, 48)}).items()}
     metrics.update(teacher_tokens_per_s=speeds["teacher"], student_tokens_per_s=speeds["student"],
                    speedup=round(speeds["student"] / speeds["teacher"], 3))
     lap("teacher_qa_and_speeds")

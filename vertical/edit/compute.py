@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from vertical.edit.layout import FFNLayout
-from vertical.edit.tokens import encode, left_padded, subject_span, target_ids
+from vertical.edit.tokens import encode, subject_span, target_ids
+from vertical.generation import generate_batch, left_padded
 from vertical.errors import VerticalError
 from vertical.pack.schema import EditRequest
 
@@ -35,14 +36,13 @@ def context_templates(model, tokenizer, count: int, length: int, seed: int) -> l
     prompts = [starts[i % len(starts)] for i in range(count)]
     rows = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     pad = tokenizer.pad_token_id or 0
-    ids, mask = left_padded(rows, pad)
-    with torch.random.fork_rng(), torch.inference_mode():
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=length, do_sample=True, top_k=5,
-                             pad_token_id=pad, renormalize_logits=True, remove_invalid_values=False)
+        new = generate_batch(model, rows, pad, length, do_sample=True, top_k=5, renormalize_logits=True,
+                             remove_invalid_values=False)
     templates = ["{}"]
-    for row in out:
-        text = tokenizer.decode(row, skip_special_tokens=True).replace("{", " ").replace("}", " ")
+    for prompt, row in zip(rows, new):
+        text = tokenizer.decode(prompt + row, skip_special_tokens=True).replace("{", " ").replace("}", " ")
         templates.append(" ".join(text.split()) + ". {}")
     return templates
 

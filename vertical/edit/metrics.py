@@ -12,10 +12,9 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-import torch
 
-from vertical.edit.tokens import encode, left_padded, target_ids
-from vertical.generation import mean_logprobs
+from vertical.edit.tokens import encode, target_ids
+from vertical.generation import generate_batch, mean_logprobs
 from vertical.pack.schema import EditRequest
 
 
@@ -27,10 +26,9 @@ def target_logprobs(model, tokenizer, pairs: list[tuple[str, str]]) -> list[floa
 
 def greedy_target(model, tokenizer, prompt: str, tokens: int = 3) -> str:
     """The model's own continuation: the "true" target when a request gives none."""
-    ids = torch.tensor([encode(tokenizer, prompt)])
-    with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0][ids.shape[1]:], skip_special_tokens=True).strip() or "the"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    row = generate_batch(model, [encode(tokenizer, prompt)], pad, tokens)[0]
+    return tokenizer.decode(row, skip_special_tokens=True).strip() or "the"
 
 
 def compared_pairs(requests: list[EditRequest], true_targets: list[str]) -> list[tuple[str, str, str, str]]:
@@ -76,13 +74,9 @@ def fluency(model, tokenizer, prompts: list[str], tokens: int = 40) -> float | N
     if not prompts:
         return None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids, mask = left_padded([encode(tokenizer, prompt) for prompt in prompts], pad)
-    width = ids.shape[1]
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens, do_sample=False,
-                             pad_token_id=pad, repetition_penalty=1.0)
     values = []
-    for row in out[:, width:].tolist():
+    for row in generate_batch(model, [encode(tokenizer, prompt) for prompt in prompts], pad, tokens,
+                              repetition_penalty=1.0):
         if tokenizer.eos_token_id in row:  # a finished row is padded to the batch's length
             row = row[: row.index(tokenizer.eos_token_id) + 1]
         values.append(ngram_entropy(row))

@@ -39,14 +39,3 @@ def target_ids(tokenizer, target: str) -> list[int]:
     if not target.strip() or not ids:
         raise VerticalError(f"target {target!r} is empty or tokenizes to nothing")
     return ids
-
-
-def left_padded(rows: list[list[int]], pad: int):
-    """Token rows as one left-padded batch (ids, attention mask), so that every row continues at
-    the end: what batched generation needs."""
-    import torch
-
-    width = max(len(row) for row in rows)
-    ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
-    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
-    return ids, mask

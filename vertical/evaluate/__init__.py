@@ -91,7 +91,7 @@ def _open(kind: str, folder: Path, build_index: tuple | None):
     from vertical.scoring import OnnxLM, TorchLM
 
     if kind == "onnx":
-        from vertical.export.runtime import open_bundle
+        from vertical.answer import open_bundle
 
         assistant = open_bundle(folder)
         return OnnxLM(assistant.model), (assistant.index, assistant.embedder.encode_query)

@@ -1,0 +1,49 @@
+"""The one batched generation and decode-speed measurement that every stage uses."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import make_tiny_model
+from vertical.generation import (SPEED_PROMPT, chat_prompt_ids, decode_speeds, generate_batch, greedy_ids,
+                                 time_decoding)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from vertical.models import load_causal_lm, load_tokenizer
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("gen") / "model")
+    return load_causal_lm(folder), load_tokenizer(folder)
+
+
+def test_a_batch_gives_each_prompt_its_own_greedy_answer(tiny):
+    model, tokenizer = tiny
+    prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": q}])
+               for q in ["What is the dose?", "Which clause applies to a late payment by the tenant?"]]
+    together = generate_batch(model, prompts, tokenizer.pad_token_id, 6)
+    alone = [generate_batch(model, [p], tokenizer.pad_token_id, 6)[0] for p in prompts]
+    assert [row[:len(a)] for row, a in zip(together, alone)] == alone
+
+
+def test_the_speed_loop_writes_the_greedy_tokens(tiny):
+    model, tokenizer = tiny
+    prompt = chat_prompt_ids(tokenizer, SPEED_PROMPT)
+    assert list(greedy_ids(model, prompt, 8)) == generate_batch(model, [prompt], tokenizer.pad_token_id, 8,
+                                                                 min_new_tokens=8)[0]
+
+
+def test_decode_speed_counts_the_tokens_after_the_first():
+    import time
+
+    def tokens(count: int, pause: float):
+        for _ in range(count):
+            time.sleep(pause)
+            yield 0
+
+    speed = time_decoding(tokens(5, 0.02))
+    assert 4 / 0.08 * 0.5 < speed.tokens_per_s <= 4 / 0.08 * 1.01  # 4 tokens after the first in >= 80 ms
+    assert speed.first_token_ms >= 20
+    assert time_decoding(tokens(1, 0)) is None
+    both = decode_speeds({"fast": lambda: tokens(4, 0.001), "slow": lambda: tokens(4, 0.02)}, runs=1)
+    assert both["fast"].tokens_per_s > both["slow"].tokens_per_s
