@@ -52,7 +52,8 @@ class DemoSource:
         return self._models
 
     def reload_model(self) -> None:
-        from vertical.generation import ChatModel, best_model_dir
+        from vertical.generation import ChatModel
+        from vertical.paths import best_model_dir
 
         self.assistant.model = ChatModel(best_model_dir(self.path))
 
@@ -64,7 +65,7 @@ class DemoSource:
 
 def open_source(path: Path, redact_feedback: bool = True) -> DemoSource:
     """A build folder (has manifest.json with stages) or an exported bundle (has pack.json)."""
-    from vertical.export.bundle import is_bundle
+    from vertical.paths import is_build, is_bundle
 
     path = Path(path).resolve()
     if is_bundle(path):
@@ -74,7 +75,7 @@ def open_source(path: Path, redact_feedback: bool = True) -> DemoSource:
         pack = json.loads((path / "pack.json").read_text(encoding="utf-8"))
         stages = assistant.manifest.get("metrics", {})
         return DemoSource(path, True, assistant, pack.get("example_questions", []), stages, redact_feedback)
-    if (path / "manifest.json").is_file():
+    if is_build(path):
         from vertical.answer import Assistant
         from vertical.pack import load_pack
         from vertical.pipeline import load_manifest

@@ -112,7 +112,8 @@ def main() -> None:
     from vertical.export.convert import export_language_model
     from vertical.answer import open_bundle
     from vertical.export.runtime import OnnxChatModel
-    from vertical.generation import best_model_dir, greedy_ids
+    from vertical.generation import greedy_ids
+    from vertical.paths import best_model_dir
     from vertical.models import load_causal_lm
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -28,7 +28,7 @@ def main() -> None:
     from vertical.answer import retrieve
     from vertical.scoring import sample_items
     from vertical.scoring import TorchLM, score_qa
-    from vertical.generation import best_model_dir
+    from vertical.paths import best_model_dir
     from vertical.index import open_index
     from vertical.models import load_causal_lm, load_tokenizer
     from vertical.models.registry import bf16_supported

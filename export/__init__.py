@@ -39,7 +39,7 @@ def _model_to_export(ctx, settings) -> tuple[Path, str, str]:
     from vertical.distill import EDITS_SKIPPED, student_ships
     from vertical.edit import read_log
     from vertical.errors import VerticalError
-    from vertical.generation import best_model_dir
+    from vertical.paths import best_model_dir
 
     student = ctx.build_dir / "distill" / "model"
     teacher = best_model_dir(ctx.build_dir)

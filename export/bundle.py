@@ -38,11 +38,6 @@ class BundleInvalid(VerticalError):
     """The folder is not a bundle, or a file in it does not match its manifest."""
 
 
-def is_bundle(path: Path) -> bool:
-    """Whether `path` looks like an exported bundle (rather than a build folder)."""
-    return (Path(path) / "pack.json").is_file() and (Path(path) / "model" / "genai_config.json").is_file()
-
-
 def list_files(folder: Path) -> dict[str, dict[str, Any]]:
     """Every file under `folder` except the manifest: relative path -> size and sha256."""
     files = {}

@@ -84,7 +84,8 @@ class Assistant:
 
     @classmethod
     def from_build(cls, build_dir: Path) -> "Assistant":
-        from vertical.generation import ChatModel, best_model_dir
+        from vertical.generation import ChatModel
+        from vertical.paths import best_model_dir
         from vertical.index.store import open_index
         from vertical.pack import load_pack
         from vertical.pipeline import load_manifest

@@ -207,12 +207,12 @@ def _progress(transient: bool = True) -> Progress:
 
 
 def _build_dir(path: Path) -> Path:
-    from vertical.export.bundle import is_bundle
+    from vertical.paths import is_build, is_bundle
 
     if is_bundle(path):
         raise VerticalError(f"{path} is an exported bundle, not a build folder: give the build it came from "
                             "(builds/<pack>)")
-    if not (path / "manifest.json").is_file():
+    if not is_build(path):
         raise VerticalError(f"{path} is not a build folder (no manifest.json); give builds/<pack> or the --out of a build")
     return path
 
@@ -249,7 +249,7 @@ def search_cmd(
 
 def _open_assistant(path: Path):
     """A bundle runs on onnxruntime (no torch); a build folder on its torch models."""
-    from vertical.export.bundle import is_bundle
+    from vertical.paths import is_bundle
 
     if is_bundle(path):  # a damaged manifest is then reported as the bundle's problem
         from vertical.answer import open_bundle

@@ -16,18 +16,6 @@ from vertical.prompting import register_special_tokens
 
 log = logging.getLogger(__name__)
 
-# Most refined model first: what `vertical ask` and the demo use for a build.
-MODEL_PREFERENCE = ("edit/model", "tune/merged", "base/model")
-
-
-def best_model_dir(build_dir: Path) -> Path:
-    for rel in MODEL_PREFERENCE:
-        path = Path(build_dir) / rel
-        if (path / "config.json").is_file():
-            return path
-    raise VerticalError(f"{build_dir} has no model yet; run `vertical build PACK` first")
-
-
 class ChatModel:
     """A causal LM and its tokenizer, answering chat messages greedily (deterministic)."""
 

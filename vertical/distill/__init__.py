@@ -317,7 +317,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.distill.student import choose_layers, make_student, student_layer
     from vertical.edit import read_log, replay_edits
     from vertical.scoring import TorchLM, eval_sample, known_predictions, score_qa, write_predictions
-    from vertical.generation import SPEED_PROMPT, best_model_dir, chat_prompt_ids, decode_speeds, greedy_ids
+    from vertical.generation import SPEED_PROMPT, chat_prompt_ids, decode_speeds, greedy_ids
+    from vertical.paths import best_model_dir
     from vertical.index import open_index
     from vertical.models import load_causal_lm, load_tokenizer, save_tokenizer
     from vertical.pipeline import PhaseClock

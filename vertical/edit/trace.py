@@ -301,7 +301,7 @@ def trace_build(build_dir: Path, prompt: str, subject: str, kind: str = "mlp", o
                 samples: int = 5, window: int = 5) -> tuple[Path, TraceResult]:
     """Trace a build's most refined model (`vertical trace`) and write the heatmap PNG and a JSON of
     the scores next to it; returns the PNG path and the result."""
-    from vertical.generation import best_model_dir
+    from vertical.paths import best_model_dir
     from vertical.models.registry import load_causal_lm, load_tokenizer
 
     build_dir = Path(build_dir)

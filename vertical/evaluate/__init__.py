@@ -259,11 +259,12 @@ def evaluate_path(path: Path, qa_file: Path | None = None, edits_file: Path | No
     from vertical.pack import read_jsonl
     from vertical.pack.schema import EditRequest, EvalSettings, QAItem
 
-    from vertical.export.bundle import is_bundle as looks_like_bundle
+    from vertical.paths import is_build
+    from vertical.paths import is_bundle as looks_like_bundle
 
     path = Path(path)
     is_bundle = looks_like_bundle(path)
-    if not is_bundle and not (path / "manifest.json").is_file():
+    if not is_bundle and not is_build(path):
         raise VerticalError(f"{path} is neither a build folder nor an exported bundle")
     pack = None
     if is_bundle:
