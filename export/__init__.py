@@ -172,8 +172,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
     ctx.reporter.stage("export", "running", "measuring decode speed")
     onnx_model, torch_model = OnnxChatModel(out / "model"), load_causal_lm(model_dir)
     prompt = chat_prompt_ids(load_tokenizer(model_dir), SPEED_PROMPT)
-    speeds = decode_speeds({"onnx": lambda: onnx_model.stream_ids(prompt, 64),
-                            "torch": lambda: greedy_ids(torch_model, prompt, 64)}, runs=2)
+    speeds = decode_speeds({"onnx": lambda model=onnx_model: model.stream_ids(prompt, 64),
+                            "torch": lambda model=torch_model: greedy_ids(model, prompt, 64)}, runs=2)
     metrics["onnx_tokens_per_s"] = round(speeds["onnx"].tokens_per_s, 2)
     metrics["torch_tokens_per_s"] = round(speeds["torch"].tokens_per_s, 2)
     del torch_model, onnx_model

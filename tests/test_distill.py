@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vertical import pipeline
-from vertical.distill import distillation_loss
+from vertical.distill.train import distillation_loss
 from vertical.distill.student import candidate_layouts, choose_layers, kept_layers, make_student, student_layer
 from vertical.errors import VerticalError
 from vertical.models import load_causal_lm
@@ -130,14 +130,15 @@ def test_held_out_loss_is_the_models_own_loss_on_the_labelled_tokens(tmp_path):
 
 
 def test_student_trains_on_answers_and_documents_not_on_prompts():
-    from vertical.distill import _batch, _sequence
+    from vertical.distill.data import sequence
+    from vertical.distill.train import collate
 
-    conversation = _sequence(list(range(20)), [14, 15, 16, 17, 18])  # the assistant's tokens are 15..19
+    conversation = sequence(list(range(20)), [14, 15, 16, 17, 18])  # the assistant's tokens are 15..19
     assert conversation["targets"] == [-100] * 5  # KL only
-    answer = _sequence(list(range(100, 120)), [9, 10, 11], teacher_tokens=True)
+    answer = sequence(list(range(100, 120)), [9, 10, 11], teacher_tokens=True)
     assert answer["targets"] == [110, 111, 112]  # the teacher's own tokens: cross-entropy too
-    assert _sequence([1, 2, 3], [0, 1]) is None and _sequence(list(range(20)), []) is None
-    _, _, rows, columns, _, weights = _batch([conversation, answer], pad_id=0)
+    assert sequence([1, 2, 3], [0, 1]) is None and sequence(list(range(20)), []) is None
+    _, _, rows, columns, _, weights = collate([conversation, answer], pad_id=0)
     assert rows.tolist() == [0] * 5 + [1] * 3 and columns.tolist() == [14, 15, 16, 17, 18, 9, 10, 11]
     assert float(weights[:5].sum()) == pytest.approx(0.5) and float(weights[5:].sum()) == pytest.approx(0.5)
 
@@ -203,7 +204,7 @@ def test_a_student_that_will_not_ship_is_not_given_the_edits(exported_build, tmp
 
 
 def test_distill_resumes_from_its_checkpoint(tmp_path, monkeypatch):
-    import vertical.distill as distill
+    from vertical.distill.train import CHECKPOINT_EVERY
 
     model = make_tiny_model(tmp_path / "model", layers=4)
     pack = fast_pack(tmp_path, distill={"steps": 24, "teacher_answers": 2, "answer_tokens": 8, "documents": 2,
@@ -224,13 +225,13 @@ def test_distill_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert not (tmp_path / "b" / "distill").exists()  # nothing half-written in place
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
     result = pipeline.build(pack, out=tmp_path / "b", steps=["distill"], base_model=str(model))[-1]
-    assert result.metrics["resumed_at_step"] == distill.CHECKPOINT_EVERY
+    assert result.metrics["resumed_at_step"] == CHECKPOINT_EVERY
     assert result.metrics["steps"] == 24
 
 
 @pytest.mark.parametrize("go_on", [True, False])
 def test_the_check_halfway_can_stop_the_training_there(tmp_path, go_on):
-    from vertical.distill import train_student
+    from vertical.distill.train import train_student
     from vertical.pack.schema import DistillSettings
 
     teacher = load_causal_lm(make_tiny_model(tmp_path / "four", layers=4))

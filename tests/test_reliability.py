@@ -442,7 +442,7 @@ def test_a_planted_checkpoint_cannot_run_code(tmp_path):
     """The distill stage resumes from checkpoint.pt; a pickle that calls a function is refused."""
     import pickle
 
-    from vertical.distill import load_checkpoint
+    from vertical.distill.train import load_checkpoint
 
     marker = tmp_path / "ran"
 

@@ -18,21 +18,16 @@ where it stopped; the teacher's generated answers are cached there too.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import random
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vertical.distill.data import training_sequences
+from vertical.distill.train import train_student
 from vertical.io import sha256_text
-from vertical.prompting import prompt_length
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_EVERY = 20  # optimizer steps
 EDITS_SKIPPED = "edits_skipped"  # metrics key: why the edits were not re-applied to the student
 PROBE_SEQUENCES = 8  # sequences on which the candidate layer layouts are compared
 
@@ -48,239 +43,7 @@ def inputs(ctx) -> dict[str, Any]:
             **sample_inputs(pack)}
 
 
-# ---------------------------------------------------------------- training data
-#
-# A sequence is {"input_ids", "positions", "targets"}: `positions` are the token positions whose
-# next-token distribution the loss reads, `targets` the token each should predict for the
-# cross-entropy term (-100: KL only). Only those positions go through the vocabulary projection:
-# with a 49k vocabulary that projection costs as much per position as eight of the student's layers.
-
-
-def _sequence(ids: list[int], positions: list[int], teacher_tokens: bool = False) -> dict | None:
-    if len(ids) < 8 or not positions:
-        return None
-    targets = [ids[p + 1] for p in positions] if teacher_tokens else [-100] * len(positions)
-    return {"input_ids": ids, "positions": positions, "targets": targets}
-
-
-def _training_sequences(ctx, teacher, tokenizer, index, embedder, work: Path) -> tuple[list[dict], dict[str, int]]:
-    """The student's training text:
-
-    - the pack's conversations as served (retrieved sources in the prompt), KL on the assistant's
-      tokens only: that is where the answers the QA evaluation reads are formed;
-    - document chunks, KL on every token: plain language modelling of the domain's text;
-    - the teacher's own greedy answers to the pack's prompts, KL and cross-entropy on the answer.
-    """
-    from vertical.tune.data import IGNORE, build_examples, tokenize
-
-    settings = ctx.pack.config.stages.distill
-    length = settings.max_length
-    rng = random.Random(settings.seed)
-    conversations = ctx.pack.instructions()
-    rng.shuffle(conversations)
-    # the tune stage's retrieval-aware examples, sources shortened to the student's sequence length
-    # so that the answer at the end is never the part cut off
-    shaped = ctx.pack.config.stages.tune.model_copy(update={"max_length": length})
-    examples = build_examples(conversations, ctx.pack.config.system_prompt, index, embedder, shaped,
-                              settings.seed, tokenizer)
-    sequences: list[dict] = []
-
-    def add(sequence: dict | None) -> None:
-        if sequence is not None:
-            sequences.append(sequence)
-
-    for example in examples:
-        features, _ = tokenize(tokenizer, example.messages, length)
-        if features is not None:
-            ids, labels = features["input_ids"], features["labels"]
-            add(_sequence(ids, [p for p in range(len(ids) - 1) if labels[p + 1] != IGNORE]))
-    chunks = rng.sample(index.chunks, min(settings.documents, len(index.chunks))) if index is not None else []
-    for chunk in chunks:
-        ids = tokenizer(chunk.text, add_special_tokens=False)["input_ids"][:length]
-        add(_sequence(ids, list(range(len(ids) - 1))))
-    counts = {"conversations": len(examples), "document_chunks": len(chunks)}
-
-    prompts = [example.messages[:-1] for example in examples[: settings.teacher_answers]]
-    answers = _teacher_answers(teacher, tokenizer, prompts, settings.answer_tokens, work / "teacher_answers.json")
-    for messages, answer in zip(prompts, answers):
-        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                               return_dict=True)["input_ids"]
-        ids = (prompt + answer)[:length]
-        add(_sequence(ids, list(range(len(prompt) - 1, len(ids) - 1)), teacher_tokens=True))
-    counts["teacher_answers"] = len(answers)
-    counts["loss_positions"] = sum(len(s["positions"]) for s in sequences)
-    return sequences, counts
-
-
-def _teacher_answers(teacher, tokenizer, prompts: list[list[dict]], max_new_tokens: int, cache: Path) -> list[list[int]]:
-    """Greedy answers in batches (a batch costs about one sequence on a CPU), in bf16 autocast where
-    native (as the QA scoring), cached for a resume."""
-    from vertical.generation import chat_prompt_ids, generate_batch
-    from vertical.io import atomic_write_json
-    from vertical.models.registry import autocast
-
-    if cache.is_file():
-        try:
-            cached = json.loads(cache.read_text())
-        except ValueError:  # unreadable (an older, non-atomic write cut short): answer again
-            cached = None
-        if isinstance(cached, list) and len(cached) == len(prompts):
-            return cached
-    answers: list[list[int]] = [[] for _ in prompts]
-    # batches of similar length: the prompts mix bare questions with ones carrying retrieved sources
-    order = sorted(range(len(prompts)), key=lambda i: prompt_length(prompts[i]))
-    for start in range(0, len(order), 16):
-        rows = order[start:start + 16]
-        out = generate_batch(teacher, [chat_prompt_ids(tokenizer, prompts[i]) for i in rows], tokenizer.pad_token_id,
-                             max_new_tokens, precision=autocast)
-        for i, row in zip(rows, out):
-            while row and row[-1] == tokenizer.pad_token_id and row[-1] != tokenizer.eos_token_id:
-                row.pop()
-            answers[i] = row
-    atomic_write_json(cache, answers)
-    return answers
-
-
-# ---------------------------------------------------------------- the loss and the loop
-
-
-def distillation_loss(student_logits, teacher_logits, targets, temperature: float, weights=None):
-    """KL(teacher || student) on softened distributions, scaled by T^2 so its gradients keep the
-    size of a hard-label loss (Hinton et al.), plus cross-entropy where `targets` has a token.
-    Logits are [positions, vocab]: only the positions the loss reads; `weights` (summing to 1)
-    weigh the positions' KL, uniform by default."""
-    import torch.nn.functional as F
-
-    t = temperature
-    student_logp = F.log_softmax(student_logits.float() / t, dim=-1)
-    teacher_logp = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
-    kd = (kl.mean() if weights is None else (kl * weights).sum()) * t * t
-    if (targets != -100).any():
-        ce = F.cross_entropy(student_logits.float(), targets, ignore_index=-100)
-    else:
-        ce = kd.new_zeros(())
-    return kd + ce, kd.detach(), ce.detach()
-
-
-def _batch(sequences: list[dict], pad_id: int):
-    """Right-padded ids and mask, the (row, position) pairs the loss reads with their targets, and
-    their weights: each sequence weighs the same, so a 300-token document chunk does not outweigh
-    the 40-token answer beside it."""
-    import torch
-
-    width = max(len(s["input_ids"]) for s in sequences)
-    ids = torch.tensor([s["input_ids"] + [pad_id] * (width - len(s["input_ids"])) for s in sequences])
-    mask = torch.tensor([[1] * len(s["input_ids"]) + [0] * (width - len(s["input_ids"])) for s in sequences])
-    rows = torch.tensor([row for row, s in enumerate(sequences) for _ in s["positions"]])
-    columns = torch.tensor([p for s in sequences for p in s["positions"]])
-    targets = torch.tensor([t for s in sequences for t in s["targets"]])
-    weights = torch.tensor([1 / (len(s["positions"]) * len(sequences)) for s in sequences for _ in s["positions"]])
-    return ids, mask, rows, columns, targets, weights
-
-
-def load_checkpoint(path: Path) -> dict | None:
-    """A resumable training state, or None to start over. Loaded with `weights_only=True`:
-    tensors and plain values only, so a checkpoint planted in a copied build folder cannot run
-    code (torch's full unpickler would call whatever the file names)."""
-    import pickle
-
-    import torch
-
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-        log.warning("distill: %s is not a checkpoint this stage wrote (%s); starting over", path,
-                    str(exc).splitlines()[0][:200])
-        return None
-
-
-def train_student(student, teacher, sequences: list[dict], settings, pad_id: int, work: Path, track,
-                  check: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """The distillation loop: AdamW, warmup then cosine decay, bf16 autocast where native,
-    a checkpoint every CHECKPOINT_EVERY steps (resumed after a kill). `check`, called once halfway
-    (the student in eval mode), may end the training there by returning False."""
-    import torch
-
-    from vertical.models import selected_logits
-    from vertical.models.registry import autocast
-
-    torch.manual_seed(settings.seed)
-    for param in student.get_input_embeddings().parameters():  # shared with the head; the teacher's are kept
-        param.requires_grad_(False)
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
-    warmup = max(1, settings.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(step, settings.steps) / max(settings.steps, 1))))
-    order = list(range(len(sequences)))
-    random.Random(settings.seed).shuffle(order)
-    order.sort(key=lambda i: len(sequences[i]["input_ids"]))  # similar lengths batch together: less padding
-    batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
-    random.Random(settings.seed + 1).shuffle(batches)
-
-    checkpoint = work / "checkpoint.pt"
-    step, curve = 0, []
-    state = load_checkpoint(checkpoint)
-    if state is not None:
-        student.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        step, curve = state["step"], state["curve"]
-        log.info("distill: resuming at step %d of %d", step, settings.steps)
-    resumed_at = step
-
-    student.train()
-    teacher.eval()
-    tokens, started = 0, time.perf_counter()
-    check_at, stopped_at = settings.steps // 2, None
-    for step in track(range(step, settings.steps), settings.steps - step, "distilling the student"):
-        if check is not None and 0 < check_at == step:
-            student.eval()
-            checked = time.perf_counter()
-            go_on = check()
-            started += time.perf_counter() - checked  # the check's QA is not training time
-            if not go_on:
-                stopped_at = step
-                break
-            student.train()
-        ids, mask, rows, columns, targets, weights = _batch([sequences[i] for i in batches[step % len(batches)]],
-                                                             pad_id)
-        with torch.no_grad(), autocast():
-            teacher_logits = selected_logits(teacher, ids, mask, rows, columns)
-        with autocast():
-            student_logits = selected_logits(student, ids, mask, rows, columns)
-        loss, kd, ce = distillation_loss(student_logits, teacher_logits, targets, settings.temperature, weights)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += int(mask.sum())
-        curve.append([round(float(kd), 4), round(float(ce), 4)])
-        if (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < settings.steps:
-            tmp = checkpoint.with_suffix(".tmp")
-            torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "step": step + 1, "curve": curve}, tmp)
-            tmp.replace(checkpoint)  # a kill never leaves a half-written checkpoint behind
-    student.eval()
-    seconds = time.perf_counter() - started
-    window = max(1, len(curve) // 5)
-    return {"steps": stopped_at or settings.steps, "stopped_at_step": stopped_at, "resumed_at_step": resumed_at,
-            "train_seconds": round(seconds, 1),
-            "train_tokens_per_s": round(tokens / seconds, 1) if seconds > 0 and tokens else None,
-            "kd_loss_start": _mean(c[0] for c in curve[:window]), "kd_loss_end": _mean(c[0] for c in curve[-window:]),
-            "loss_curve": curve[:: max(1, len(curve) // 50)]}
-
-
-def _mean(values) -> float | None:
-    values = list(values)
-    return round(sum(values) / len(values), 4) if values else None
-
-
-# ---------------------------------------------------------------- measurements
+# ---------------------------------------------------------------- which model ships
 
 
 def student_ships(settings, retention: float | None) -> tuple[bool, str]:
@@ -332,8 +95,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
     clock = PhaseClock()
     lap = clock.lap
 
-    sequences, counts = _training_sequences(ctx, teacher, tokenizer, index, embedder, work)
-    lap("data_and_teacher_answers")
+    sequences, counts = training_sequences(ctx, teacher, tokenizer, index, embedder, work)
+    lap("data_andteacher_answers")
     # the layout is judged on a few training sequences (every 8th, up to PROBE_SEQUENCES), before any training
     probe = [s["input_ids"] for s in sequences[::8][:PROBE_SEQUENCES]]
     kept, layout_kl = choose_layers(teacher, settings.keep_layers, probe, settings.temperature)
@@ -362,7 +125,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
     # the student's shape, hence its speed, is final here: training and the edits change values only
     prompt = chat_prompt_ids(tokenizer, SPEED_PROMPT)
     speeds = {name: round(speed.tokens_per_s, 2) for name, speed in decode_speeds(
-        {"teacher": lambda: greedy_ids(teacher, prompt, 48), "student": lambda: greedy_ids(student, prompt, 48)}).items()}
+        {name: (lambda model=model: greedy_ids(model, prompt, 48))
+         for name, model in (("teacher", teacher), ("student", student))}).items()}
     metrics.update(teacher_tokens_per_s=speeds["teacher"], student_tokens_per_s=speeds["student"],
                    speedup=round(speeds["student"] / speeds["teacher"], 3))
     lap("teacher_qa_and_speeds")
