@@ -1,0 +1,37 @@
+"""The README is the user's manual: every `vertical` command it shows must be one the CLI accepts
+(its command, sub-command and options), so the manual cannot drift from the tool. What the
+commands do is tested elsewhere on tiny builds; `./setup.sh` and `bash .ci/run` are run by CI."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_commands() -> list[list[str]]:
+    """The arguments of every `.venv/bin/vertical ...` line in the README's bash blocks."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), re.S):
+        for line in block.splitlines():
+            line = re.split(r"\s+#", line)[0].strip()
+            if line.startswith(".venv/bin/vertical "):
+                commands.append(shlex.split(line)[1:])
+    return commands
+
+
+def test_every_vertical_command_in_the_readme_is_one_the_cli_accepts(cli):
+    commands = readme_commands()
+    assert len(commands) >= 8, commands
+    for args in commands:
+        # --help stops before anything runs, after the command line is parsed: an unknown command or
+        # option still fails
+        code, output = cli(*args, "--help")
+        assert code == 0 and "Usage:" in output, f"vertical {shlex.join(args)}:\n{output[-400:]}"
+
+
+def test_a_command_the_cli_does_not_know_fails_this_check(cli):
+    code, output = cli("ask", "builds/medical", "question", "--no-such-option", "--help")
+    assert code != 0 and "No such option" in output
