@@ -109,3 +109,17 @@ def test_torch_prefill_scores_paths_as_a_full_forward_pass(tiny_model_dir):
             full = model(torch.tensor([prompt + path])).logits[0].float().log_softmax(-1)
         expected = [float(full[len(prompt) - 1 + j, token]) for j, token in enumerate(path)]
         assert row == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_span_among_the_questions_own_words_wins_when_the_model_cannot_tell():
+    evidence = [source(3, "Most adults are given blood when haemoglobin falls below 70 g/L.",
+                       "Patients with acute coronary syndrome have a threshold of 80 g/L.")]
+    model = ScoredPrefill({"70 g/L [3]": -4.0, "80 g/L [3]": -4.0})
+    question = "What threshold applies with acute coronary syndrome?"
+    assert reconsider(lambda: model, model.tokenize, question, evidence, "70 g/L [3].", False) == "80 g/L [3]."
+    # the words around a span weigh a few nats: a span the model finds far less likely stays out
+    model = ScoredPrefill({"70 g/L [3]": -4.0, "80 g/L [3]": -12.0})
+    assert reconsider(lambda: model, model.tokenize, question, evidence, "70 g/L [3].", False) is None
+    # a question none of whose words is near either span leaves the model's answer
+    model = ScoredPrefill({"70 g/L [3]": -4.0, "80 g/L [3]": -4.0})
+    assert reconsider(lambda: model, model.tokenize, "What is the number?", evidence, "70 g/L [3].", False) is None

@@ -6,7 +6,9 @@
        model most expects to write first, not ending in a stopword or in a number whose unit
        follows, not made only of the question's own words, and holding a number when the question
        asks for one
-    -> each candidate and the head score log P("<text> [n]") under the same model
+    -> each candidate and the head score log P("<text> [n]") under the same model, plus how well
+       the words around it match the question (CONTEXT_WEIGHT x the question's words within
+       CONTEXT_WORDS of the span, SENTENCE_WEIGHT x the share of the question's words in its sentence)
     -> the best span replaces the model's answer when it scores higher than the head (a head of at
        most MAX_SPAN_WORDS words: a sentence-long answer is not weighed against short spans), or
        when the model's answer states what its evidence does not (vertical.evidence.check_answer)
@@ -15,7 +17,10 @@ A 135M-parameter reader that writes freely commits to its first token greedily a
 figures ("133 mg" for the evidence's "5 mg twice daily" beside "133 micromol/L"); scored as whole
 spans, the same model's probabilities often prefer the figure the evidence states. Where its free
 answer is already the likelier one it stands: it may write "12" for the evidence's "twelve", or
-answer in the pack's voice. A span answer is faithful by construction. Why / how-does / yes-or-no
+answer in the pack's voice. The model alone often prefers a figure of the right kind from the
+wrong clause ("70 g/L" for most adults, where the question asks about acute coronary syndrome,
+"80 g/L", in the next sentence); the question's own words near a span, the way a reader scans for
+them, tell the clauses apart. A span answer is faithful by construction. Why / how-does / yes-or-no
 questions keep the free answer.
 
 Torch-free: the build's torch models (vertical.generation.TorchPrefilled) and the bundle's
@@ -37,6 +42,11 @@ from vertical.prompting import Source, cited_numbers
 
 MAX_SPAN_WORDS = 8  # "the direct answer alone": a longer span is a quote
 STARTS = 12  # start words followed per question: those with the likeliest first tokens
+# Weights of the question's words around a span, in nats of the span's log P (set on
+# benchmarks/dev_questions.jsonl: 53 -> 57 of 102 right, never on an eval item)
+CONTEXT_WORDS = 6
+CONTEXT_WEIGHT = 1.0  # per question word within CONTEXT_WORDS words before or after the span
+SENTENCE_WEIGHT = 2.0  # times the share of the question's words in the span's sentence
 
 _FACTOID = re.compile(
     r"^\W*(?:[\w'-]+[\s,;:]+){0,5}?(?:what|which|who|whom|whose|where|when|"
@@ -72,11 +82,49 @@ class Prefilled(Protocol):
 class Candidate:
     text: str
     source: int  # the number of the source it is copied from
+    context: float = 0.0  # how well the words around it match the question (see `context`)
 
 
 def _words(text: str) -> set[str]:
     """Content words, a possessive counted as its noun ("Thornwick's" is "thornwick")."""
     return {w[:-2] if w.endswith("'s") else w for w in content_words(text)}
+
+
+def _stem(word: str) -> str:
+    """A word without a plural or verb ending, so "payments" meets "payment"."""
+    for ending in ("ing", "ed", "es", "s"):
+        if len(word) > 4 and word.endswith(ending):
+            return word[:-len(ending)]
+    return word
+
+
+def _question_words(question: str) -> set[str]:
+    return {_stem(w) for w in _words(question)}
+
+
+def context(asked: set[str], words: list[str], start: int, count: int) -> float:
+    """How well the words around words[start:start + count] match the question's stemmed content
+    words `asked`: CONTEXT_WEIGHT per one of them within CONTEXT_WORDS words on either side, plus
+    SENTENCE_WEIGHT times the share of them in the whole sentence."""
+    if not asked:
+        return 0.0
+    def found(part: list[str]) -> set[str]:
+        return {_stem(w) for w in _words(" ".join(part))} & asked
+    near = found(words[max(0, start - CONTEXT_WORDS):start] + words[start + count:start + count + CONTEXT_WORDS])
+    return CONTEXT_WEIGHT * len(near) + SENTENCE_WEIGHT * len(found(words)) / len(asked)
+
+
+def _head_context(asked: set[str], head: str, source: Source | None) -> float:
+    """`context` of the model's own short answer where the source it cites states it word for word, else 0."""
+    span = head.split()
+    best = 0.0
+    if source is not None:
+        for sentence in source.sentences or ():
+            words = sentence.text.split()
+            for i in range(len(words) - len(span) + 1):
+                if _trim(" ".join(words[i:i + len(span)])).strip(_EDGE) == head.strip(_EDGE):
+                    best = max(best, context(asked, words, i, len(span)))
+    return best
 
 
 def _trim(text: str) -> str:
@@ -107,6 +155,7 @@ def _spans(words: list[str], start: int) -> list[str]:
 def candidates(question: str, sources: Sequence[Source]) -> list[list[Candidate]]:
     """The evidence's candidate answers, grouped by the word they start at."""
     asked, wants_number = _words(question), asks_for_number(question)
+    stems = {_stem(w) for w in asked}
     groups: list[list[Candidate]] = []
     loose: list[list[Candidate]] = []  # the same, without asking for a number: when none holds one
     seen: set[tuple[int, str]] = set()
@@ -119,8 +168,8 @@ def candidates(question: str, sources: Sequence[Source]) -> list[list[Candidate]
                     continue
                 if i and _NUMBER_WORD.match(head) and _CURRENCY.match(words[i - 1]):
                     continue  # "100" of "GBP 100": the amount starts at its currency
-                found = [Candidate(text, source.number) for text in _spans(words, i)
-                         if not _words(text) <= asked and (source.number, text) not in seen]
+                found = [Candidate(text, source.number, context(stems, words, i, len(text.split())))
+                         for text in _spans(words, i) if not _words(text) <= asked and (source.number, text) not in seen]
                 seen.update((c.source, c.text) for c in found)
                 if found:
                     loose.append(found)
@@ -157,8 +206,10 @@ def reconsider(prefill: Callable[[], Prefilled], tokenize: Callable[[str], list[
     texts = [f"{c.text} [{c.source}]" for c in chosen] + ([f"{head} [{cited}]"] if head else [])
     paths = [tokenize(text) for text in texts]
     scores = [sum(row) for row in prefilled.follow(paths)]
+    scores = [score + c.context for score, c in zip(scores, chosen)] + scores[len(chosen):]
     best = max(range(len(chosen)), key=lambda i: scores[i])
-    own = scores[-1] if head else -np.inf
+    cited_source = next((s for s in sources if s.number == cited), None)
+    own = scores[-1] + _head_context(_question_words(question), head, cited_source) if head else -np.inf
     if unsupported or scores[best] > own:
         return f"{chosen[best].text} [{chosen[best].source}]."
     return None
