@@ -7,11 +7,12 @@ What a customer does with a folder of documents: `vertical packs init NAME --doc
 bundle. Each set (DIR/documents, DIR/questions.jsonl) was written before any build of it and is
 in no training file; the build only ever sees the documents (the tune stage trains on questions it
 generates from them and scores a held-out split of those). A set whose results have been looked at
-while changing the product is no longer held out: benchmarks/heldout_docs/ (a water utility) has
-been; benchmarks/heldout_docs_v2/ (a veterinary group) is the current one, and the default.
+while changing the product is no longer held out: benchmarks/heldout_docs/ (a water utility) and
+benchmarks/heldout_docs_v2/ (a veterinary group) have been; benchmarks/heldout_docs_v3/ (a ferry
+operator) is the current one, and the default.
 
 An answer counts when it is right by the eval stage's rule (the gold span in an answer of at most
-40 words) and cites the question's document. Writes benchmarks/results/heldout_docs.txt.
+40 words) and cites the question's document. Writes benchmarks/results/<set>.txt and .json.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DEFAULT_DATA = ROOT / "benchmarks" / "heldout_docs_v2"
+DEFAULT_DATA = ROOT / "benchmarks" / "heldout_docs_v3"
 VERTICAL = [str(Path(sys.executable).with_name("vertical"))]
 
 
