@@ -42,8 +42,8 @@ from vertical.prompting import Source, cited_numbers
 
 MAX_SPAN_WORDS = 8  # "the direct answer alone": a longer span is a quote
 STARTS = 12  # start words followed per question: those with the likeliest first tokens
-# Weights of the question's words around a span, in nats of the span's log P (set on
-# benchmarks/dev_questions.jsonl: 53 -> 57 of 102 right, never on an eval item)
+# Weights of the question's words around a span, in nats of the span's log P: set on
+# benchmarks/dev_questions.jsonl, never on an eval item (docs/grounded-answers.md has the numbers)
 CONTEXT_WORDS = 6
 CONTEXT_WEIGHT = 1.0  # per question word within CONTEXT_WORDS words before or after the span
 SENTENCE_WEIGHT = 2.0  # times the share of the question's words in the span's sentence
@@ -108,6 +108,7 @@ def context(asked: set[str], words: list[str], start: int, count: int) -> float:
     SENTENCE_WEIGHT times the share of them in the whole sentence."""
     if not asked:
         return 0.0
+
     def found(part: list[str]) -> set[str]:
         return {_stem(w) for w in _words(" ".join(part))} & asked
     near = found(words[max(0, start - CONTEXT_WORDS):start] + words[start + count:start + count + CONTEXT_WORDS])
@@ -155,7 +156,7 @@ def _spans(words: list[str], start: int) -> list[str]:
 def candidates(question: str, sources: Sequence[Source]) -> list[list[Candidate]]:
     """The evidence's candidate answers, grouped by the word they start at."""
     asked, wants_number = _words(question), asks_for_number(question)
-    stems = {_stem(w) for w in asked}
+    stems = _question_words(question)
     groups: list[list[Candidate]] = []
     loose: list[list[Candidate]] = []  # the same, without asking for a number: when none holds one
     seen: set[tuple[int, str]] = set()
