@@ -47,3 +47,18 @@ def test_decode_speed_counts_the_tokens_after_the_first():
     assert time_decoding(tokens(1, 0)) is None
     both = decode_speeds({"fast": lambda: tokens(4, 0.001), "slow": lambda: tokens(4, 0.02)}, runs=1)
     assert both["fast"].tokens_per_s > both["slow"].tokens_per_s
+
+
+def test_a_stream_its_reader_stops_reading_stops_decoding(tmp_path):
+    """An answer cut early (a loop, two sentences) must not leave a thread decoding: one still
+    running when the interpreter exits aborts the process after the answer is printed."""
+    import threading
+
+    from vertical.generation import ChatModel
+
+    model = ChatModel(make_tiny_model(tmp_path / "model"))
+    before = threading.active_count()
+    pieces = model.stream([{"role": "user", "content": "Tell me everything about the valley."}], max_new_tokens=4000)
+    next(pieces)
+    pieces.close()
+    assert threading.active_count() == before

@@ -52,13 +52,22 @@ class ChatModel:
         """Text pieces of the greedy answer; with `numbers`, the only numbers it may write
         (vertical.evidence.NumberCopy)."""
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        # A caller that stops reading (an answer cut at a loop or after two sentences) stops the
+        # generation too: a thread left decoding while the interpreter exits aborts the process.
+        stop = threading.Event()
+
+        class StopWhenAsked(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool)
 
         inputs = self._inputs(messages)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = dict(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
                       pad_token_id=self.tokenizer.pad_token_id,
-                      logits_processor=copy_numbers(self.tokenizer, [numbers], inputs["input_ids"].shape[1]))
+                      logits_processor=copy_numbers(self.tokenizer, [numbers], inputs["input_ids"].shape[1]),
+                      stopping_criteria=StoppingCriteriaList([StopWhenAsked()]))
         errors: list[BaseException] = []
 
         def work():
@@ -71,8 +80,11 @@ class ChatModel:
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        yield from streamer
-        thread.join()
+        try:
+            yield from streamer
+        finally:
+            stop.set()
+            thread.join()
         if errors:
             raise errors[0]
 
