@@ -8,6 +8,8 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -35,3 +37,25 @@ def test_every_vertical_command_in_the_readme_is_one_the_cli_accepts(cli):
 def test_a_command_the_cli_does_not_know_fails_this_check(cli):
     code, output = cli("ask", "builds/medical", "question", "--no-such-option", "--help")
     assert code != 0 and "No such option" in output
+
+
+@pytest.mark.slow
+def test_the_tours_ask_and_chat_answer_with_citations_and_exit_cleanly(tiny_pack, tmp_path, tiny_model_dir):
+    """`vertical ask` and `vertical chat` as the README's tour runs them, in their own processes on a
+    tiny build: a cited answer, then exit status 0."""
+    import subprocess
+    import sys
+
+    from vertical import pipeline
+
+    build = tmp_path / "build"
+    pipeline.build(tiny_pack, out=build, steps=["base", "index"], base_model=str(tiny_model_dir))
+    vertical = [sys.executable, "-m", "vertical"]
+    question = "What colour is the Zorblat fruit?"
+    asked = subprocess.run([*vertical, "ask", str(build), question], capture_output=True, text=True, timeout=300)
+    assert asked.returncode == 0, asked.stderr[-2000:]
+    assert re.search(r"^\[\d\] The (Zorblat fruit|valley of Quentar)", asked.stdout, re.M), asked.stdout
+    chatted = subprocess.run([*vertical, "chat", str(build)], input=f"{question}\n\n", capture_output=True,
+                             text=True, timeout=300)
+    assert chatted.returncode == 0, chatted.stderr[-2000:]
+    assert re.search(r"^\[\d\] The (Zorblat fruit|valley of Quentar)", chatted.stdout, re.M), chatted.stdout
