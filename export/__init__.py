@@ -34,15 +34,16 @@ def inputs(ctx) -> dict[str, Any]:
             "retrieval_eval": ctx.pack.fingerprint("retrieval_eval")}
 
 
-def _model_to_export(ctx, settings) -> tuple[Path, str, str]:
-    """(model folder, "student" | "teacher", why), by student_ships on the distill stage's retention."""
+def model_to_export(build_dir: Path, settings) -> tuple[Path, str, str]:
+    """(model folder, "student" | "teacher", why) that a build ships, by distill's student_ships on
+    the student's retention; `settings`: the pack's stages.export."""
     from vertical.distill import EDITS_SKIPPED, student_ships
     from vertical.edit import read_log
     from vertical.errors import VerticalError
     from vertical.paths import best_model_dir
 
-    student = ctx.build_dir / "distill" / "model"
-    teacher = best_model_dir(ctx.build_dir)
+    student = build_dir / "distill" / "model"
+    teacher = best_model_dir(build_dir)
     if not (student / "config.json").is_file():
         if settings.model != "teacher":
             log.warning("export: the build has no distilled student (the distill stage has not run); exporting the teacher")
@@ -58,25 +59,29 @@ def _model_to_export(ctx, settings) -> tuple[Path, str, str]:
                         "=%s); exporting the teacher (stages.export.model: student forces the student)",
                         100 * distill["retention"], settings.min_retention)
         return teacher, "teacher", reason
-    if distill.get(EDITS_SKIPPED) and read_log(ctx.build_dir / "edit"):
+    if distill.get(EDITS_SKIPPED) and read_log(build_dir / "edit"):
         raise VerticalError("the distilled student lacks the build's knowledge edits (the distill stage gives them only "
                             "to a student that will ship): set stages.export.model: student in pack.yaml and run "
                             "`vertical build PACK` again, which re-runs distill with the edits")
     return student, "student", reason
 
 
-def _agreement_prompts(ctx, assistant, count: int) -> list[list[dict[str, str]]]:
-    """Chat prompts as the server builds them: the pack's example questions, then instruction
-    questions, each with its retrieved sources."""
-    from vertical.prompting import build_messages
-
-    questions = list(ctx.pack.config.example_questions)
-    for conversation in ctx.pack.instructions():
+def pack_questions(pack) -> list[str]:
+    """The pack's example questions, then its single-turn instruction questions that carry no sources."""
+    questions = list(pack.config.example_questions)
+    for conversation in pack.instructions():
         users = [m.content for m in conversation if m.role == "user"]
         if len(users) == 1 and "<sources>" not in users[0] and "[1]" not in users[0]:
             questions.append(users[0])
+    return questions
+
+
+def _agreement_prompts(ctx, assistant, count: int) -> list[list[dict[str, str]]]:
+    """Chat prompts as the server builds them: `pack_questions`, each with its retrieved sources."""
+    from vertical.prompting import build_messages
+
     prompts = []
-    for question in questions[:count]:
+    for question in pack_questions(ctx.pack)[:count]:
         _, messages = assistant.prepare(question)
         prompts.append(messages or build_messages(ctx.pack.config.system_prompt, question, None))
     return prompts
@@ -122,7 +127,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
 
     config = ctx.pack.config
     settings = config.stages.export
-    model_dir, role, reason = _model_to_export(ctx, settings)
+    model_dir, role, reason = model_to_export(ctx.build_dir, settings)
     scratch = ctx.work_dir("export")
     metrics: dict[str, Any] = {"model": role, "model_reason": reason, "source": str(model_dir.relative_to(ctx.build_dir))}
     clock = PhaseClock()

@@ -2,8 +2,15 @@
 
     GET  /health                 liveness and what is loaded (no key needed: for load balancers)
     GET  /v1/models              the one model this replica serves
+    GET  /metrics                Prometheus metrics (requests, errors, latency, time to first
+                                 token, tokens, queue depth)
     POST /v1/chat/completions    answer the last user message from the bundle's documents;
                                  `stream: true` sends Server-Sent Events like OpenAI's API
+    POST /v1/completions         the bare model continuing a prompt (no retrieval, no system
+                                 prompt), for a RAG stack that builds its own prompts
+    POST /v1/embeddings          the bundle's sentence embedder, in OpenAI's format (float or base64)
+    POST /v1/search              the bundle's index: ranked chunks with ids, spans and scores,
+                                 as `vertical search --json` gives them
 
 Every answer carries `sources` (the retrieved chunks, numbered as cited) next to OpenAI's fields.
 The pack's system prompt always governs: client `system` messages are ignored, so a client
@@ -16,6 +23,7 @@ its generation at the next token.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
@@ -36,6 +44,7 @@ from vertical.evidence import LoopGuard
 from vertical.reader import is_factoid
 
 log = logging.getLogger(__name__)
+access = logging.getLogger("vertical.access")
 
 
 @dataclass
@@ -92,6 +101,58 @@ class ChatRequest(BaseModel):
     stream: bool = False
 
 
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | list[str]
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    stop: list[str] = Field(default_factory=list)
+    stream: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value):
+        if isinstance(value, list):
+            if len(value) != 1:
+                raise ValueError("send one prompt per request")
+            value = value[0]
+        if not value:
+            raise ValueError("the prompt is empty")
+        return value
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else value or []
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise ValueError("a string or a list of strings")
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("at most 4 non-empty stop sequences")
+        return stops
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _texts(cls, value):
+        if isinstance(value, list) and value and not all(isinstance(v, str) for v in value):
+            raise ValueError("send text (a string or a list of strings); token arrays are not supported")
+        return value
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt "top_k" must not silently become k=5
+    query: str = Field(min_length=1)
+    k: int = Field(5, ge=1, le=50)
+    mode: Literal["dense", "bm25", "hybrid"] | None = None
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None):
@@ -127,7 +188,8 @@ def host_name(header: str) -> str:
     return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
-def _parse(raw: bytes, limits: Limits, model_name: str) -> tuple[ChatRequest, int]:
+def validated(raw: bytes, model: type[BaseModel]):
+    """The JSON body as `model`, or a 400 naming the field."""
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -137,11 +199,28 @@ def _parse(raw: bytes, limits: Limits, model_name: str) -> tuple[ChatRequest, in
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:
-        request = ChatRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise ApiError(400, f"{where}: {first['msg']}", param=where) from None
+
+
+def _check_model(name: str | None, served: Sequence[str]) -> None:
+    if name not in (None, "", *served):
+        raise ApiError(404, f"model '{name}' is not served here; GET /v1/models lists {', '.join(served)}",
+                       code="model_not_found")
+
+
+def _check_max_tokens(max_tokens: int, limits: Limits) -> int:
+    if not 1 <= max_tokens <= limits.max_tokens:
+        raise ApiError(400, f"max_tokens must be between 1 and {limits.max_tokens}, got {max_tokens}",
+                       param="max_tokens")
+    return max_tokens
+
+
+def _parse(raw: bytes, limits: Limits, model_name: str) -> tuple[ChatRequest, int]:
+    request = validated(raw, ChatRequest)
     if len(request.messages) > limits.max_messages:
         raise ApiError(400, f"messages: at most {limits.max_messages} messages per request", param="messages")
     for i, message in enumerate(request.messages):
@@ -150,16 +229,11 @@ def _parse(raw: bytes, limits: Limits, model_name: str) -> tuple[ChatRequest, in
                            param=f"messages.{i}.content")
     if request.messages[-1].role != "user" or not request.messages[-1].content.strip():
         raise ApiError(400, "messages: the last message must be a non-empty user message", param="messages")
-    if request.model not in (None, "", model_name):
-        raise ApiError(404, f"model '{request.model}' is not served here; GET /v1/models lists '{model_name}'",
-                       code="model_not_found")
+    _check_model(request.model, [model_name])
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     if max_tokens is None:
         max_tokens = limits.default_max_tokens
-    if not 1 <= max_tokens <= limits.max_tokens:
-        raise ApiError(400, f"max_tokens must be between 1 and {limits.max_tokens}, got {max_tokens}",
-                       param="max_tokens")
-    return request, max_tokens
+    return request, _check_max_tokens(max_tokens, limits)
 
 
 def guarded(pieces):
@@ -177,11 +251,12 @@ def _source_json(source) -> dict[str, Any]:
 
 
 def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: Limits | None = None,
-               allowed_hosts: Sequence[str] = LOOPBACK_HOSTS):
+               allowed_hosts: Sequence[str] = LOOPBACK_HOSTS, access_log: bool = False):
     """The FastAPI application serving `assistant` (a bundle's, from vertical.export.runtime).
 
     `api_keys`: the keys a client may send (none: no key needed). `allowed_hosts`: the names a
-    request may be addressed to (its Host header), "*" for any."""
+    request may be addressed to (its Host header), "*" for any. `access_log`: one JSON line per
+    request on the `vertical.access` logger."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -201,6 +276,7 @@ def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: L
     # waiting: admitted requests not yet generating (retrieving, tokenising, or queued for a slot)
     state = {"waiting": 0, "served": 0}
     started = int(time.time())
+    embedding_model = f"{assistant.name}-embeddings"
 
     @contextlib.contextmanager
     def admitted():
@@ -244,7 +320,13 @@ def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: L
             return JSONResponse(error.body(), status_code=400)
         started_at = time.perf_counter()
         response = await call_next(request)
-        metrics.observe(request.url.path, response.status_code, time.perf_counter() - started_at)
+        seconds = time.perf_counter() - started_at  # to the response head: a stream goes on after it
+        metrics.observe(request.url.path, response.status_code, seconds)
+        if access_log:
+            access.info(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "method": request.method,
+                                    "path": request.url.path, "status": response.status_code,
+                                    "seconds": round(seconds, 4), "client": request.client.host if request.client else None,
+                                    "user_agent": request.headers.get("user-agent")}))
         return response
 
     @app.exception_handler(ApiError)
@@ -281,11 +363,11 @@ def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: L
     @app.get("/v1/models")
     async def models(request: Request):
         _check_key(request, digests)
-        return {"object": "list", "data": [{"id": assistant.name, "object": "model", "created": started,
-                                            "owned_by": "vertical"}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": started, "owned_by": "vertical"}
+                                           for name in (assistant.name, embedding_model)]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def json_body(request: Request) -> bytes | None:
+        """The request's JSON body, within the size and time limits; None when the client left."""
         _check_key(request, digests)
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type != "application/json":  # a web page's cross-site form post is not JSON
@@ -308,8 +390,110 @@ def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: L
             raise ApiError(408, f"the request body did not arrive within {limits.body_seconds:g} s",
                            code="request_timeout") from None
         except ClientDisconnect:  # gone while sending the body: nobody to answer
+            return None
+        return bytes(raw)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        raw = await json_body(request)
+        if raw is None:
             return Response(status_code=400)
-        body, max_tokens = _parse(bytes(raw), limits, assistant.name)
+        body = validated(raw, EmbeddingRequest)
+        _check_model(body.model, [embedding_model, assistant.name])
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts or len(texts) > limits.max_messages:
+            raise ApiError(400, f"input: send 1 to {limits.max_messages} texts", param="input")
+        for i, text in enumerate(texts):
+            if not text or len(text) > limits.max_message_chars:
+                raise ApiError(400, f"input.{i}: empty or longer than {limits.max_message_chars} characters",
+                               param=f"input.{i}")
+        if body.dimensions not in (None, assistant.embedder.dim):
+            raise ApiError(400, f"dimensions: this embedder gives {assistant.embedder.dim}", param="dimensions")
+        with admitted() as leave_queue:
+            leave_queue()  # embedding is short: it waits for no generation slot
+            vectors = await run_in_threadpool(assistant.embedder.encode, texts)
+        tokens = sum(sum(e.attention_mask) for e in assistant.embedder.tokenizer.encode_batch(texts))
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
+                 if body.encoding_format == "base64" else [float(x) for x in v]} for i, v in enumerate(vectors)]
+        return {"object": "list", "data": data, "model": embedding_model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    @app.post("/v1/search")
+    async def search(request: Request):
+        raw = await json_body(request)
+        if raw is None:
+            return Response(status_code=400)
+        body = validated(raw, SearchRequest)
+        if len(body.query) > limits.max_message_chars:
+            raise ApiError(400, f"query: longer than {limits.max_message_chars} characters", param="query")
+        with admitted() as leave_queue:
+            leave_queue()
+            hits = await run_in_threadpool(assistant.index.search, body.query, assistant.embedder.encode_query,
+                                           body.k, body.mode)
+        return {"object": "list", "query": body.query, "mode": body.mode or assistant.index.meta.get("mode"),
+                "data": [h.as_json() for h in hits]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        raw = await json_body(request)
+        if raw is None:
+            return Response(status_code=400)
+        body = validated(raw, CompletionRequest)
+        _check_model(body.model, [assistant.name])
+        max_tokens = _check_max_tokens(body.max_tokens if body.max_tokens is not None else 16, limits)
+        if len(body.prompt) > limits.max_message_chars:
+            raise ApiError(400, f"prompt: longer than {limits.max_message_chars} characters", param="prompt")
+        with admitted() as leave_queue:
+            ids = await run_in_threadpool(assistant.model.piece_ids, body.prompt)
+            if len(ids) + 1 > assistant.model.context_length:
+                raise ApiError(400, f"the prompt takes {len(ids)} tokens; the model's context is "
+                               f"{assistant.model.context_length}", param="prompt", code="context_length_exceeded")
+            return await _complete_text(request, body, ids, max_tokens, leave_queue)
+
+    async def _complete_text(request: Request, body: CompletionRequest, ids: list[int], max_tokens: int, leave_queue):
+        reply_id, created, asked = f"cmpl-{uuid.uuid4().hex}", int(time.time()), time.perf_counter()
+        stop = threading.Event()
+        pieces = assistant.model.stream_ids(ids, max_tokens, stop)
+        text, count, finish = "", 0, "length"
+
+        def next_piece():
+            return next(pieces, None)
+        async with generation_slot(stop, leave_queue):
+            while not await request.is_disconnected() and (piece := await run_in_threadpool(next_piece)) is not None:
+                if count == 0:
+                    metrics.first_token("/v1/completions", time.perf_counter() - asked)
+                count += 1
+                text += piece
+                cut = min((text.find(s) for s in body.stop if s in text), default=-1)
+                if cut >= 0:
+                    text, finish = text[:cut], "stop"
+                    break
+            else:
+                finish = "length" if count >= max_tokens or len(ids) + count >= assistant.model.context_length else "stop"
+        if await request.is_disconnected():
+            return Response(status_code=400)
+        state["served"] += 1
+        metrics.tokens(len(ids), count)
+        usage = {"prompt_tokens": len(ids), "completion_tokens": count, "total_tokens": len(ids) + count}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        if not body.stream:
+            return {"id": reply_id, "object": "text_completion", "created": created, "model": assistant.name,
+                    "choices": [choice], "usage": usage}
+
+        async def events():  # the text is complete: sent as one chunk, then [DONE]
+            chunk = {"id": reply_id, "object": "text_completion", "created": created, "model": assistant.name,
+                     "choices": [choice]}
+            yield f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        raw = await json_body(request)
+        if raw is None:
+            return Response(status_code=400)
+        asked = time.perf_counter()
+        body, max_tokens = _parse(raw, limits, assistant.name)
         question = body.messages[-1].content
         history = [m.model_dump() for m in body.messages[:-1]]
         with admitted() as leave_queue:  # 503 when too many are queued, before any status line is sent
@@ -322,8 +506,8 @@ def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: L
                                    f"is {assistant.model.context_length}: send fewer or shorter messages",
                                    param="messages", code="context_length_exceeded")
             if body.stream:
-                return _streaming(answer, messages, ids, max_tokens, leave_queue)
-            return await _complete(request, answer, messages, ids, max_tokens, leave_queue)
+                return _streaming(answer, messages, ids, max_tokens, leave_queue, asked)
+            return await _complete(request, answer, messages, ids, max_tokens, leave_queue, asked)
 
     def _finish_reason(messages, ids: list[int], count: int, max_tokens: int) -> str:
         """"length" when the answer was cut (max_tokens or the context window), else "stop"."""
@@ -349,7 +533,7 @@ def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: L
     def _envelope(reply_id: str, created: int, kind: str, choice: dict[str, Any], **extra) -> dict[str, Any]:
         return {"id": reply_id, "object": kind, "created": created, "model": assistant.name, "choices": [choice], **extra}
 
-    async def _complete(request: Request, answer, messages, ids: list[int], max_tokens: int, leave_queue):
+    async def _complete(request: Request, answer, messages, ids: list[int], max_tokens: int, leave_queue, asked: float):
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         sources = [_source_json(s) for s in answer.sources] if not answer.refused else []
         stop = threading.Event()
@@ -359,6 +543,8 @@ def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: L
             # a client that gave up (timed out) while queued or while its answer is generated frees
             # its slot: ordinary endpoints are not cancelled on a disconnect as streams are
             while not await request.is_disconnected() and (piece := await run_in_threadpool(next_piece)) is not None:
+                if not produced:
+                    metrics.first_token("/v1/chat/completions", time.perf_counter() - asked)
                 produced.append(piece)
             answer.text = "".join(produced) if messages is not None else answer.text
             assistant.finish(answer)
@@ -376,7 +562,7 @@ def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: L
                          usage=usage, sources=sources, cited=answer.cited, refused=answer.refused,
                          evidence=answer.evidence(), faithful=answer.faithful, fallback=answer.fallback)
 
-    def _streaming(answer, messages, ids: list[int], max_tokens: int, leave_queue):
+    def _streaming(answer, messages, ids: list[int], max_tokens: int, leave_queue, asked: float):
         reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         sources = [_source_json(s) for s in answer.sources] if not answer.refused else []
         stop = threading.Event()
@@ -393,6 +579,8 @@ def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: L
                     # a factoid answer may be replaced by an evidence span (vertical.reader): it is sent whole
                     whole = messages is not None and is_factoid(answer.question)
                     while (piece := await run_in_threadpool(next_piece)) is not None:
+                        if count == 0:
+                            metrics.first_token("/v1/chat/completions", time.perf_counter() - asked)
                         count += 1
                         answer.text += piece
                         if not whole:
@@ -437,6 +625,9 @@ def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: L
     return app
 
 
+PATHS = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/search")
+
+
 class _Metrics:
     """Prometheus metrics of one app (its own registry, so several apps in a process do not clash)."""
 
@@ -451,13 +642,23 @@ class _Metrics:
         self.prompt_tokens = Counter("vertical_prompt_tokens", "prompt tokens of answered requests",
                                      registry=self.registry)
         self.completion_tokens = Counter("vertical_completion_tokens", "tokens generated", registry=self.registry)
+        self.errors = Counter("vertical_errors", "requests answered with an error status, by path and status",
+                              ["path", "status"], registry=self.registry)
+        self.ttft = Histogram("vertical_time_to_first_token_seconds", "from the request's body to the first generated "
+                              "token, by path", ["path"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
+                              registry=self.registry)
         self.running = Gauge("vertical_generations_running", "answers being generated", registry=self.registry)
         self.waiting = Gauge("vertical_requests_waiting", "admitted requests waiting for a slot", registry=self.registry)
 
     def observe(self, path: str, status: int, seconds: float) -> None:
-        known = path if path in ("/health", "/metrics", "/v1/models", "/v1/chat/completions") else "other"
+        known = path if path in PATHS else "other"
         self.requests.labels(known, str(status)).inc()
+        if status >= 400:
+            self.errors.labels(known, str(status)).inc()
         self.latency.labels(known).observe(seconds)
+
+    def first_token(self, path: str, seconds: float) -> None:
+        self.ttft.labels(path).observe(seconds)
 
     def tokens(self, prompt: int, completion: int) -> None:
         self.prompt_tokens.inc(prompt)
@@ -527,7 +728,7 @@ def check_serving(host: str, keys: Sequence[str]) -> None:
 
 def serve(bundle, host: str = "127.0.0.1", port: int = 8000, api_keys: Sequence[str] = (),
           limits: Limits | None = None, allowed_hosts: Sequence[str] = (), ssl_certfile: str | None = None,
-          ssl_keyfile: str | None = None, public_key=None) -> None:
+          ssl_keyfile: str | None = None, public_key=None, json_logs: bool = False) -> None:
     """Verify and load the bundle, then serve it until interrupted.
 
     Requests must name this machine's loopback names, the bound address or an `allowed_hosts`
@@ -551,7 +752,14 @@ def serve(bundle, host: str = "127.0.0.1", port: int = 8000, api_keys: Sequence[
     scheme = "https" if ssl_certfile else "http"
     log.info("serving %s on %s://%s:%d (API key %s)", assistant.name, scheme, host, port,
              "required" if api_keys else "off")
-    uvicorn.run(create_app(assistant, list(api_keys), limits, hosts), host=host, port=port, log_level="info",
+    if json_logs:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+        access.propagate = False
+    uvicorn.run(create_app(assistant, list(api_keys), limits, hosts, access_log=json_logs), host=host, port=port,
+                log_level="info", access_log=not json_logs,
                 timeout_graceful_shutdown=10, timeout_keep_alive=5, http=header_deadline_protocol(limits.header_seconds),
                 limit_concurrency=limits.max_concurrent + limits.max_waiting + 8,
                 ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)

@@ -89,16 +89,14 @@ def test_the_bundles_embedder_returns_vectors_in_the_texts_order(bundle):
     ("auto", 0.95, "student"), ("auto", 0.43, "teacher"), ("auto", None, "teacher"),  # never unmeasured
     ("student", 0.43, "student"), ("teacher", 0.95, "teacher")])
 def test_auto_exports_the_student_only_if_it_kept_the_teachers_score(tmp_path, setting, retention, role):
-    from types import SimpleNamespace
-
-    from vertical.export import _model_to_export
+    from vertical.export import model_to_export
     from vertical.pack.schema import ExportSettings
 
     for folder in ("edit/model", "distill/model"):
         (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "config.json").write_text("{}")
     (tmp_path / "distill" / "metrics.json").write_text(json.dumps({"retention": retention}))
-    folder, chosen, reason = _model_to_export(SimpleNamespace(build_dir=tmp_path), ExportSettings(model=setting))
+    folder, chosen, reason = model_to_export(tmp_path, ExportSettings(model=setting))
     assert chosen == role and reason
     assert folder == tmp_path / ("distill/model" if role == "student" else "edit/model")
 
@@ -311,6 +309,84 @@ def test_metrics_count_requests_latency_and_tokens(assistant):
     generated = [line for line in text.splitlines() if line.startswith("vertical_completion_tokens_total")]
     assert generated and 0 < float(generated[0].split()[-1]) <= 12
     assert "vertical_requests_waiting 0.0" in text
+
+
+def test_metrics_parse_as_prometheus_text_with_errors_and_time_to_first_token(assistant):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client = _client(assistant)
+    client.post("/v1/chat/completions", json=_chat())
+    client.post("/v1/completions", json={"prompt": "The Zorblat fruit is", "max_tokens": 4})
+    client.post("/v1/search", json={"query": ""})
+    families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("vertical_errors_total", (("path", "/v1/search"), ("status", "400")))] == 1
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        assert samples[("vertical_time_to_first_token_seconds_count", (("path", path),))] == 1
+    assert ("vertical_requests_waiting", ()) in samples
+
+
+def _openai(assistant):
+    import openai
+
+    return openai.OpenAI(api_key="unused", base_url="http://127.0.0.1:8000/v1", http_client=_client(assistant),
+                         max_retries=0)
+
+
+def test_the_openai_client_gets_the_bundles_embeddings(assistant):
+    import numpy as np
+    import openai
+
+    client = _openai(assistant)
+    models = [m.id for m in client.models.list()]
+    texts = ["The Zorblat fruit is purple.", "A second text."]
+    result = client.embeddings.create(model=models[1], input=texts)  # the client asks for base64
+    vectors = np.array([d.embedding for d in result.data])
+    assert vectors.shape == (2, assistant.embedder.dim) and result.usage.prompt_tokens > 0
+    assert np.allclose(vectors, assistant.embedder.encode(texts), atol=1e-6)
+    plain = _client(assistant).post("/v1/embeddings", json={"input": "The Zorblat fruit is purple.",
+                                                            "encoding_format": "float"}).json()
+    assert np.allclose(plain["data"][0]["embedding"], vectors[0], atol=1e-6)
+    with pytest.raises(openai.BadRequestError, match="token arrays"):
+        client.embeddings.create(model=models[1], input=[[1, 2, 3]])
+
+
+def test_completions_continue_the_prompt_and_honour_stop(assistant):
+    client = _openai(assistant)
+    full = client.completions.create(model=assistant.name, prompt="The Zorblat fruit is", max_tokens=6)
+    assert full.object == "text_completion" and full.usage.completion_tokens == 6 and full.choices[0].finish_reason == "length"
+    text = full.choices[0].text
+    stop = text.strip()[:2]
+    if stop:
+        cut = client.completions.create(model=assistant.name, prompt="The Zorblat fruit is", max_tokens=6, stop=[stop])
+        assert cut.choices[0].text == text[:text.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_search_endpoint_gives_the_same_top_five_as_vertical_search(exported_build, assistant, cli):
+    query = "Zorblat fruit colour"
+    code, out = cli("search", str(exported_build), query, "--json")
+    assert code == 0
+    expected = [(r["doc_id"], r["chunk_id"], r["span"]) for r in json.loads(out)["results"]]
+    reply = _client(assistant).post("/v1/search", json={"query": query, "k": 5})
+    assert reply.status_code == 200
+    got = [(r["doc_id"], r["chunk_id"], r["span"]) for r in reply.json()["data"]]
+    assert got == expected and len(got) == min(5, len(assistant.index.chunks))
+    bad = _client(assistant).post("/v1/search", json={"query": query, "top_k": 3})
+    assert bad.status_code == 400 and "top_k" in bad.json()["error"]["message"]
+
+
+def test_json_access_log_is_one_line_per_request(assistant, caplog):
+    from fastapi.testclient import TestClient
+
+    from vertical.export.server import create_app
+
+    client = TestClient(create_app(assistant, access_log=True), base_url="http://127.0.0.1:8000")
+    with caplog.at_level("INFO", logger="vertical.access"):
+        client.get("/health")
+        client.post("/v1/search", json={"query": "fruit"})
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "vertical.access"]
+    assert [(line["method"], line["path"], line["status"]) for line in lines] == [("GET", "/health", 200),
+                                                                                   ("POST", "/v1/search", 200)]
 
 
 def test_serving_is_refused_on_an_open_address_without_a_long_enough_key(bundle, cli, tmp_path):

@@ -235,9 +235,7 @@ def search_cmd(
     index, embedder = open_index(_build_dir(build))
     hits = index.search(query, embedder.encode_query, k=k, mode=mode)
     if as_json:
-        rows = [{"rank": h.rank + 1, "score": round(h.score, 4), "similarity": None if h.dense is None else round(h.dense, 4),
-                 "doc_id": h.chunk.doc_id, "chunk_id": h.chunk.id, "title": h.chunk.title, "source": h.chunk.source,
-                 "span": [h.chunk.start, h.chunk.end], "text": h.chunk.text} for h in hits]
+        rows = [h.as_json() for h in hits]
         print(json.dumps({"query": query, "mode": mode or index.meta.get("mode"), "results": rows}, indent=2, ensure_ascii=False))
         return
     table = Table("#", "score", "title", "source", "span", "text")
@@ -453,8 +451,13 @@ def export_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Also copy the bundle here (default: BUILD/export)."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the bundle with this Ed25519 private key (PEM); "
                                         "`vertical verify --key PUB` and `serve --require-signature PUB` check it."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx: the bundle `vertical serve` runs (default); gguf: "
+                            "model.gguf (Q8_0) and an Ollama Modelfile for llama.cpp / Ollama; hf: the safetensors "
+                            "folder vLLM and TGI serve. gguf and hf go to BUILD/export-FORMAT (or --out) with the "
+                            "index and embedder beside the model."),
 ) -> None:
-    """Export the build as a self-contained bundle: ONNX model and embedder, index, manifest."""
+    """Export the build as a self-contained bundle (ONNX model and embedder, index, manifest), or its
+    model for llama.cpp / Ollama (--format gguf) or vLLM / TGI (--format hf)."""
     import shutil
 
     from vertical.io import atomic_dir
@@ -462,6 +465,9 @@ def export_cmd(
     from vertical.pipeline import load_manifest
 
     build = _build_dir(build).resolve()
+    if fmt != "onnx":
+        _export_format(build, fmt, out, quant=quant, model=model, sign=sign)
+        return
     if quant not in (None, "auto", "int4", "int8", "fp32"):
         raise VerticalError(f"--quant {quant}: use int4, int8 or fp32")
     if model not in (None, "auto", "student", "teacher"):
@@ -498,6 +504,28 @@ def export_cmd(
         console.print(f"signed with key {signed}")
 
 
+def _export_format(build: Path, fmt: str, out: Optional[Path], **onnx_only) -> None:
+    from vertical.export.formats import FORMATS, export_format
+
+    if fmt not in FORMATS:
+        raise VerticalError(f"--format {fmt}: use {', '.join(FORMATS)}")
+    given = [f"--{name}" for name, value in onnx_only.items() if value is not None]
+    if given:
+        raise VerticalError(f"{', '.join(given)} apply to --format onnx only")
+    out = (out or build / f"export-{fmt}").resolve()
+    if out.exists():
+        raise VerticalError(f"{out} exists; remove it or choose another --out")
+    with console.status(f"exporting {build.name} as {fmt} (writing, then reading it back)"):
+        metrics = export_format(build, fmt, out)
+    line = f"{fmt}: {out}  ({metrics['model']})"
+    if fmt == "gguf":
+        line += (f"  {metrics['gguf_bytes'] / 1e6:.1f} MB Q8_0; read back: greedy answers agree with the source model on "
+                 f"{metrics['gguf_greedy_agreement']:.0%} of {metrics['gguf_agreement_prompts']} prompts, tokenizer on "
+                 f"{metrics['gguf_tokenizer_agreement']:.0%}")
+    console.print(line)
+    console.print(f"how to serve it: {out / 'README.md'}")
+
+
 @app.command("serve")
 def serve_cmd(
     bundle: Path = typer.Argument(..., help="Exported bundle folder (BUILD/export or the --out of `vertical export`)."),
@@ -519,10 +547,15 @@ def serve_cmd(
     require_signature: Optional[Path] = typer.Option(None, "--require-signature",
                                                      help="Serve only a bundle signed by the private key of this "
                                                           "Ed25519 public key (PEM)."),
+    json_logs: bool = typer.Option(False, "--json-logs", help="One JSON line per request (time, method, path, "
+                                   "status, seconds, client) instead of uvicorn's access log."),
 ) -> None:
     """Serve a bundle behind an OpenAI-compatible API, without torch. The bundle is verified first.
 
-    GET /metrics gives Prometheus metrics (requests, latency, tokens, queue), behind the key like the API."""
+    POST /v1/chat/completions answers from the documents; /v1/completions, /v1/embeddings and /v1/search
+    give a RAG stack of your own the bare model, the embedder and the index. GET /metrics gives
+    Prometheus metrics (requests, errors, latency, time to first token, tokens, queue), behind the key
+    like the API."""
     from vertical.export.server import Limits, check_serving, read_key_file, serve
 
     keys = ([api_key] if api_key else []) + (read_key_file(api_key_file) if api_key_file else [])
@@ -532,7 +565,7 @@ def serve_cmd(
     serve(bundle, host, port, keys, Limits(max_tokens=max_tokens, max_concurrent=concurrency,
                                            default_max_tokens=min(200, max_tokens)),
           allow_host, str(ssl_certfile) if ssl_certfile else None, str(ssl_keyfile) if ssl_keyfile else None,
-          require_signature)
+          require_signature, json_logs)
 
 
 @app.command("verify")

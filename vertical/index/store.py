@@ -45,6 +45,13 @@ class Hit:
     dense: float | None  # cosine similarity to the query, when dense search ran
     rank: int
 
+    def as_json(self) -> dict[str, Any]:
+        """The hit as `vertical search --json` and the server's /v1/search give it."""
+        return {"rank": self.rank + 1, "score": round(self.score, 4),
+                "similarity": None if self.dense is None else round(self.dense, 4), "doc_id": self.chunk.doc_id,
+                "chunk_id": self.chunk.id, "title": self.chunk.title, "source": self.chunk.source,
+                "span": [self.chunk.start, self.chunk.end], "text": self.chunk.text}
+
 
 def _tokenize_bm25(texts: list[str]) -> list[list[str]]:
     import bm25s

@@ -1,0 +1,317 @@
+"""`vertical export BUILD --format hf|gguf`: the build's model for the engines customers already run.
+
+    hf    model/       the merged Hugging Face folder (safetensors, config, tokenizer, chat
+                       template, generation config) that vLLM, TGI and transformers load as it is
+    gguf  model.gguf   llama.cpp's format at Q8_0, written with the maintained `gguf` package
+          Modelfile    Ollama's recipe: the chat template, the pack's system prompt and
+                       disclaimer, the stop token, greedy decoding
+    both  retrieval/   the build's ONNX embedder, index and pack.json, for a RAG stack of the
+                       customer's own (`vertical serve` on the ONNX bundle serves them as /v1/search)
+          README.md    the commands for vllm serve, TGI, ollama create, llama-server
+          metrics.json what was checked
+
+The model is the one the ONNX bundle ships (`vertical.export.model_to_export`). A GGUF file is read
+back twice before it is kept: by the `gguf` reader and by transformers' GGUF loader, whose greedy
+answers (to the end of the turn, cut by the loop guard as the server cuts them) are compared with
+the source model's on the pack's prompts, beside the share of prompts whose first 48 greedy
+tokens are all the same and how far the prompt's logits moved. The Q8_0 blocks are gguf's own quantiser; Q4_K_M is not offered because the
+package cannot write it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from vertical.errors import VerticalError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "gguf", "hf")
+GGUF_FILE = "model.gguf"
+AGREEMENT_TOKENS = 48  # greedy tokens compared per prompt between the source model and its GGUF
+AGREEMENT_PROMPTS = 20
+# Ollama's documented PARAMETER names: the Modelfile uses no other
+OLLAMA_PARAMETERS = ("num_ctx", "repeat_last_n", "repeat_penalty", "temperature", "seed", "stop", "num_predict",
+                     "top_k", "top_p", "min_p")
+HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "chat_template.jinja", "special_tokens_map.json")
+
+
+def export_format(build_dir: Path, fmt: str, out: Path, check: bool = True) -> dict[str, Any]:
+    """Write the build's model in format `fmt` ("hf" or "gguf") into the new folder `out`."""
+    from vertical.io import atomic_dir
+
+    if fmt not in ("gguf", "hf"):
+        raise VerticalError(f"--format {fmt}: use onnx, gguf or hf")
+    context = _Context(build_dir)
+    with atomic_dir(out) as tmp:
+        metrics: dict[str, Any] = {"format": fmt, "model": context.role, "source": str(context.model_dir.relative_to(build_dir))}
+        if fmt == "hf":
+            _copy_hf_folder(context.model_dir, tmp / "model")
+        else:
+            metrics.update(write_gguf(context.model_dir, tmp / GGUF_FILE, name=context.pack.config.name))
+            (tmp / "Modelfile").write_text(modelfile(context.model_dir, context.pack.config.system_prompt,
+                                                     context.pack.config.disclaimer), encoding="utf-8")
+            if check:
+                metrics.update(check_gguf(context.model_dir, tmp / GGUF_FILE, context.prompts()))
+        _copy_retrieval(context, tmp / "retrieval")
+        (tmp / "README.md").write_text(_readme(fmt, context.pack.config.name, out), encoding="utf-8")
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return metrics
+
+
+class _Context:
+    """The build's pack, the model it ships and its prompts, loaded once."""
+
+    def __init__(self, build_dir: Path):
+        from vertical.export import model_to_export
+        from vertical.pack import load_pack
+        from vertical.pipeline import load_manifest
+
+        manifest = load_manifest(build_dir)
+        if not manifest.get("pack"):
+            raise VerticalError(f"{build_dir}/manifest.json names no pack: rebuild with `vertical build PACK --out {build_dir}`")
+        self.build_dir = build_dir
+        self.pack = load_pack(manifest.get("pack_dir") or manifest["pack"])
+        self.model_dir, self.role, _ = model_to_export(build_dir, self.pack.config.stages.export)
+
+    def prompts(self) -> list[list[dict[str, str]]]:
+        """The pack's questions with their retrieved sources, as the server asks them."""
+        from vertical.export import pack_questions
+        from vertical.index import open_index
+        from vertical.answer import retrieve
+        from vertical.prompting import build_messages
+
+        index, embedder = open_index(self.build_dir)
+        prompts = []
+        for question in pack_questions(self.pack)[:AGREEMENT_PROMPTS]:
+            sources, _ = retrieve(index, embedder.encode_query, question, self.pack.config.stages.tune.rag_sources)
+            prompts.append(build_messages(self.pack.config.system_prompt, question, sources or None))
+        return prompts
+
+
+def _copy_hf_folder(model_dir: Path, out: Path) -> None:
+    out.mkdir(parents=True)
+    for name in HF_FILES:
+        if (model_dir / name).is_file():
+            shutil.copy2(model_dir / name, out / name)
+    if not (out / "model.safetensors").is_file():
+        raise VerticalError(f"{model_dir} holds no model.safetensors; rebuild the build with `vertical build PACK`")
+
+
+def _copy_retrieval(context: _Context, out: Path) -> None:
+    from vertical.index import EMBEDDER
+    from vertical.index.store import RetrievalIndex
+
+    index_dir = context.build_dir / "index"
+    if not (index_dir / EMBEDDER).is_dir():
+        raise VerticalError(f"{context.build_dir} has no index yet; run `vertical build {context.pack.config.name}` first")
+    out.mkdir(parents=True)
+    shutil.copytree(index_dir / EMBEDDER, out / "embedder")
+    RetrievalIndex.load(index_dir).save(out / "index")
+    config = context.pack.config
+    info = {"name": config.name, "system_prompt": config.system_prompt, "disclaimer": config.disclaimer,
+            "rag_sources": config.stages.tune.rag_sources}
+    (out / "pack.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------- GGUF
+
+
+def _tokenizer_vocabulary(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int], list[str], str]:
+    """(tokens by id, their GGUF token types, BPE merges, pre-tokenizer name) from tokenizer.json."""
+    import gguf
+
+    spec = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise VerticalError(f"{model_dir}/tokenizer.json is a {model.get('type')} tokenizer; GGUF export supports "
+                            "byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen): use --format hf")
+    by_id: dict[int, str] = {i: token for token, i in model["vocab"].items()}
+    kinds: dict[int, int] = {}
+    for added in spec.get("added_tokens", []):
+        by_id[added["id"]] = added["content"]
+        kinds[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    size = max(vocab_size, max(by_id) + 1)
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
+    types = [kinds.get(i, gguf.TokenType.NORMAL if i in by_id else gguf.TokenType.UNUSED) for i in range(size)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    # llama.cpp picks its pre-tokenizer by name: SmolLM's splits digits one by one before GPT-2's regex
+    pre = json.dumps(spec.get("pre_tokenizer") or {})
+    pre_name = "smollm" if '"individual_digits": true' in pre else "gpt-2"
+    return tokens, [int(t) for t in types], merges, pre_name
+
+
+def _llama_permute(weight, heads: int):
+    """Q and K rows from Hugging Face's rotate-half order into llama.cpp's interleaved rotary order."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_gguf(model_dir: Path, path: Path, name: str = "") -> dict[str, Any]:
+    """Write a Llama-architecture Hugging Face folder as one GGUF file: matrices Q8_0, norms F32."""
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") != "llama":
+        raise VerticalError(f"GGUF export supports Llama-architecture models (SmolLM2, Llama); {model_dir} is "
+                            f"'{config.get('model_type')}': use --format hf")
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads", heads)
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    rope = config.get("rope_parameters") or {}
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    writer.add_name(name or model_dir.name)
+    writer.add_context_length(config.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    tokens, types, merges, pre_name = _tokenizer_vocabulary(model_dir, config["vocab_size"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre_name)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                     ("pad_token_id", writer.add_pad_token_id), ("unk_token_id", writer.add_unk_token_id)):
+        value = config.get(key)
+        if isinstance(value, list):
+            value = value[0]
+        if value is not None:
+            add(int(value))
+    writer.add_add_bos_token(False)
+    template = model_dir / "chat_template.jinja"
+    if template.is_file():
+        writer.add_chat_template(template.read_text(encoding="utf-8"))
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
+    counts = {"Q8_0": 0, "F32": 0}
+    with safe_open(str(model_dir / "model.safetensors"), framework="numpy") as weights:
+        for key in weights.keys():
+            if key == "lm_head.weight" and config.get("tie_word_embeddings"):
+                continue
+            if "rotary_emb" in key:
+                continue
+            target = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if target is None:
+                raise VerticalError(f"{model_dir}: tensor {key} has no GGUF name for a Llama model; use --format hf")
+            data = weights.get_tensor(key).astype(np.float32)
+            if key.endswith("q_proj.weight"):
+                data = _llama_permute(data, heads)
+            elif key.endswith("k_proj.weight"):
+                data = _llama_permute(data, kv_heads)
+            if data.ndim == 2 and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+                writer.add_tensor(target, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                                  raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                counts["Q8_0"] += 1
+            else:
+                writer.add_tensor(target, data)
+                counts["F32"] += 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"gguf_bytes": path.stat().st_size, "gguf_tensors": counts, "gguf_quant": "Q8_0", "tokenizer_pre": pre_name}
+
+
+def check_gguf(model_dir: Path, path: Path, prompts: list[list[dict[str, str]]]) -> dict[str, Any]:
+    """Read the file back (the `gguf` reader, then transformers' GGUF loader) and compare its greedy
+    answers and tokenisation with the source model's on `prompts`."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vertical.evidence import cut_answer
+    from vertical.generation import greedy_ids
+    from vertical.models import load_causal_lm, load_tokenizer
+
+    reader = gguf.GGUFReader(str(path))
+    if reader.fields["general.architecture"].contents() != "llama":
+        raise VerticalError(f"{path}: the GGUF reader does not read back a llama model")
+    source_model, source_tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        loaded_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:  # noqa: BLE001 - any failure to load is the check failing
+        raise VerticalError(f"{path}: transformers cannot load the GGUF file back ({exc})") from exc
+    loaded.eval()
+    ends = {source_tokenizer.eos_token_id, source_tokenizer.convert_tokens_to_ids("<|im_end|>")}
+
+    def answer(tokens: list[int]) -> str:
+        """The answer as the server gives it: to the end of the turn, cut by the loop guard."""
+        end = next((i for i, token in enumerate(tokens) if token in ends), len(tokens))
+        return cut_answer(source_tokenizer.decode(tokens[:end]))[0]
+    same_answers = same_tokens = same_ids = 0
+    errors = []
+    for messages in prompts:
+        text = source_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = source_tokenizer(text, add_special_tokens=False)["input_ids"]
+        same_tokens += loaded_tokenizer(text, add_special_tokens=False)["input_ids"] == ids
+        expected_ids, got_ids = list(greedy_ids(source_model, ids, AGREEMENT_TOKENS)), list(greedy_ids(loaded, ids, AGREEMENT_TOKENS))
+        same_ids += expected_ids == got_ids
+        same_answers += answer(expected_ids) == answer(got_ids)
+        with torch.inference_mode():  # how far the prompt's logits moved, relative to their size
+            expected, got = source_model(torch.tensor([ids])).logits, loaded(torch.tensor([ids])).logits
+        errors.append(float((got - expected).norm() / expected.norm()))
+    count = max(len(prompts), 1)
+    return {"gguf_tensors_read": len(reader.tensors), "gguf_agreement_prompts": len(prompts),
+            "gguf_greedy_agreement": round(same_answers / count, 4),
+            f"gguf_same_{AGREEMENT_TOKENS}_tokens": round(same_ids / count, 4),
+            "gguf_tokenizer_agreement": round(same_tokens / count, 4), "gguf_logit_error": round(max(errors, default=0.0), 4)}
+
+
+def _quoted(text: str) -> str:
+    """A Modelfile value in triple quotes (which the value itself must not hold)."""
+    return '"""' + text.replace('"""', "'''") + '"""'
+
+
+def modelfile(model_dir: Path, system_prompt: str, disclaimer: str) -> str:
+    """Ollama's Modelfile for model.gguf: ChatML as SmolLM2's template writes it, the pack's
+    system prompt with its disclaimer, the end-of-turn stop token and greedy decoding, in
+    documented instructions only (FROM, TEMPLATE, SYSTEM, PARAMETER)."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8") if (model_dir / "chat_template.jinja").is_file() else ""
+    if "<|im_start|>" not in template:
+        raise VerticalError(f"{model_dir}: only ChatML chat templates (<|im_start|> ... <|im_end|>) are written to a "
+                            "Modelfile; use --format hf")
+    go_template = ("{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+                   "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+                   "<|im_start|>assistant\n")
+    system = system_prompt.strip() + (f"\n\nEnd every answer with this note: {disclaimer.strip()}" if disclaimer.strip() else "")
+    lines = [f"# {config.get('_name_or_path') or model_dir.name}: exported by vertical; retrieval is not part of the",
+             "# model: send the sources in the user message as `vertical serve`'s /v1/search returns them",
+             f"FROM ./{GGUF_FILE}",
+             f"TEMPLATE {_quoted(go_template)}",
+             f"SYSTEM {_quoted(system)}",
+             'PARAMETER stop "<|im_end|>"',
+             'PARAMETER stop "<|endoftext|>"',
+             "PARAMETER temperature 0",
+             f"PARAMETER num_ctx {min(int(config.get('max_position_embeddings', 2048)), 4096)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _readme(fmt: str, name: str, out: Path) -> str:
+    retrieval = (f"`retrieval/` holds the build's ONNX embedder and index. `vertical serve` on the ONNX bundle\n"
+                 f"answers `/v1/search` and `/v1/embeddings` from them, beside the engine below.\n")
+    if fmt == "hf":
+        return (f"# {name}: Hugging Face folder\n\n`model/` is the build's model as safetensors with its tokenizer and "
+                f"chat template.\n\n```\nvllm serve {out}/model --served-model-name {name}\n"
+                f"docker run -p 8080:80 -v {out}/model:/data/model ghcr.io/huggingface/text-generation-inference "
+                f"--model-id /data/model\n```\n\n{retrieval}")
+    return (f"# {name}: GGUF (Q8_0)\n\n```\nollama create {name} -f {out}/Modelfile && ollama run {name}\n"
+            f"llama-server -m {out}/{GGUF_FILE} --jinja -c 4096\n```\n\n{retrieval}")
