@@ -306,8 +306,8 @@ def modelfile(model_dir: Path, system_prompt: str, disclaimer: str) -> str:
 
 
 def _readme(fmt: str, name: str, out: Path) -> str:
-    retrieval = (f"`retrieval/` holds the build's ONNX embedder and index. `vertical serve` on the ONNX bundle\n"
-                 f"answers `/v1/search` and `/v1/embeddings` from them, beside the engine below.\n")
+    retrieval = ("`retrieval/` holds the build's ONNX embedder and index. `vertical serve` on the ONNX bundle\n"
+                 "answers `/v1/search` and `/v1/embeddings` from them, beside the engine below.\n")
     if fmt == "hf":
         return (f"# {name}: Hugging Face folder\n\n`model/` is the build's model as safetensors with its tokenizer and "
                 f"chat template.\n\n```\nvllm serve {out}/model --served-model-name {name}\n"

@@ -226,7 +226,7 @@ def test_incremental_add_replace_remove(tiny_pack, tmp_path):
     remove_documents(out, ["harbour"])
     index, _ = open_index(out)
     assert "harbour" not in index.doc_ids() and len(index.chunks) == before - 1
-    assert index._faiss.ntotal == len(index.chunks)
+    assert index._vectors.index.ntotal == len(index.chunks)
     # the manifest records the updated files, so the next build keeps the index
     assert pipeline.build(tiny_pack, out=out, steps=["index"])[0].status == "skipped"
 
@@ -322,3 +322,57 @@ def test_chunks_longer_than_the_embedders_window_are_refused(tiny_pack, tmp_path
     code, output = cli("build", tiny_pack, "--out", out, "--steps", "index")
     assert code != 0 and "chunk_tokens is 400" in output and "256-token window" in output, output
     assert "Traceback" not in output and not (out / "index").exists()
+
+
+# ---------------------------------------------------------------- vector stores
+
+
+def _hits(index, embedder, query: str, mode: str) -> list[tuple[str, int]]:
+    return [(h.chunk.id, round(h.score, 4)) for h in index.search(query, embedder.encode_query, k=5, mode=mode)]
+
+
+def test_qdrant_build_searches_and_scores_as_faiss_does(tiny_pack, tmp_path, cli):
+    import yaml
+
+    faiss_build = _tiny_build(tiny_pack, tmp_path / "faiss")
+    config = yaml.safe_load((tiny_pack / "pack.yaml").read_text())
+    config["stages"].setdefault("index", {})["backend"] = "qdrant"
+    (tiny_pack / "pack.yaml").write_text(yaml.safe_dump(config))
+    qdrant_build = _tiny_build(tiny_pack, tmp_path / "qdrant")
+    faiss_metrics = json.loads((faiss_build / "index" / "metrics.json").read_text())
+    qdrant_metrics = json.loads((qdrant_build / "index" / "metrics.json").read_text())
+    assert qdrant_metrics["backend"] == "qdrant" and not (qdrant_build / "index" / "faiss.index").exists()
+    for mode in ("dense", "bm25", "hybrid"):
+        for key in ("recall@1", "recall@5", "mrr@10"):
+            assert qdrant_metrics["modes"][mode][key] == faiss_metrics["modes"][mode][key]
+    (faiss_index, embedder), (qdrant_index, _) = open_index(faiss_build), open_index(qdrant_build)
+    for query in ("Zorblat fruit", "harbour master", "what colour"):
+        for mode in ("dense", "hybrid"):
+            assert _hits(qdrant_index, embedder, query, mode) == _hits(faiss_index, embedder, query, mode)
+
+    # documents come and go on Qdrant as on FAISS, without re-embedding the rest
+    new = tmp_path / "new.md"
+    new.write_text("# Lighthouse\n\nThe lighthouse keeper is Ada Brannoc.", encoding="utf-8")
+    assert add_documents(qdrant_build, [new])["embedded_chunks"] == 1
+    index, embedder = open_index(qdrant_build)
+    assert index.search("lighthouse keeper", embedder.encode_query, k=1, mode="dense")[0].chunk.doc_id == "new"
+    remove_documents(qdrant_build, ["new"])
+    assert "new" not in open_index(qdrant_build)[0].doc_ids()
+
+
+def test_index_migrate_moves_the_vectors_and_keeps_the_results(tiny_pack, tmp_path, cli):
+    build = _tiny_build(tiny_pack, tmp_path)
+    index, embedder = open_index(build)
+    before = _hits(index, embedder, "Zorblat fruit", "hybrid")
+    code, out = cli("index", "migrate", str(build), "--to", "qdrant")
+    assert code == 0, out
+    index, _ = open_index(build)
+    assert index.meta["backend"] == "qdrant" and _hits(index, embedder, "Zorblat fruit", "hybrid") == before
+    assert pipeline.build(tiny_pack, out=build, steps=["index"])[0].status == "skipped"  # the manifest knows the files
+    code, out = cli("index", "migrate", str(build), "--to", "faiss")
+    assert code == 0 and open_index(build)[0].meta["backend"] == "faiss"
+    code, out = cli("index", "migrate", str(build), "--to", "milvus")
+    assert code != 0 and "faiss, qdrant" in out and "Traceback" not in out
+    code, out = cli("index", "migrate", str(build), "--to", "qdrant", "--url", "http://127.0.0.1:9")
+    assert code != 0 and "Qdrant at http://127.0.0.1:9" in out and "Traceback" not in out
+    assert open_index(build)[0].meta["backend"] == "faiss"  # a failed move leaves the index as it was

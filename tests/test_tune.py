@@ -205,6 +205,24 @@ def test_tune_under_torchrun_two_processes(tiny_pack, tmp_path, tiny_model_dir):
     assert (out / "tune" / "merged" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_tune_under_accelerate_launch_with_the_shipped_deepspeed_zero2_config(tiny_pack, tmp_path, tiny_model_dir):
+    """`accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml -m vertical build`: two
+    processes on CPU, the Trainer under DeepSpeed ZeRO-2."""
+    _with_tune(tiny_pack, epochs=2, batch_size=1, gradient_accumulation=1, eval_holdout=0, eval_questions=0, lora_rank=4)
+    out = tmp_path / "b"
+    root = Path(__file__).resolve().parent.parent
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--config_file", "configs/accelerate/deepspeed_zero2.yaml", "-m", "vertical",
+               "build", str(tiny_pack), "--out", str(out), "--steps", "tune", "--base-model", str(tiny_model_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    metrics = json.loads((out / "tune" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["deepspeed_zero_stage"] == 2
+    assert (out / "tune" / "merged" / "model.safetensors").is_file()
+
+
 def test_a_docs_only_pack_trains_on_generated_questions_and_is_scored_on_held_out_ones(tiny_pack, tmp_path,
                                                                                        tiny_model_dir):
     from vertical.scoring import eval_sample

@@ -357,6 +357,22 @@ def index_remove(
     console.print(f"removed {len(doc_ids)} document(s)")
 
 
+@index_app.command("migrate")
+def index_migrate(
+    build: Path = typer.Argument(..., help="Build folder (builds/<pack>)."),
+    to: str = typer.Option(..., "--to", help="faiss (in the process) or qdrant."),
+    url: Optional[str] = typer.Option(None, "--url", help="Qdrant server or cluster URL (API key from "
+                                      "QDRANT_API_KEY); without it, Qdrant runs embedded in the process."),
+) -> None:
+    """Move a built index's vectors to another vector store; nothing is re-embedded. Export again
+    (`vertical export BUILD`) for the bundle to use it."""
+    from vertical.index import migrate_index
+
+    note = migrate_index(_build_dir(build), to, url)
+    where = f" at {url}" if url else (" (embedded)" if to == "qdrant" else "")
+    console.print(f"index moved from {note['migrated_from']} to {to}{where}")
+
+
 # ---------------------------------------------------------------- knowledge editing
 
 

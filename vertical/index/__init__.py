@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 MODES = ("dense", "bm25", "hybrid")
 DEFAULT_THRESHOLD = 0.25  # used when a pack has no retrieval evaluation set to calibrate on
 
-__all__ = ["Hit", "RetrievalIndex", "add_documents", "inputs", "open_index", "remove_documents", "run"]
+__all__ = ["Hit", "RetrievalIndex", "add_documents", "inputs", "migrate_index", "open_index", "remove_documents", "run"]
 
 
 def inputs(ctx) -> dict[str, Any]:
@@ -84,12 +84,14 @@ def run(ctx, out: Path) -> dict[str, Any]:
     meta = {"embedder": f"onnx:{ctx.pack.config.embedder}", "dim": embedder.dim, "mode": "hybrid", "top_k": settings.top_k,
             "evidence_sentences": settings.evidence_sentences,
             "chunk_tokens": settings.chunk_tokens, "chunk_overlap": settings.chunk_overlap,
-            "threshold": DEFAULT_THRESHOLD, "doc_hashes": {d.id: d.content_hash for d in documents}}
+            "threshold": DEFAULT_THRESHOLD, "doc_hashes": {d.id: d.content_hash for d in documents},
+            "backend": settings.backend, **({"qdrant_url": settings.qdrant_url} if settings.qdrant_url else {})}
     index = RetrievalIndex(chunks, vectors, meta)
 
     metrics: dict[str, Any] = {
         "documents": len(documents), "chunks": len(chunks),
-        "chunks_per_s": round(len(chunks) / max(embed_seconds, 1e-9), 1), "faiss": index.meta["faiss"],
+        "chunks_per_s": round(len(chunks) / max(embed_seconds, 1e-9), 1), "backend": settings.backend,
+        "faiss": index.meta.get("faiss"),
     }
     items = ctx.pack.retrieval_eval()
     if items:
@@ -239,6 +241,22 @@ def add_documents(build_dir: Path, paths: list[Path], track=None, root: Path | N
             "embedded_chunks": len(new_chunks)}
     if changed:
         _rewrite_index(build_dir, updated, note)
+    return note
+
+
+def migrate_index(build_dir: Path, backend: str, qdrant_url: str | None = None) -> dict[str, Any]:
+    """Move a build's vectors to another store (FAISS, embedded Qdrant, a Qdrant server); nothing
+    is re-embedded, and the chunks, BM25 and settings stay as they are."""
+    from vertical.index.store import BACKENDS
+
+    if backend not in BACKENDS:
+        raise VerticalError(f"--to {backend}: use one of {', '.join(BACKENDS)}")
+    if qdrant_url and backend != "qdrant":
+        raise VerticalError("--url is a Qdrant server's address: use it with --to qdrant")
+    index, _ = open_index(build_dir)
+    note = {"migrated_from": index.meta.get("backend", "faiss"), "migrated_to": backend,
+            "qdrant_url": qdrant_url if backend == "qdrant" else None}
+    _rewrite_index(build_dir, index.with_backend(backend, qdrant_url), note)
     return note
 
 

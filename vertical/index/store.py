@@ -7,8 +7,14 @@ This module is torch-free on purpose: the exported runtime imports it and brings
       index.json        settings, embedder, FAISS kind, threshold, document hashes
       chunks.jsonl      one chunk per line (id, doc_id, title, source, span, text, section)
       embeddings.npy    float32, L2-normalised, one row per chunk (kept so updates never re-embed)
-      faiss.index       inner-product index over the embeddings
+      faiss.index       inner-product index over the embeddings (backend: faiss)
       bm25/             bm25s sparse index over the chunks' text
+
+Dense search runs on one of two vector stores, named by index.json's "backend": FAISS in the
+process (the default), or Qdrant through qdrant-client, embedded in the process (filled from
+embeddings.npy when the index is opened) or on a Qdrant server or cluster (`qdrant_url`; the
+collection is named by the embeddings' hash, so a changed index is a new collection and replicas
+still serving the old one are not disturbed). BM25 and the fusion are the same on both.
 """
 
 from __future__ import annotations
@@ -60,6 +66,122 @@ def _tokenize_bm25(texts: list[str]) -> list[list[str]]:
     return bm25s.tokenize(texts, stopwords="en", return_ids=False, show_progress=False)
 
 
+BACKENDS = ("faiss", "qdrant")
+
+
+class FaissVectors:
+    """Exact inner product in FAISS; HNSW from HNSW_THRESHOLD vectors."""
+
+    def __init__(self, index):
+        self.index = index
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, meta: dict[str, Any]) -> "FaissVectors":
+        import faiss
+
+        dim = embeddings.shape[1] if embeddings.ndim == 2 and len(embeddings) else int(meta.get("dim", 384))
+        if len(embeddings) >= HNSW_THRESHOLD:
+            index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = 80
+            index.hnsw.efSearch = 96
+            meta["faiss"] = "hnsw"
+        else:
+            index = faiss.IndexFlatIP(dim)
+            meta["faiss"] = "flat"
+        if len(embeddings):
+            index.add(embeddings)
+        return cls(index)
+
+    @classmethod
+    def load(cls, folder: Path, count: int) -> "FaissVectors":
+        import faiss
+
+        index = faiss.read_index(str(folder / "faiss.index"))
+        if index.ntotal != count:
+            raise ValueError(f"{folder}: faiss.index has {index.ntotal} vectors for {count} chunks")
+        return cls(index)
+
+    def search(self, vector: np.ndarray, depth: int) -> list[tuple[int, float]]:
+        scores, ids = self.index.search(vector.reshape(1, -1).astype(np.float32), depth)
+        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+
+    def save(self, folder: Path) -> None:
+        import faiss
+
+        faiss.write_index(self.index, str(folder / "faiss.index"))
+
+
+class QdrantVectors:
+    """Cosine search in Qdrant (the embeddings are L2-normalised, so it ranks as FAISS's inner
+    product does). Point ids are the chunks' row numbers in chunks.jsonl."""
+
+    def __init__(self, client, collection: str):
+        self.client, self.collection = client, collection
+
+    @staticmethod
+    def _client(meta: dict[str, Any]):
+        import os
+
+        try:
+            from qdrant_client import QdrantClient
+        except ImportError:
+            raise VerticalError("this index searches with Qdrant: install qdrant-client (pip install qdrant-client)") from None
+
+        url = meta.get("qdrant_url")
+        if not url:
+            return QdrantClient(":memory:")  # embedded: lives as long as the index object
+        return QdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY") or None, timeout=30)
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, meta: dict[str, Any], upload: bool = True) -> "QdrantVectors":
+        import hashlib
+
+        from qdrant_client import models
+
+        meta["qdrant_collection"] = "vertical-" + hashlib.sha256(embeddings.tobytes()).hexdigest()[:20]
+        client = cls._client(meta)
+        store = cls(client, meta["qdrant_collection"])
+        try:
+            if upload and not (meta.get("qdrant_url") and store.count() == len(embeddings)):
+                dim = embeddings.shape[1] if embeddings.ndim == 2 and len(embeddings) else int(meta.get("dim", 384))
+                if client.collection_exists(store.collection):
+                    client.delete_collection(store.collection)
+                client.create_collection(store.collection, vectors_config=models.VectorParams(
+                    size=dim, distance=models.Distance.COSINE))
+                if len(embeddings):
+                    client.upload_collection(store.collection, vectors=embeddings, ids=list(range(len(embeddings))),
+                                             batch_size=256, wait=True)
+        except Exception as exc:  # connection refused, bad URL, authentication: say which server
+            raise VerticalError(f"Qdrant at {meta.get('qdrant_url')}: {exc}") from None
+        return store
+
+    @classmethod
+    def load(cls, embeddings: np.ndarray, meta: dict[str, Any]) -> "QdrantVectors":
+        if not meta.get("qdrant_url"):
+            return cls.build(embeddings, meta)
+        store = cls(cls._client(meta), meta["qdrant_collection"])
+        found = store.count()
+        if found != len(embeddings):
+            raise VerticalError(f"Qdrant at {meta['qdrant_url']}: collection {store.collection} holds {found} vectors for "
+                                f"{len(embeddings)} chunks; run `vertical index migrate BUILD --to qdrant --url URL` again")
+        return store
+
+    def count(self) -> int:
+        try:
+            if not self.client.collection_exists(self.collection):
+                return -1
+            return self.client.count(self.collection, exact=True).count
+        except Exception as exc:  # noqa: BLE001
+            raise VerticalError(f"Qdrant: {exc}") from None
+
+    def search(self, vector: np.ndarray, depth: int) -> list[tuple[int, float]]:
+        found = self.client.query_points(self.collection, query=vector.astype(np.float32).tolist(), limit=depth)
+        return [(int(p.id), float(p.score)) for p in found.points]
+
+    def save(self, folder: Path) -> None:
+        """Nothing to write: embeddings.npy refills an embedded store, a server keeps its collection."""
+
+
 class RetrievalIndex:
     def __init__(self, chunks: list[Chunk], embeddings: np.ndarray, meta: dict[str, Any]):
         if len(chunks) != len(embeddings):
@@ -67,26 +189,19 @@ class RetrievalIndex:
         self.chunks = chunks
         self.embeddings = embeddings.astype(np.float32, copy=False)
         self.meta = meta
-        self._faiss = self._build_faiss()
+        self._vectors = self._build_vectors()
         self._bm25 = self._build_bm25()
 
     # ------------------------------------------------------------ building
 
-    def _build_faiss(self):
-        import faiss
-
-        dim = self.embeddings.shape[1] if self.embeddings.ndim == 2 and len(self.embeddings) else int(self.meta.get("dim", 384))
-        if len(self.chunks) >= HNSW_THRESHOLD:
-            index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = 80
-            index.hnsw.efSearch = 96
-            self.meta["faiss"] = "hnsw"
-        else:
-            index = faiss.IndexFlatIP(dim)
-            self.meta["faiss"] = "flat"
-        if len(self.embeddings):
-            index.add(self.embeddings)
-        return index
+    def _build_vectors(self) -> FaissVectors | QdrantVectors:
+        backend = self.meta.setdefault("backend", "faiss")
+        if backend not in BACKENDS:
+            raise VerticalError(f"index backend '{backend}': use one of {', '.join(BACKENDS)}")
+        if backend == "qdrant":
+            self.meta.pop("faiss", None)
+            return QdrantVectors.build(self.embeddings, self.meta)
+        return FaissVectors.build(self.embeddings, self.meta)
 
     def _build_bm25(self):
         import bm25s
@@ -104,8 +219,7 @@ class RetrievalIndex:
     # ------------------------------------------------------------ search
 
     def _dense(self, query_vec: np.ndarray, depth: int) -> list[tuple[int, float]]:
-        scores, ids = self._faiss.search(query_vec.reshape(1, -1).astype(np.float32), depth)
-        return [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+        return self._vectors.search(query_vec, depth)
 
     def _keyword(self, query: str, depth: int) -> list[tuple[int, float]]:
         if self._bm25 is None:
@@ -156,14 +270,12 @@ class RetrievalIndex:
 
     def save(self, folder: Path) -> None:
         """Write every file of the index into `folder` (the caller makes the folder atomic)."""
-        import faiss
-
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / "chunks.jsonl", "w", encoding="utf-8") as handle:
             for chunk in self.chunks:
                 handle.write(json.dumps(asdict(chunk), ensure_ascii=False) + "\n")
         np.save(folder / "embeddings.npy", self.embeddings)
-        faiss.write_index(self._faiss, str(folder / "faiss.index"))
+        self._vectors.save(folder)
         if self._bm25 is not None:
             self._bm25.save(str(folder / "bm25"), show_progress=False)
         self.meta["chunks"] = len(self.chunks)
@@ -173,24 +285,31 @@ class RetrievalIndex:
     @classmethod
     def load(cls, folder: Path) -> "RetrievalIndex":
         """Load a saved index without re-embedding anything."""
-        import faiss
-
         meta = json.loads((folder / "index.json").read_text(encoding="utf-8"))
         with open(folder / "chunks.jsonl", encoding="utf-8") as handle:
             chunks = [Chunk(**json.loads(line)) for line in handle if line.strip()]
         embeddings = np.load(folder / "embeddings.npy")
         index = cls.__new__(cls)
         index.chunks, index.embeddings, index.meta = chunks, embeddings, meta
-        index._faiss = faiss.read_index(str(folder / "faiss.index"))
+        if meta.get("backend", "faiss") == "qdrant":
+            index._vectors = QdrantVectors.load(index.embeddings, meta)
+        else:
+            index._vectors = FaissVectors.load(folder, len(chunks))
         if (folder / "bm25").is_dir():
             import bm25s
 
             index._bm25 = bm25s.BM25.load(str(folder / "bm25"), show_progress=False)
         else:
             index._bm25 = None
-        if index._faiss.ntotal != len(chunks):
-            raise ValueError(f"{folder}: faiss.index has {index._faiss.ntotal} vectors for {len(chunks)} chunks")
         return index
+
+    def with_backend(self, backend: str, qdrant_url: str | None = None) -> "RetrievalIndex":
+        """The same chunks and vectors on another vector store (nothing is re-embedded)."""
+        meta = {k: v for k, v in self.meta.items() if k not in ("faiss", "qdrant_collection", "qdrant_url")}
+        meta["backend"] = backend
+        if backend == "qdrant" and qdrant_url:
+            meta["qdrant_url"] = qdrant_url
+        return RetrievalIndex(self.chunks, self.embeddings, meta)
 
 
 def open_embedder(folder: Path):

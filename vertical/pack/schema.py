@@ -71,6 +71,10 @@ class IndexSettings(Strict):
     top_k: int = Field(4, ge=1, le=20, description="chunks retrieved for a question")
     evidence_sentences: int = Field(5, ge=0, le=20, description="sentences of the retrieved chunks the model reads, "
                                     "chosen by similarity to the question (0: the whole chunks)")
+    backend: Literal["faiss", "qdrant"] = Field("faiss", description="vector store for dense search: FAISS in the "
+                                                "process, or Qdrant (embedded, or a server with qdrant_url)")
+    qdrant_url: str | None = Field(None, description="Qdrant server or cluster URL (API key from QDRANT_API_KEY); "
+                                   "null: Qdrant embedded in the process")
 
     @model_validator(mode="after")
     def _overlap_smaller_than_chunk(self) -> "IndexSettings":

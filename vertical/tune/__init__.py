@@ -349,6 +349,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
     metrics["train_loss_curve"] = curve  # every `logging_steps` optimizer steps
     metrics.update(train_loss=round(result.training_loss, 4), train_seconds=round(seconds, 1),
                    train_tokens=tokens_seen, resumed=resume, world_size=trainer.args.world_size,
+                   deepspeed_zero_stage=trainer.accelerator.deepspeed_plugin.zero_stage
+                   if getattr(trainer, "is_deepspeed_enabled", False) else None,
                    train_tokens_per_s=round(tokens_seen / seconds, 1) if seconds and not resume else None)
     clock.lap("training")
     if not main:
