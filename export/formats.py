@@ -2,7 +2,7 @@
 
     hf    model/       the merged Hugging Face folder (safetensors, config, tokenizer, chat
                        template, generation config) that vLLM, TGI and transformers load as it is
-    gguf  model.gguf   llama.cpp's format at Q8_0, written with the maintained `gguf` package
+    gguf  model.gguf   llama.cpp's format at Q8_0 (or F16), written with the maintained `gguf` package
           Modelfile    Ollama's recipe: the chat template, the pack's system prompt and
                        disclaimer, the stop token, greedy decoding
     both  retrieval/   the build's ONNX embedder, index and pack.json, for a RAG stack of the
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "gguf", "hf")
 GGUF_FILE = "model.gguf"
+GGUF_QUANTS = ("q8_0", "f16")  # Q8_0 halves the file; F16 keeps the model's greedy answers
 AGREEMENT_TOKENS = 48  # greedy tokens compared per prompt between the source model and its GGUF
 AGREEMENT_PROMPTS = 20
 # Ollama's documented PARAMETER names: the Modelfile uses no other
@@ -41,19 +42,23 @@ HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "token
             "chat_template.jinja", "special_tokens_map.json")
 
 
-def export_format(build_dir: Path, fmt: str, out: Path, check: bool = True) -> dict[str, Any]:
-    """Write the build's model in format `fmt` ("hf" or "gguf") into the new folder `out`."""
+def export_format(build_dir: Path, fmt: str, out: Path, check: bool = True, quant: str | None = None) -> dict[str, Any]:
+    """Write the build's model in format `fmt` ("hf" or "gguf") into the new folder `out`;
+    `quant`: q8_0 (default) or f16 for gguf."""
     from vertical.io import atomic_dir
 
     if fmt not in ("gguf", "hf"):
         raise VerticalError(f"--format {fmt}: use onnx, gguf or hf")
+    if quant is not None and (fmt != "gguf" or quant not in GGUF_QUANTS):
+        raise VerticalError(f"--quant {quant}: a GGUF export is {' or '.join(GGUF_QUANTS)}; an HF export is not quantised")
     context = _Context(build_dir)
     with atomic_dir(out) as tmp:
         metrics: dict[str, Any] = {"format": fmt, "model": context.role, "source": str(context.model_dir.relative_to(build_dir))}
         if fmt == "hf":
             _copy_hf_folder(context.model_dir, tmp / "model")
         else:
-            metrics.update(write_gguf(context.model_dir, tmp / GGUF_FILE, name=context.pack.config.name))
+            metrics.update(write_gguf(context.model_dir, tmp / GGUF_FILE, name=context.pack.config.name,
+                                      quant=quant or "q8_0"))
             (tmp / "Modelfile").write_text(modelfile(context.model_dir, context.pack.config.system_prompt,
                                                      context.pack.config.disclaimer), encoding="utf-8")
             if check:
@@ -152,8 +157,9 @@ def _llama_permute(weight, heads: int):
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_gguf(model_dir: Path, path: Path, name: str = "") -> dict[str, Any]:
-    """Write a Llama-architecture Hugging Face folder as one GGUF file: matrices Q8_0, norms F32."""
+def write_gguf(model_dir: Path, path: Path, name: str = "", quant: str = "q8_0") -> dict[str, Any]:
+    """Write a Llama-architecture Hugging Face folder as one GGUF file: matrices Q8_0 (or F16),
+    norms F32."""
     import gguf
     import numpy as np
     from safetensors import safe_open
@@ -178,7 +184,9 @@ def write_gguf(model_dir: Path, path: Path, name: str = "") -> dict[str, Any]:
     writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
     writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    if quant not in GGUF_QUANTS:
+        raise VerticalError(f"--quant {quant}: a GGUF export is {' or '.join(GGUF_QUANTS)}")
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     tokens, types, merges, pre_name = _tokenizer_vocabulary(model_dir, config["vocab_size"])
@@ -200,7 +208,7 @@ def write_gguf(model_dir: Path, path: Path, name: str = "") -> dict[str, Any]:
         writer.add_chat_template(template.read_text(encoding="utf-8"))
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
-    counts = {"Q8_0": 0, "F32": 0}
+    counts = {"Q8_0": 0, "F16": 0, "F32": 0}
     with safe_open(str(model_dir / "model.safetensors"), framework="numpy") as weights:
         for key in weights.keys():
             if key == "lm_head.weight" and config.get("tie_word_embeddings"):
@@ -215,7 +223,10 @@ def write_gguf(model_dir: Path, path: Path, name: str = "") -> dict[str, Any]:
                 data = _llama_permute(data, heads)
             elif key.endswith("k_proj.weight"):
                 data = _llama_permute(data, kv_heads)
-            if data.ndim == 2 and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+            if data.ndim == 2 and quant == "f16":
+                writer.add_tensor(target, data.astype(np.float16))
+                counts["F16"] += 1
+            elif data.ndim == 2 and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
                 writer.add_tensor(target, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
                                   raw_dtype=gguf.GGMLQuantizationType.Q8_0)
                 counts["Q8_0"] += 1
@@ -226,7 +237,7 @@ def write_gguf(model_dir: Path, path: Path, name: str = "") -> dict[str, Any]:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"gguf_bytes": path.stat().st_size, "gguf_tensors": counts, "gguf_quant": "Q8_0", "tokenizer_pre": pre_name}
+    return {"gguf_bytes": path.stat().st_size, "gguf_tensors": counts, "gguf_quant": quant.upper(), "tokenizer_pre": pre_name}
 
 
 def check_gguf(model_dir: Path, path: Path, prompts: list[list[dict[str, str]]]) -> dict[str, Any]:
@@ -306,8 +317,8 @@ def modelfile(model_dir: Path, system_prompt: str, disclaimer: str) -> str:
 
 
 def _readme(fmt: str, name: str, out: Path) -> str:
-    retrieval = ("`retrieval/` holds the build's ONNX embedder and index. `vertical serve` on the ONNX bundle\n"
-                 "answers `/v1/search` and `/v1/embeddings` from them, beside the engine below.\n")
+    retrieval = ("`retrieval/` holds the build's ONNX embedder and index. Beside these engines, `vertical serve`\n"
+                 "on the build's ONNX bundle answers `/v1/search` and `/v1/embeddings` from them.\n")
     if fmt == "hf":
         return (f"# {name}: Hugging Face folder\n\n`model/` is the build's model as safetensors with its tokenizer and "
                 f"chat template.\n\n```\nvllm serve {out}/model --served-model-name {name}\n"

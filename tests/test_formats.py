@@ -125,4 +125,8 @@ def test_export_formats_from_the_cli(exported_build, tmp_path, cli):
     code, out = cli("export", str(exported_build), "--format", "hf", "--out", str(tmp_path / "hf"))
     assert code != 0 and "exists" in out and "Traceback" not in out
     code, out = cli("export", str(exported_build), "--format", "gguf", "--quant", "int4")
-    assert code != 0 and "--quant" in out
+    assert code != 0 and "q8_0 or f16" in out and "Traceback" not in out
+    code, out = cli("export", str(exported_build), "--format", "gguf", "--quant", "f16", "--out", str(tmp_path / "f16"))
+    assert code == 0, out
+    f16 = json.loads((tmp_path / "f16" / "metrics.json").read_text())
+    assert f16["gguf_quant"] == "F16" and f16["gguf_greedy_agreement"] == 1.0 and f16["gguf_logit_error"] < 0.01

@@ -461,7 +461,8 @@ def models_pull(name: str = typer.Argument(..., help="Registry name, HF model fo
 def export_cmd(
     build: Path = typer.Argument(..., help="Build folder (builds/<pack>)."),
     quant: Optional[str] = typer.Option(None, "--quant", help="int4, int8 or fp32 (default: the pack's setting, "
-                                        "auto = int8 unless int4 agrees better with fp32)."),
+                                        "auto = int8 unless int4 agrees better with fp32); with --format gguf: q8_0 "
+                                        "(default) or f16."),
     model: Optional[str] = typer.Option(None, "--model", help="auto (default: the student if it kept the teacher's "
                                         "QA score, see stages.export.min_retention), student or teacher."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also copy the bundle here (default: BUILD/export)."),
@@ -482,7 +483,7 @@ def export_cmd(
 
     build = _build_dir(build).resolve()
     if fmt != "onnx":
-        _export_format(build, fmt, out, quant=quant, model=model, sign=sign)
+        _export_format(build, fmt, out, quant, model=model, sign=sign)
         return
     if quant not in (None, "auto", "int4", "int8", "fp32"):
         raise VerticalError(f"--quant {quant}: use int4, int8 or fp32")
@@ -520,7 +521,7 @@ def export_cmd(
         console.print(f"signed with key {signed}")
 
 
-def _export_format(build: Path, fmt: str, out: Optional[Path], **onnx_only) -> None:
+def _export_format(build: Path, fmt: str, out: Optional[Path], quant: Optional[str], **onnx_only) -> None:
     from vertical.export.formats import FORMATS, export_format
 
     if fmt not in FORMATS:
@@ -532,13 +533,16 @@ def _export_format(build: Path, fmt: str, out: Optional[Path], **onnx_only) -> N
     if out.exists():
         raise VerticalError(f"{out} exists; remove it or choose another --out")
     with console.status(f"exporting {build.name} as {fmt} (writing, then reading it back)"):
-        metrics = export_format(build, fmt, out)
+        metrics = export_format(build, fmt, out, quant=quant)
     line = f"{fmt}: {out}  ({metrics['model']})"
     if fmt == "gguf":
-        line += (f"  {metrics['gguf_bytes'] / 1e6:.1f} MB Q8_0; read back: greedy answers agree with the source model on "
-                 f"{metrics['gguf_greedy_agreement']:.0%} of {metrics['gguf_agreement_prompts']} prompts, tokenizer on "
-                 f"{metrics['gguf_tokenizer_agreement']:.0%}")
+        line += (f"  {metrics['gguf_bytes'] / 1e6:.1f} MB {metrics['gguf_quant']}; read back: greedy answers agree with the "
+                 f"source model on {metrics['gguf_greedy_agreement']:.0%} of {metrics['gguf_agreement_prompts']} prompts, "
+                 f"tokenizer on {metrics['gguf_tokenizer_agreement']:.0%}")
     console.print(line)
+    if fmt == "gguf" and metrics["gguf_greedy_agreement"] < 0.9 and metrics["gguf_quant"] == "Q8_0":
+        console.print("note: Q8_0's rounding changes some of this model's greedy answers; `--quant f16` (twice the "
+                      "size) keeps them")
     console.print(f"how to serve it: {out / 'README.md'}")
 
 
