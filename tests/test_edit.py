@@ -28,7 +28,7 @@ FAST = {"layer": 1, "layers": [0, 1], "context_templates": 2, "context_tokens": 
 def edited_build(tiny_pack, tmp_path, tiny_model_dir):
     _with_edit(tiny_pack, method="rome", hparams=FAST)
     out = tmp_path / "b"
-    pipeline.build(tiny_pack, out=out, steps=["edit"], base_model=str(tiny_model_dir))
+    pipeline.build(tiny_pack, out=out, steps=["index", "edit"], base_model=str(tiny_model_dir))
     return out
 
 
@@ -279,3 +279,71 @@ def test_alphaedit_writes_only_into_the_null_space_of_the_preserved_keys(tiny_pa
         assert delta.abs().max() > 0
         P = null_space(moments[layer], 0.3)
         assert torch.allclose(delta @ P, delta, atol=1e-5 * delta.abs().max().item())
+
+
+# ---------------------------------------------------------------- edits and documents agree
+
+
+def _chunks_of(build: Path, doc_id: str) -> str:
+    from vertical.index import open_index
+
+    index, _ = open_index(build)
+    return " ".join(c.text for c in index.chunks if c.doc_id == doc_id)
+
+
+def test_an_edit_the_documents_contradict_is_warned_naming_the_source(edited_build):
+    metrics = json.loads((edited_build / "edit" / "metrics.json").read_text())
+    # the tiny pack's edit makes Bram Kett mayor; documents/quentar.md still says Ada Morrow
+    assert [(c["doc_id"], c["old"]) for c in metrics["contradicting_sources"]] == [("quentar", "Ada Morrow")]
+    assert metrics["contradicting_sources"][0]["source"].endswith("quentar.md")
+
+
+def test_an_edit_with_its_document_change_reindexes_that_document_and_rolls_back_with_it(edited_build, cli, tmp_path):
+    requests = tmp_path / "more.jsonl"
+    requests.write_text(json.dumps({
+        "prompt": "The Siln river flows into", "subject": "Siln", "target_new": "Lake Pell", "target_true": "Lake Vor",
+        "document": {"doc_id": "siln-river", "old": "into Lake Vor", "new": "into Lake Pell"}}) + "\n")
+    other = _chunks_of(edited_build, "zorblat")
+    code, output = cli("edit", edited_build, "--requests", requests, "--method", "memit")
+    assert code == 0, output
+    assert "re-indexed: siln-river" in output
+    assert "into Lake Pell" in _chunks_of(edited_build, "siln-river") and "Lake Vor." not in _chunks_of(edited_build, "siln-river")
+    assert _chunks_of(edited_build, "zorblat") == other
+    updates = json.loads((edited_build / "index" / "metrics.json").read_text())["updates"]
+    assert updates[-1]["replaced"] == ["siln-river"] and updates[-1]["embedded_chunks"] == 1
+    code, output = cli("search", edited_build, "Siln river flows", "--json")
+    assert code == 0 and "Lake Pell" in json.loads(output)["results"][0]["text"]
+
+    code, output = cli("edit", "rollback", edited_build)
+    assert code == 0, output
+    assert "into Lake Vor" in _chunks_of(edited_build, "siln-river")
+
+
+@pytest.mark.parametrize("document, words", [
+    ({"doc_id": "atlantis", "old": "a", "new": "b"}, "no document with id 'atlantis'"),
+    ({"doc_id": "siln-river", "old": "into Lake Zed", "new": "b"}, "is not in"),
+    ({"doc_id": "siln-river", "old": "a", "text": "b"}, "give `old` and `new`"),
+])
+def test_a_document_change_that_cannot_apply_is_refused_before_any_weight_changes(edited_build, cli, tmp_path,
+                                                                                  document, words):
+    requests = tmp_path / "bad.jsonl"
+    requests.write_text(json.dumps({"prompt": "The Siln river flows into", "subject": "Siln", "target_new": "Lake Pell",
+                                    "document": document}) + "\n")
+    before = _weights(edited_build / "edit" / "model")
+    code, output = cli("edit", edited_build, "--requests", requests)
+    assert code != 0 and words in output and "Traceback" not in output
+    after = _weights(edited_build / "edit" / "model")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_pack_edits_document_changes_are_indexed_by_the_build(tiny_pack, tmp_path, tiny_model_dir):
+    edits = tiny_pack / "edits" / "edits.jsonl"
+    rows = [json.loads(line) for line in edits.read_text().splitlines() if line.strip()]
+    rows[0]["document"] = {"doc_id": "quentar", "old": "Ada Morrow", "new": "Bram Kett"}
+    edits.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _with_edit(tiny_pack, method="rome", hparams=FAST)
+    out = tmp_path / "b"
+    pipeline.build(tiny_pack, out=out, steps=["index", "edit"], base_model=str(tiny_model_dir))
+    assert "mayor is Bram Kett" in _chunks_of(out, "quentar") and "Ada Morrow" not in _chunks_of(out, "quentar")
+    metrics = json.loads((out / "edit" / "metrics.json").read_text())
+    assert metrics["documents_changed"] == ["quentar"] and metrics["contradicting_sources"] == []

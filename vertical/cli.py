@@ -383,6 +383,8 @@ def _print_edit_metrics(metrics: dict) -> None:
     console.print(table)
     console.print(f"{metrics['edits']} edit(s) with {metrics['method']} on layer(s) {metrics['layers']}; "
                   f"{metrics['seconds_per_edit']} s per edit")
+    if metrics.get("documents_changed"):
+        console.print(f"documents changed and re-indexed: {', '.join(metrics['documents_changed'])}")
 
 
 @app.command("edit", context_settings={"help_option_names": ["--help", "-h"]})

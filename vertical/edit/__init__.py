@@ -246,7 +246,49 @@ def run(ctx, out: Path) -> dict[str, Any]:
     metrics, applied = _run_edits(editor, requests, settings.method, ctx.reporter.track)
     _write(out, editor, [], applied, None)
     metrics["source"] = str(source.relative_to(ctx.build_dir))
+    metrics["documents_changed"] = sorted({r.document.doc_id for r in requests if r.document})
+    metrics["contradicting_sources"] = warn_contradictions(ctx.build_dir, requests)
     return metrics
+
+
+def warn_contradictions(build_dir: Path, requests) -> list[dict[str, str]]:
+    """Requests without a document change whose old value (`target_true`) a retrieved source still
+    states: the answer with retrieval would then read the old value beside the edited weights.
+    Each is logged as a warning naming the source; returns them."""
+    from vertical.index import open_index
+
+    found = []
+    asked = [r for r in requests if r.document is None and r.target_true]
+    if not asked or not (Path(build_dir) / "index" / "index.json").is_file():
+        return found
+    index, embedder = open_index(build_dir)
+    for request in asked:
+        for hit in index.search(request.prompt, embedder.encode_query, k=5):
+            if request.target_true.casefold() in hit.chunk.text.casefold():
+                found.append({"prompt": request.prompt, "old": request.target_true, "source": hit.chunk.source,
+                              "doc_id": hit.chunk.doc_id})
+                log.warning("edit %r: the source %s still says %r; give the request a `document` change "
+                            "(doc_id %r, old, new) so that answers with retrieval say %r too",
+                            request.prompt, hit.chunk.source, request.target_true, hit.chunk.doc_id, request.target_new)
+                break
+    return found
+
+
+def documents_as_edited(pack, entries: list[dict], doc_ids: set[str]) -> list:
+    """The documents `doc_ids` as the pack has them, with the document changes of the logged edits
+    `entries` (the pack's own edits first, as the edit stage logs them) applied in order."""
+    from vertical.index import change_documents, load_documents
+    from vertical.pack.schema import DocumentChange
+
+    documents, _ = load_documents(pack.document_files(), pack.root)
+    present = {d.id for d in documents}
+    missing = sorted(doc_ids - present)
+    if missing:
+        raise VerticalError(f"document change: no document with id {missing[0]!r} in pack {pack.name} (ids are file "
+                            "names without their extension, or a JSONL record's id)")
+    changes = [DocumentChange.model_validate(request["document"]) for entry in entries
+               for request in entry["requests"] if request.get("document")]
+    return change_documents([d for d in documents if d.id in doc_ids], [c for c in changes if c.doc_id in doc_ids])
 
 
 def _model_name(build_dir: Path) -> str:
@@ -290,6 +332,13 @@ def edit_build(build_dir: Path, requests_file: Path, method: str | None = None) 
     settings = pack.config.stages.edit
     method = method or settings.method
     edit_dir = build_dir / "edit"
+    touched = {r.document.doc_id for r in requests if r.document}
+    if touched and not (build_dir / "index" / "index.json").is_file():
+        raise VerticalError(f"{build_dir} has no document index to change; run `vertical build {pack.name} --steps index` "
+                            "first, or leave `document` out of the requests")
+    if touched:  # a change that cannot apply stops here, before any weight is edited
+        documents_as_edited(pack, read_log(edit_dir) + [{"requests": [r.model_dump(exclude_none=True) for r in requests]}],
+                            touched)
     with exclusive_lock(build_dir / ".lock", f"build folder {build_dir}"):
         source = edit_dir / "model" if (edit_dir / "model" / "config.json").is_file() else source_model_dir(build_dir)
         previous = read_log(edit_dir) if source.parent == edit_dir else []
@@ -303,6 +352,12 @@ def edit_build(build_dir: Path, requests_file: Path, method: str | None = None) 
             _write(tmp, editor, previous, applied, edit_dir if previous else None, history.get("rolled_back", []))
             atomic_write_json(tmp / "metrics.json", {**history, "last_command": metrics})
         record_outputs(build_dir, "edit", json.loads((edit_dir / "metrics.json").read_text()))
+    if touched:  # the documents as the edited weights now know them, re-indexed (only these are embedded)
+        from vertical.index import replace_documents
+
+        replace_documents(build_dir, documents_as_edited(pack, read_log(edit_dir), touched))
+    metrics["documents_changed"] = sorted(touched)
+    metrics["contradicting_sources"] = warn_contradictions(build_dir, requests)
     return metrics
 
 
@@ -357,6 +412,15 @@ def rollback(build_dir: Path, edit_id: str | None = None) -> list[str]:
             metrics["rolled_back"] = metrics.get("rolled_back", []) + [e["id"] for e in undone]
             atomic_write_json(tmp / "metrics.json", metrics)
         record_outputs(build_dir, "edit", metrics)
+    touched = {r["document"]["doc_id"] for e in undone for r in e["requests"] if r.get("document")}
+    if touched:  # the documents go back to what the remaining edits say
+        from vertical.index import replace_documents
+        from vertical.pack import load_pack
+        from vertical.pipeline import load_manifest
+
+        manifest = load_manifest(build_dir)
+        pack = load_pack(manifest.get("pack_dir") or manifest["pack"])
+        replace_documents(build_dir, documents_as_edited(pack, entries[:cut], touched))
     return [e["id"] for e in undone]
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from vertical.errors import VerticalError
 from vertical.index.chunking import Chunk, chunk_document
-from vertical.index.documents import Document, load_documents
+from vertical.index.documents import Document, change_documents, load_documents
 from vertical.index.store import EMBEDDER, Hit, RetrievalIndex, open_embedder, open_index  # noqa: F401 (the stage's public names)
 from vertical.io import atomic_dir, atomic_write_json, files_under, read_json, sha256_json
 
@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 MODES = ("dense", "bm25", "hybrid")
 DEFAULT_THRESHOLD = 0.25  # used when a pack has no retrieval evaluation set to calibrate on
 
-__all__ = ["Hit", "RetrievalIndex", "add_documents", "inputs", "migrate_index", "open_index", "remove_documents", "run"]
+__all__ = ["Hit", "RetrievalIndex", "add_documents", "change_documents", "document_changes", "inputs", "load_documents",
+           "migrate_index", "open_index", "remove_documents", "replace_documents", "run"]
 
 
 def inputs(ctx) -> dict[str, Any]:
@@ -44,7 +45,14 @@ def inputs(ctx) -> dict[str, Any]:
         "settings": settings.model_dump(),
         "embedder": ctx.pack.config.embedder,
         "embedder_files": sha256_json(sorted(p.name for p in resolve_embedder(ctx.pack.config.embedder).rglob("*"))),
+        "document_changes": sha256_json([c.model_dump() for c in document_changes(ctx.pack)]),
     }
+
+
+def document_changes(pack) -> list:
+    """The document changes the pack's knowledge edits carry: the index holds the documents as the
+    edited model will know them, so the sources it retrieves never contradict an edit."""
+    return [request.document for request in pack.edits() if request.document is not None]
 
 
 def _chunk_all(documents: list[Document], tokenizer, settings) -> list[Chunk]:
@@ -65,6 +73,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     documents, problems = load_documents(ctx.pack.document_files(), ctx.pack.root)
     if problems:  # an index silently missing a document would answer "I don't know" from it
         raise VerticalError(_unusable(problems, "fix, convert or remove them, then build again"))
+    documents = change_documents(documents, document_changes(ctx.pack))
     # The embedder the bundle will ship, from the start: the build's stages then search exactly the
     # vectors the bundle holds, nothing is embedded twice, and the int8 graph embeds more than twice
     # as fast as the PyTorch model on 2 CPU cores (benchmarks/embedder.py: 2.3x on medical's chunks)
@@ -220,6 +229,14 @@ def add_documents(build_dir: Path, paths: list[Path], track=None, root: Path | N
     documents, problems = load_documents(files, root)
     if problems:
         raise VerticalError(_unusable(problems, "nothing was added; fix, convert or remove them and add again"))
+    return replace_documents(build_dir, documents, track, index, embedder)
+
+
+def replace_documents(build_dir: Path, documents: list, track=None, index=None, embedder=None) -> dict[str, Any]:
+    """Add or replace `documents` (vertical.index.documents.Document, matched by id) in a built
+    index; unchanged ones are not re-embedded. The caller must not hold the build's lock."""
+    if index is None:
+        index, embedder = open_index(build_dir)
     hashes: dict[str, str] = index.meta.setdefault("doc_hashes", {})
     changed = [d for d in documents if hashes.get(d.id) != d.content_hash]
     unchanged = len(documents) - len(changed)

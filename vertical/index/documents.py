@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vertical.errors import Problem
+from vertical.errors import Problem, VerticalError
 
 log = logging.getLogger(__name__)
 
@@ -267,3 +267,29 @@ def load_documents(files: list[Path], root: Path | None = None) -> tuple[list[Do
     for problem in problems:
         log.warning("%s", problem)
     return documents, problems
+
+
+def change_documents(documents: list[Document], changes) -> list[Document]:
+    """`documents` with `changes` (vertical.pack.schema.DocumentChange, in order) applied: a passage
+    replaced where it occurs, or a document's whole text. A change naming a document that is not
+    there, or a passage the document does not hold, is an error naming both."""
+    from dataclasses import replace
+
+    by_id = {doc.id: doc for doc in documents}
+    for change in changes:
+        doc = by_id.get(change.doc_id)
+        if doc is None:
+            raise VerticalError(f"document change: no document with id {change.doc_id!r} (ids are file names without "
+                                "their extension, or a JSONL record's id)")
+        if change.text is not None:
+            by_id[doc.id] = replace(doc, text=change.text, heading_starts=[])
+            continue
+        at = doc.text.find(change.old)
+        if at < 0:
+            raise VerticalError(f"document change for {change.doc_id!r}: the passage {change.old!r} is not in "
+                                f"{doc.source}; quote it as the document has it now")
+        shift = len(change.new) - len(change.old)
+        text = doc.text.replace(change.old, change.new)  # every occurrence: the document must not say both
+        starts = [p if p <= at else p + shift for p in doc.heading_starts] if doc.text.count(change.old) == 1 else []
+        by_id[doc.id] = replace(doc, text=text, heading_starts=starts)
+    return [by_id[doc.id] for doc in documents]

@@ -256,8 +256,26 @@ class LocalityPrompt(Strict):
     target: str = Field(min_length=1)
 
 
+class DocumentChange(Strict):
+    """What an edit changes in a document, so that retrieval and the edited weights say the same:
+    the passage `old` (as the document has it now) replaced by `new`, or the document's whole new `text`."""
+
+    doc_id: str = Field(min_length=1)
+    old: str | None = Field(None, min_length=1)
+    new: str | None = None
+    text: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_kind_of_change(self) -> "DocumentChange":
+        passage = self.old is not None or self.new is not None
+        if (self.text is not None and passage) or (self.text is None and (self.old is None or self.new is None)):
+            raise ValueError("give `old` and `new` (a passage replaced), or `text` (the whole new document)")
+        return self
+
+
 class EditRequest(Strict):
-    """One knowledge edit, EasyEdit field names: `prompt` + `target_new` is the new fact."""
+    """One knowledge edit, EasyEdit field names: `prompt` + `target_new` is the new fact;
+    `document`: the same change in a document (vertical.edit applies both)."""
 
     id: str | None = None
     prompt: str = Field(min_length=1)
@@ -266,6 +284,7 @@ class EditRequest(Strict):
     target_true: str | None = None
     rephrase: list[str] = Field(default_factory=list)
     locality: list[LocalityPrompt] = Field(default_factory=list)
+    document: DocumentChange | None = None
 
     @field_validator("rephrase", mode="before")
     @classmethod
