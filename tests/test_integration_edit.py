@@ -38,3 +38,26 @@ def test_rome_on_default_model_and_rollback(tiny_pack, tmp_path, default_model_d
     restored = load_file(str(out / "edit" / "model" / "model.safetensors"))
     assert base.keys() == restored.keys()
     assert all(torch.equal(base[k], restored[k]) for k in base)
+
+
+def test_an_edit_with_its_document_change_is_what_ask_answers_and_cites(tiny_pack, tmp_path, default_model_dir, cli):
+    """The weights and the retrieved source say the new value: `vertical ask` answers it from the
+    changed document."""
+    config = yaml.safe_load((tiny_pack / "pack.yaml").read_text())
+    config["stages"]["edit"] = {"method": "rome", "hparams": {"layer": 6, "context_templates": 2, "mom2_tokens": 3000}}
+    (tiny_pack / "pack.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "b"
+    pipeline.build(tiny_pack, out=out, steps=["index", "edit"], base_model=str(default_model_dir))
+    requests = tmp_path / "mayor.jsonl"
+    requests.write_text(json.dumps({
+        "prompt": "The mayor of Quentar is", "subject": "Quentar", "target_new": "Lena Holt", "target_true": "Ada Morrow",
+        "document": {"doc_id": "quentar", "old": "mayor is Ada Morrow", "new": "mayor is Lena Holt"}}) + "\n")
+    code, output = cli("edit", out, "--requests", requests)
+    assert code == 0, output
+    code, output = cli("ask", out, "Who is the mayor of Quentar?", "--json")
+    assert code == 0, output
+    reply = json.loads(output[output.index("{"):])
+    assert "Lena Holt" in reply["answer"] and "Ada Morrow" not in reply["answer"]
+    cited = [c["doc_id"] for c in reply["citations"]]
+    assert cited and cited[0] == "quentar"
+    assert any("Lena Holt" in e["text"] for e in reply["evidence"] if e["doc_id"] == "quentar")
