@@ -253,8 +253,9 @@ def run(ctx, out: Path) -> dict[str, Any]:
 
 def warn_contradictions(build_dir: Path, requests) -> list[dict[str, str]]:
     """Requests without a document change whose old value (`target_true`) a retrieved source still
-    states: the answer with retrieval would then read the old value beside the edited weights.
-    Each is logged as a warning naming the source; returns them."""
+    states without the new one (a source that names both tells of the change): the answer with
+    retrieval would then read the old value beside the edited weights. Each is logged as a warning
+    naming the source; returns them."""
     from vertical.index import open_index
 
     found = []
@@ -264,7 +265,8 @@ def warn_contradictions(build_dir: Path, requests) -> list[dict[str, str]]:
     index, embedder = open_index(build_dir)
     for request in asked:
         for hit in index.search(request.prompt, embedder.encode_query, k=5):
-            if request.target_true.casefold() in hit.chunk.text.casefold():
+            text = hit.chunk.text.casefold()
+            if request.target_true.casefold() in text and request.target_new.casefold() not in text:
                 found.append({"prompt": request.prompt, "old": request.target_true, "source": hit.chunk.source,
                               "doc_id": hit.chunk.doc_id})
                 log.warning("edit %r: the source %s still says %r; give the request a `document` change "
