@@ -347,3 +347,47 @@ def test_the_pack_edits_document_changes_are_indexed_by_the_build(tiny_pack, tmp
     assert "mayor is Bram Kett" in _chunks_of(out, "quentar") and "Ada Morrow" not in _chunks_of(out, "quentar")
     metrics = json.loads((out / "edit" / "metrics.json").read_text())
     assert metrics["documents_changed"] == ["quentar"] and metrics["contradicting_sources"] == []
+
+
+# ---------------------------------------------------------------- EasyEdit's files and metric names
+
+
+def test_easyedit_counterfact_and_zsre_records_are_read():
+    from vertical.pack.schema import EditRequest
+
+    counterfact = EditRequest.model_validate({
+        "case_id": 7, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+        "target_new": "English", "ground_truth": "French", "rephrase_prompt": "Danielle Darrieux spoke natively",
+        "locality_prompt": "The mother tongue of Léon Blum is", "locality_ground_truth": "French",
+        "portability": {"Reasoning": [{"prompt": "Danielle Darrieux's first language is spoken in", "ground_truth": ["England"]}]}})
+    assert (counterfact.id, counterfact.target_true, counterfact.rephrase) == ("7", "French", ["Danielle Darrieux spoke natively"])
+    assert [(x.prompt, x.target) for x in counterfact.locality] == [("The mother tongue of Léon Blum is", "French")]
+    assert [(x.prompt, x.target) for x in counterfact.portability] == [("Danielle Darrieux's first language is spoken in",
+                                                                        "England")]
+    zsre = EditRequest.model_validate({"src": "What river does the Siln flow into?", "subject": "Siln", "alt": "Lake Pell",
+                                       "answers": ["Lake Vor"], "rephrase": "Into which lake does the Siln run?",
+                                       "loc": "nq question: who wrote hamlet", "loc_ans": "Shakespeare"})
+    assert (zsre.prompt, zsre.target_new, zsre.target_true) == ("What river does the Siln flow into?", "Lake Pell", "Lake Vor")
+    assert zsre.locality[0].target == "Shakespeare"
+
+
+def test_portability_counts_a_consequence_the_model_continues_with(tiny_model_dir):
+    from vertical.edit.metrics import greedy_target, portability
+    from vertical.models import load_causal_lm, load_tokenizer
+    from vertical.pack.schema import EditRequest
+
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    prompt = "The Siln river flows into"
+    own = greedy_target(model, tokenizer, prompt, tokens=2)
+    request = lambda target: EditRequest(prompt=prompt, subject="Siln", target_new="x",  # noqa: E731
+                                         portability=[{"prompt": prompt, "target": target}])
+    assert portability(model, tokenizer, [request(own)]) == 1.0
+    assert portability(model, tokenizer, [request(own + " zebra zebra")]) == 0.0
+    assert portability(model, tokenizer, [EditRequest(prompt=prompt, subject="Siln", target_new="x")]) is None
+
+
+def test_edit_metrics_carry_easyedit_names(edited_build):
+    metrics = json.loads((edited_build / "edit" / "metrics.json").read_text())
+    assert metrics["after"]["rewrite_acc"] == metrics["after"]["efficacy"]
+    assert metrics["after"]["rephrase_acc"] == metrics["after"]["generalization"]
+    assert "portability" in metrics["after"]

@@ -378,8 +378,9 @@ def index_migrate(
 
 def _print_edit_metrics(metrics: dict) -> None:
     table = Table("metric", "before", "after")
-    for key in ("efficacy", "generalization", "locality", "fluency"):
-        table.add_row(key, str(metrics["before"].get(key)), str(metrics["after"].get(key)))
+    for key in ("efficacy", "generalization", "locality", "portability", "fluency"):
+        if metrics["after"].get(key) is not None or key != "portability":
+            table.add_row(key, str(metrics["before"].get(key)), str(metrics["after"].get(key)))
     console.print(table)
     console.print(f"{metrics['edits']} edit(s) with {metrics['method']} on layer(s) {metrics['layers']}; "
                   f"{metrics['seconds_per_edit']} s per edit")

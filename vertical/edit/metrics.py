@@ -3,6 +3,9 @@
 efficacy        P(target_new) > P(target_true) on the edit's prompt
 generalization  the same on its rephrases
 locality        P(locality target) > P(target_new) on the locality prompts (facts that must stay)
+portability     the greedy continuation of a portability prompt (a consequence of the new fact)
+                starts with its target, token for token
+rewrite_acc, rephrase_acc: EasyEdit's names for efficacy and generalization, reported beside them
 fluency         n-gram entropy of free generations about the subjects (lower = repetitive)
 P(text) is the mean per-token probability of the target tokens after the prompt (log space).
 """
@@ -48,13 +51,26 @@ def tally(pairs: list[tuple[str, str, str, str]], wins: list[bool]) -> dict[str,
             for metric in ("efficacy", "generalization", "locality")}
 
 
+def portability(model, tokenizer, requests: list[EditRequest]) -> float | None:
+    """The share of portability prompts whose greedy continuation is their target's tokens."""
+    items = [item for request in requests for item in request.portability]
+    if not items:
+        return None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    targets = [target_ids(tokenizer, item.target) for item in items]
+    rows = generate_batch(model, [encode(tokenizer, item.prompt) for item in items], pad, max(len(t) for t in targets))
+    return round(sum(list(row[:len(t)]) == list(t) for row, t in zip(rows, targets)) / len(items), 4)
+
+
 def score(model, tokenizer, requests: list[EditRequest], true_targets: list[str]) -> dict[str, float | int]:
     pairs = compared_pairs(requests, true_targets)
     logp = target_logprobs(model, tokenizer, [(p, t) for _, p, winner, loser in pairs for t in (winner, loser)])
     result = tally(pairs, [logp[2 * i] > logp[2 * i + 1] for i in range(len(pairs))])
     counts = {kind: sum(pair[0] == kind for pair in pairs) for kind in ("efficacy", "generalization", "locality")}
-    return {**result, "n_edits": counts["efficacy"], "n_rephrases": counts["generalization"],
-            "n_locality": counts["locality"]}
+    return {**result, "rewrite_acc": result["efficacy"], "rephrase_acc": result["generalization"],
+            "portability": portability(model, tokenizer, requests), "n_edits": counts["efficacy"],
+            "n_rephrases": counts["generalization"], "n_locality": counts["locality"],
+            "n_portability": sum(len(r.portability) for r in requests)}
 
 
 def ngram_entropy(text_tokens: list[int]) -> float:

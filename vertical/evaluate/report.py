@@ -41,7 +41,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "![QA accuracy](qa.png)", ""]
     if report["edits"]:
         lines += [f"## Knowledge edits ({report['edit_requests']} requests)", "",
-                  "| model | efficacy | generalization | locality |", "| --- | --- | --- | --- |"]
+                  "| model | efficacy (EasyEdit rewrite_acc) | generalization (rephrase_acc) | locality |",
+                  "| --- | --- | --- | --- |"]
         for row in report["edits"]:
             lines.append(f"| {row['model']} | {_fmt(row['efficacy'])} | {_fmt(row['generalization'])} "
                          f"| {_fmt(row['locality'])} |")

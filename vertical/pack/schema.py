@@ -273,9 +273,32 @@ class DocumentChange(Strict):
         return self
 
 
+def _one(value):
+    """EasyEdit writes some single values as one-element lists."""
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
+def _prompt_targets(value) -> list[dict]:
+    """EasyEdit's prompt sets as [{"prompt", "target"}]: a list of {"prompt", "ground_truth" | "target"},
+    or a dict of such lists (or of {"prompt": [..], "ground_truth": [..]}) by name."""
+    if isinstance(value, dict):
+        if "prompt" in value:
+            prompts, truths = value["prompt"], value.get("ground_truth", value.get("target"))
+            if isinstance(prompts, list):
+                return [{"prompt": p, "target": _one(t)} for p, t in zip(prompts, truths or [])]
+            return [{"prompt": prompts, "target": _one(truths)}]
+        return [item for group in value.values() for item in _prompt_targets(group)]
+    if isinstance(value, list):
+        return [{"prompt": item.get("prompt"), "target": _one(item.get("target", item.get("ground_truth")))}
+                if isinstance(item, dict) else item for item in value]
+    return value
+
+
 class EditRequest(Strict):
-    """One knowledge edit, EasyEdit field names: `prompt` + `target_new` is the new fact;
-    `document`: the same change in a document (vertical.edit applies both)."""
+    """One knowledge edit: `prompt` + `target_new` is the new fact; `document`: the same change in a
+    document (vertical.edit applies both). EasyEdit's files are read too: CounterFact's
+    `ground_truth`, `rephrase_prompt`, `locality_prompt` / `locality_ground_truth`, `case_id`;
+    zsRE's `src`, `alt`, `answers`, `loc`, `loc_ans`; and `portability` prompts."""
 
     id: str | None = None
     prompt: str = Field(min_length=1)
@@ -284,7 +307,30 @@ class EditRequest(Strict):
     target_true: str | None = None
     rephrase: list[str] = Field(default_factory=list)
     locality: list[LocalityPrompt] = Field(default_factory=list)
+    portability: list[LocalityPrompt] = Field(default_factory=list)  # consequences of the new fact that should follow
     document: DocumentChange | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _easyedit_fields(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        renames = {"case_id": "id", "ground_truth": "target_true", "rephrase_prompt": "rephrase", "src": "prompt",
+                   "alt": "target_new", "answers": "target_true"}
+        for easyedit, ours in renames.items():
+            if easyedit in data and ours not in data:
+                data[ours] = _one(data.pop(easyedit))
+        if data.get("id") is not None:
+            data["id"] = str(data["id"])
+        for prompt_key, target_key in (("locality_prompt", "locality_ground_truth"), ("loc", "loc_ans")):
+            if prompt_key in data:
+                extra = {"prompt": data.pop(prompt_key), "target": _one(data.pop(target_key, None))}
+                data["locality"] = [*_prompt_targets(data.get("locality", [])), extra]
+        for key in ("locality", "portability"):
+            if key in data:
+                data[key] = _prompt_targets(data[key])
+        return data
 
     @field_validator("rephrase", mode="before")
     @classmethod
