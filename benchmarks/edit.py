@@ -1,6 +1,12 @@
 """Editing benchmark: counterfactual edits built from ROME's known facts, on the default model.
 
     python benchmarks/edit.py [--rome 40] [--memit 100] [--layer L] [--skip-memit]
+    python benchmarks/edit.py --sequential 200 --methods alphaedit,memit,rome [--step 20]
+
+--sequential N applies N edits in rounds of --step (MEMIT and AlphaEdit one batch per round, ROME
+one edit at a time, every round on top of the previous ones) and scores all edits so far after
+each round: the curve of efficacy, generalization, locality and fluency, and the seconds per edit,
+written to benchmarks/results/edit-sequential-<method>.{txt,json}.
 
 Requests are built CounterFact-style from benchmarks/data/known_1000.json (ROME, MIT):
   target_true  the fact's attribute;  target_new  the attribute of another fact of the same relation
@@ -84,6 +90,9 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=None, help="ROME layer (default: the model's hparams YAML)")
     parser.add_argument("--skip-memit", action="store_true")
     parser.add_argument("--v-steps", type=int, default=None)
+    parser.add_argument("--sequential", type=int, default=0, help="edits of the sequential curve (0: skip)")
+    parser.add_argument("--methods", default="alphaedit,memit,rome", help="methods of the sequential curve")
+    parser.add_argument("--step", type=int, default=20, help="edits per round of the sequential curve")
     args = parser.parse_args()
 
     model_dir = ensure_local(resolve_base_model("smollm2-135m-instruct"))
@@ -93,6 +102,10 @@ def main() -> None:
     if args.v_steps:
         overrides["v_steps"] = args.v_steps
     requests = build_requests()
+    if args.sequential:
+        for method in args.methods.split(","):
+            run_sequential(model_dir, overrides, documents, requests, method, args.sequential, args.step)
+        return
 
     if args.rome:
         run_rome(model_dir, overrides, documents, requests, args.rome)
@@ -124,6 +137,47 @@ def run_rome(model_dir, overrides, documents, requests, count) -> None:
     print(f"  after all {len(rome_set)} edits:   efficacy {final['efficacy']:.3f}  generalization {final['generalization']:.3f}  "
           f"locality {final['locality']:.3f}")
     print(f"  seconds per edit: {sum(seconds) / len(seconds):.2f} (target < 10)")
+
+
+def run_sequential(model_dir, overrides, documents, requests, method: str, count: int, step: int) -> None:
+    from vertical.edit import Editor
+    from vertical.edit.metrics import fluency, score
+
+    editor = Editor.load(model_dir, "smollm2-135m-instruct", overrides, documents)
+    chosen = known(editor, requests, count)
+    layers = [editor.edit_layer(chosen)] if method == "rome" else editor.memit_layers(chosen)
+    editor.templates(), editor.moments(layers)  # one-time costs, not per edit
+    prompts = [f"{r.subject} is" for r in chosen[:10]]
+    start = score(editor.model, editor.tokenizer, chosen, [r.target_true for r in chosen])
+    rows = [{"edits": 0, **{k: start[k] for k in ("efficacy", "generalization", "locality")},
+             "fluency": fluency(editor.model, editor.tokenizer, prompts), "seconds_per_edit": None}]
+    lines = [f"{method}, {len(chosen)} sequential edits of known facts in rounds of {step}, layers {layers}",
+             f"{'edits':>6}{'efficacy':>10}{'general.':>10}{'locality':>10}{'fluency':>9}{'s/edit':>8}"]
+    print(lines[0], flush=True)
+    seconds = 0.0
+    for first in range(0, len(chosen), step):
+        batch = chosen[first:first + step]
+        started = time.perf_counter()
+        if method == "rome":
+            for request in batch:
+                editor.apply([request], "rome")
+        else:
+            editor.apply(batch, method)
+            editor.previous += batch  # AlphaEdit keeps the keys of the edits already made
+        seconds += time.perf_counter() - started
+        done = chosen[:first + len(batch)]
+        now = score(editor.model, editor.tokenizer, done, [r.target_true for r in done])
+        rows.append({"edits": len(done), **{k: now[k] for k in ("efficacy", "generalization", "locality")},
+                     "fluency": fluency(editor.model, editor.tokenizer, prompts),
+                     "seconds_per_edit": round(seconds / len(done), 2)})
+    for row in rows:
+        lines.append(f"{row['edits']:>6}{row['efficacy']:>10.3f}{row['generalization']:>10.3f}{row['locality']:>10.3f}"
+                     f"{row['fluency']:>9.3f}{row['seconds_per_edit'] or 0:>8.2f}")
+    print("\n".join(lines[1:]), flush=True)
+    out = Path(__file__).with_name("results") / f"edit-sequential-{method}"
+    out.with_suffix(".txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out.with_suffix(".json").write_text(json.dumps({"method": method, "layers": layers, "step": step, "curve": rows},
+                                                   indent=2) + "\n", encoding="utf-8")
 
 
 def run_memit(model_dir, overrides, documents, requests, count) -> None:
