@@ -162,11 +162,12 @@ def run_sequential(model_dir, overrides, documents, requests, method: str, count
             for request in batch:
                 editor.apply([request], "rome")
         else:
-            editor.apply(batch, method)
-            editor.previous += batch  # AlphaEdit keeps the keys of the edits already made
+            editor.apply(batch, method)  # the editor keeps the edits made, which AlphaEdit preserves
         seconds += time.perf_counter() - started
         done = chosen[:first + len(batch)]
         now = score(editor.model, editor.tokenizer, done, [r.target_true for r in done])
+        print(f"  {len(done)} edits: efficacy {now['efficacy']:.3f}, generalization {now['generalization']:.3f}, "
+              f"locality {now['locality']:.3f}, {seconds / len(done):.2f} s/edit", flush=True)
         rows.append({"edits": len(done), **{k: now[k] for k in ("efficacy", "generalization", "locality")},
                      "fluency": fluency(editor.model, editor.tokenizer, prompts),
                      "seconds_per_edit": round(seconds / len(done), 2)})

@@ -281,6 +281,28 @@ def test_alphaedit_writes_only_into_the_null_space_of_the_preserved_keys(tiny_pa
         assert torch.allclose(delta @ P, delta, atol=1e-5 * delta.abs().max().item())
 
 
+def test_sequential_alphaedit_keeps_earlier_edits_keys_without_computing_them_again(tiny_model_dir, monkeypatch):
+    """The Gram matrix of the edits already made is carried from batch to batch: the second batch
+    computes keys for its own requests only, and preserves the first batch's."""
+    from vertical.edit import Editor, methods
+    from vertical.pack.schema import EditRequest
+
+    calls = []
+    original = methods.keys_at
+    monkeypatch.setattr(methods, "keys_at", lambda *args, **kw: calls.append(args[4].prompt) or original(*args, **kw))
+    editor = Editor.load(tiny_model_dir, "", FAST, ["The Siln river flows into Lake Vor."] * 20)
+    first = EditRequest(prompt="The mayor of Quentar is", subject="Quentar", target_new="Bram Kett")
+    second = EditRequest(prompt="The Siln river flows into", subject="Siln", target_new="Lake Pell")
+    editor.apply([first], "alphaedit")
+    kept_after_first = {layer: gram.clone() for layer, gram in editor._kept.items()}
+    calls.clear()
+    editor.apply([second], "alphaedit")
+    assert set(calls) == {second.prompt} and editor.previous == [first, second]
+    for layer, gram in editor._kept.items():  # the second batch's keys were added to the first's
+        assert not torch.equal(gram, kept_after_first[layer])
+        assert torch.linalg.matrix_rank(gram - kept_after_first[layer]) >= 1
+
+
 # ---------------------------------------------------------------- edits and documents agree
 
 

@@ -55,6 +55,7 @@ class Editor:
     model_name: str
     documents: list[str]
     previous: list = field(default_factory=list)  # requests already in the weights, which AlphaEdit keeps
+    _kept: dict = field(default_factory=dict)  # AlphaEdit: per layer, the Gram matrix of `previous`'s keys
 
     @classmethod
     def load(cls, model_dir: Path, model_name: str, overrides: dict | None, documents: list[str]) -> "Editor":
@@ -122,6 +123,7 @@ class Editor:
 
         applied: list[tuple[dict, dict]] = []
         originals: dict[str, torch.Tensor] = {}
+        added: dict[int, torch.Tensor] = {}  # AlphaEdit: this batch's key Gram matrices, kept once it succeeds
 
         def run(batch, layers, call):
             names = {layer: self.layout.weight_name(self.model, layer) for layer in layers}
@@ -148,7 +150,8 @@ class Editor:
             elif method == "alphaedit":
                 layers = self.memit_layers(requests)
                 run(requests, layers, lambda: alphaedit(self.model, self.tokenizer, self.layout, requests, layers,
-                                                        self.hp, self.templates(), self.moments, self.previous))
+                                                        self.hp, self.templates(), self.moments, self.previous,
+                                                        self._kept, added))
             else:
                 layer = self.edit_layer(requests)
                 for request in track(requests, len(requests), f"{method} edits") if track else requests:
@@ -166,6 +169,12 @@ class Editor:
                 for name, tensor in originals.items():
                     params[name].copy_(tensor)
             raise
+        self.previous = [*self.previous, *requests]  # in the weights now: later AlphaEdit batches keep them
+        if method == "alphaedit":
+            for layer, gram in added.items():
+                self._kept[layer] = self._kept[layer] + gram
+        else:  # keys of edits made otherwise are not in the Gram matrices: compute them again when needed
+            self._kept.clear()
         return applied
 
 

@@ -88,20 +88,32 @@ def null_space(moment: torch.Tensor, energy: float) -> torch.Tensor:
 
 
 def alphaedit(model, tokenizer, layout: FFNLayout, requests: list[EditRequest], layers: list[int], hp,
-              templates: list[str], moments: Moments, previous: list[EditRequest] = ()) -> dict[int, torch.Tensor]:
+              templates: list[str], moments: Moments, previous: list[EditRequest] = (),
+              kept: dict[int, torch.Tensor] | None = None, added: dict[int, torch.Tensor] | None = None,
+              ) -> dict[int, torch.Tensor]:
     """Apply a batch of edits over `layers` in place, each layer's update projected onto the null
     space of the preserved keys (AlphaEdit); the keys of `previous` edits are kept in place too.
+
+    `kept[layer]`, when given, is the Gram matrix K_p K_p^T of the previous edits' keys at that
+    layer, so a long sequence of edits does not recompute every earlier edit's keys at every batch
+    (a missing layer is computed from `previous` once and stored); `added[layer]` receives this
+    batch's K K^T, for the caller to add to `kept` once the whole batch has succeeded.
     Returns {layer: delta W}."""
     cov = moments(layers) if hp.mom2 == "stats" else {}
+    kept = {} if kept is None else kept
 
     def solve(layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         m = K.shape[0]
         P = null_space(cov[layer], hp.null_space_energy) if layer in cov else torch.eye(m, dtype=torch.float64)
-        M = K @ K.T
-        if previous:
-            Kp = torch.cat([keys_at(model, tokenizer, layout, [layer], r, templates, per_context=True)[layer]
-                            for r in previous]).T.double()
-            M = M + Kp @ Kp.T
+        if layer not in kept:
+            kept[layer] = torch.zeros(m, m, dtype=torch.float64)
+            if previous:
+                Kp = torch.cat([keys_at(model, tokenizer, layout, [layer], r, templates, per_context=True)[layer]
+                                for r in previous]).T.double()
+                kept[layer] = Kp @ Kp.T
+        if added is not None:
+            added[layer] = K @ K.T
+        M = K @ K.T + kept[layer]
         A = P @ M
         A += hp.alphaedit_ridge * A.diagonal().mean().clamp(min=1e-12) * torch.eye(m, dtype=A.dtype)
         # X = A^-1 P K R^T lies in P's range (X = (P K R^T - P M X) / ridge), so W + X^T moves
