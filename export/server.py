@@ -366,8 +366,9 @@ def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: L
         return {"object": "list", "data": [{"id": name, "object": "model", "created": started, "owned_by": "vertical"}
                                            for name in (assistant.name, embedding_model)]}
 
-    async def json_body(request: Request) -> bytes | None:
-        """The request's JSON body, within the size and time limits; None when the client left."""
+    async def json_body(request: Request, model: type[BaseModel] | None = None):
+        """The request's JSON body within the size and time limits, as `model` when given (else the
+        bytes); None when the client left."""
         _check_key(request, digests)
         media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media_type != "application/json":  # a web page's cross-site form post is not JSON
@@ -391,14 +392,13 @@ def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: L
                            code="request_timeout") from None
         except ClientDisconnect:  # gone while sending the body: nobody to answer
             return None
-        return bytes(raw)
+        return validated(bytes(raw), model) if model is not None else bytes(raw)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
-        raw = await json_body(request)
-        if raw is None:
+        body = await json_body(request, EmbeddingRequest)
+        if body is None:  # the client left while sending it
             return Response(status_code=400)
-        body = validated(raw, EmbeddingRequest)
         _check_model(body.model, [embedding_model, assistant.name])
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts or len(texts) > limits.max_messages:
@@ -421,10 +421,9 @@ def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: L
 
     @app.post("/v1/search")
     async def search(request: Request):
-        raw = await json_body(request)
-        if raw is None:
+        body = await json_body(request, SearchRequest)
+        if body is None:  # the client left while sending it
             return Response(status_code=400)
-        body = validated(raw, SearchRequest)
         if len(body.query) > limits.max_message_chars:
             raise ApiError(400, f"query: longer than {limits.max_message_chars} characters", param="query")
         with admitted() as leave_queue:
@@ -436,10 +435,9 @@ def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: L
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        raw = await json_body(request)
-        if raw is None:
+        body = await json_body(request, CompletionRequest)
+        if body is None:  # the client left while sending it
             return Response(status_code=400)
-        body = validated(raw, CompletionRequest)
         _check_model(body.model, [assistant.name])
         max_tokens = _check_max_tokens(body.max_tokens if body.max_tokens is not None else 16, limits)
         if len(body.prompt) > limits.max_message_chars:
