@@ -62,9 +62,8 @@ class LlamaCpp:
 
 def main() -> None:
     from vertical.answer import open_bundle
-    from vertical.evidence import cut_answer
     from vertical.export import pack_questions
-    from vertical.export.formats import GGUF_FILE, export_format
+    from vertical.export.formats import GGUF_FILE, export_format, served_answer
     from vertical.generation import SPEED_PROMPT, decode_speeds, greedy_ids
     from vertical.models import load_causal_lm, load_tokenizer
     from vertical.pack import load_pack
@@ -102,17 +101,13 @@ def main() -> None:
         # llama.cpp reads the file as the model: tokens and greedy answers against the source in PyTorch
         source_dir = build / export_metrics["source"]
         source, tokenizer = load_causal_lm(source_dir), load_tokenizer(source_dir)
-        ends = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-
-        def answer(tokens: list[int]) -> str:
-            end = next((i for i, t in enumerate(tokens) if t in ends), len(tokens))
-            return cut_answer(tokenizer.decode(tokens[:end]))[0]
         same_ids = same_answers = 0
         for messages in checked:
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             same_ids += llama.tokenize(text) == ids
-            same_answers += answer(list(llama.generate(ids, 48))) == answer(list(greedy_ids(source, ids, 48)))
+            same_answers += (served_answer(tokenizer, list(llama.generate(ids, 48)))
+                             == served_answer(tokenizer, list(greedy_ids(source, ids, 48))))
         del source
 
         per_prompt = []

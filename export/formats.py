@@ -240,6 +240,15 @@ def write_gguf(model_dir: Path, path: Path, name: str = "", quant: str = "q8_0")
     return {"gguf_bytes": path.stat().st_size, "gguf_tensors": counts, "gguf_quant": quant.upper(), "tokenizer_pre": pre_name}
 
 
+def served_answer(tokenizer, tokens: list[int]) -> str:
+    """Greedy tokens as the server answers with them: to the end of the turn, cut by the loop guard."""
+    from vertical.evidence import cut_answer
+
+    ends = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    end = next((i for i, token in enumerate(tokens) if token in ends), len(tokens))
+    return cut_answer(tokenizer.decode(tokens[:end]))[0]
+
+
 def check_gguf(model_dir: Path, path: Path, prompts: list[list[dict[str, str]]]) -> dict[str, Any]:
     """Read the file back (the `gguf` reader, then transformers' GGUF loader) and compare its greedy
     answers and tokenisation with the source model's on `prompts`."""
@@ -247,7 +256,6 @@ def check_gguf(model_dir: Path, path: Path, prompts: list[list[dict[str, str]]])
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vertical.evidence import cut_answer
     from vertical.generation import greedy_ids
     from vertical.models import load_causal_lm, load_tokenizer
 
@@ -261,12 +269,6 @@ def check_gguf(model_dir: Path, path: Path, prompts: list[list[dict[str, str]]])
     except Exception as exc:  # noqa: BLE001 - any failure to load is the check failing
         raise VerticalError(f"{path}: transformers cannot load the GGUF file back ({exc})") from exc
     loaded.eval()
-    ends = {source_tokenizer.eos_token_id, source_tokenizer.convert_tokens_to_ids("<|im_end|>")}
-
-    def answer(tokens: list[int]) -> str:
-        """The answer as the server gives it: to the end of the turn, cut by the loop guard."""
-        end = next((i for i, token in enumerate(tokens) if token in ends), len(tokens))
-        return cut_answer(source_tokenizer.decode(tokens[:end]))[0]
     same_answers = same_tokens = same_ids = 0
     errors = []
     for messages in prompts:
@@ -275,7 +277,7 @@ def check_gguf(model_dir: Path, path: Path, prompts: list[list[dict[str, str]]])
         same_tokens += loaded_tokenizer(text, add_special_tokens=False)["input_ids"] == ids
         expected_ids, got_ids = list(greedy_ids(source_model, ids, AGREEMENT_TOKENS)), list(greedy_ids(loaded, ids, AGREEMENT_TOKENS))
         same_ids += expected_ids == got_ids
-        same_answers += answer(expected_ids) == answer(got_ids)
+        same_answers += served_answer(source_tokenizer, expected_ids) == served_answer(source_tokenizer, got_ids)
         with torch.inference_mode():  # how far the prompt's logits moved, relative to their size
             expected, got = source_model(torch.tensor([ids])).logits, loaded(torch.tensor([ids])).logits
         errors.append(float((got - expected).norm() / expected.norm()))

@@ -133,7 +133,7 @@ class QdrantVectors:
         return QdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY") or None, timeout=30)
 
     @classmethod
-    def build(cls, embeddings: np.ndarray, meta: dict[str, Any], upload: bool = True) -> "QdrantVectors":
+    def build(cls, embeddings: np.ndarray, meta: dict[str, Any]) -> "QdrantVectors":
         import hashlib
 
         from qdrant_client import models
@@ -142,7 +142,7 @@ class QdrantVectors:
         client = cls._client(meta)
         store = cls(client, meta["qdrant_collection"])
         try:
-            if upload and not (meta.get("qdrant_url") and store.count() == len(embeddings)):
+            if not (meta.get("qdrant_url") and store.count() == len(embeddings)):
                 dim = embeddings.shape[1] if embeddings.ndim == 2 and len(embeddings) else int(meta.get("dim", 384))
                 if client.collection_exists(store.collection):
                     client.delete_collection(store.collection)
