@@ -2,6 +2,12 @@
 
     python benchmarks/edit.py [--rome 40] [--memit 100] [--layer L] [--skip-memit]
     python benchmarks/edit.py --sequential 200 --methods alphaedit,memit,rome [--step 20]
+    python benchmarks/edit.py --throughput 1,20,200
+
+--throughput times AlphaEdit and MEMIT writing 1, 20 and 200 edits in one call each, beside ROME's
+edit-by-edit loop over the same 1 and 20 requests, all on fresh copies of the model in one run,
+and prints seconds per edit and edits per minute (benchmarks/results/edit-throughput.{txt,json}).
+The key statistics and context templates are one-time costs per model and are not counted.
 
 --sequential N applies N edits in rounds of --step (MEMIT and AlphaEdit one batch per round, ROME
 one edit at a time, every round on top of the previous ones) and scores all edits so far after
@@ -93,6 +99,7 @@ def main() -> None:
     parser.add_argument("--sequential", type=int, default=0, help="edits of the sequential curve (0: skip)")
     parser.add_argument("--methods", default="alphaedit,memit,rome", help="methods of the sequential curve")
     parser.add_argument("--step", type=int, default=20, help="edits per round of the sequential curve")
+    parser.add_argument("--throughput", default="", help="comma-separated edit counts to time (e.g. 1,20,200)")
     args = parser.parse_args()
 
     model_dir = ensure_local(resolve_base_model("smollm2-135m-instruct"))
@@ -102,6 +109,9 @@ def main() -> None:
     if args.v_steps:
         overrides["v_steps"] = args.v_steps
     requests = build_requests()
+    if args.throughput:
+        run_throughput(model_dir, overrides, documents, requests, [int(n) for n in args.throughput.split(",")])
+        return
     if args.sequential:
         for method in args.methods.split(","):
             run_sequential(model_dir, overrides, documents, requests, method, args.sequential, args.step)
@@ -179,6 +189,56 @@ def run_sequential(model_dir, overrides, documents, requests, method: str, count
     out.with_suffix(".txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps({"method": method, "layers": layers, "step": step, "curve": rows},
                                                    indent=2) + "\n", encoding="utf-8")
+
+
+def run_throughput(model_dir, overrides, documents, requests, counts: list[int]) -> None:
+    from vertical.edit import Editor
+    from vertical.edit.metrics import score
+
+    probe = Editor.load(model_dir, "smollm2-135m-instruct", overrides, documents)
+    chosen = known(probe, requests, max(counts))
+    rows = []
+    for method in ("rome", "alphaedit", "memit"):
+        for count in counts:
+            if method == "rome" and count > 20:
+                continue  # one edit at a time: 200 of them say nothing that 20 do not
+            editor = Editor.load(model_dir, "smollm2-135m-instruct", overrides, documents)
+            batch = chosen[:count]
+            layers = [editor.edit_layer(batch)] if method == "rome" else editor.memit_layers(batch)
+            editor.templates(), editor.moments(layers)  # one-time costs, not per edit
+            started = time.perf_counter()
+            if method == "rome":
+                for request in batch:
+                    editor.apply([request], "rome")
+            else:
+                editor.apply(batch, method)
+            seconds = time.perf_counter() - started
+            after = score(editor.model, editor.tokenizer, batch, [r.target_true for r in batch])
+            rows.append({"method": method, "edits": len(batch), "seconds": round(seconds, 1),
+                         "seconds_per_edit": round(seconds / len(batch), 2),
+                         "edits_per_minute": round(60 * len(batch) / seconds, 1),
+                         **{k: after[k] for k in ("efficacy", "generalization", "locality")}})
+            print(f"  {method} {len(batch)} edits: {seconds:.1f} s, {seconds / len(batch):.2f} s/edit", flush=True)
+    rome_20 = next((r for r in rows if r["method"] == "rome" and r["edits"] == 20), None)
+    lines = [f"Edit throughput on {torch_threads()} threads (key statistics and templates precomputed)",
+             f"{'method':<10}{'edits':>6}{'seconds':>9}{'s/edit':>8}{'edits/min':>10}{'vs ROME':>8}"
+             f"{'efficacy':>10}{'general.':>10}{'locality':>10}"]
+    for row in rows:
+        ratio = rome_20["seconds_per_edit"] / row["seconds_per_edit"] if rome_20 else float("nan")
+        lines.append(f"{row['method']:<10}{row['edits']:>6}{row['seconds']:>9.1f}{row['seconds_per_edit']:>8.2f}"
+                     f"{row['edits_per_minute']:>10.1f}{ratio:>7.2f}x{row['efficacy']:>10.3f}"
+                     f"{row['generalization']:>10.3f}{row['locality']:>10.3f}")
+    lines.append("vs ROME: ROME's seconds per edit over 20 sequential edits divided by the row's.")
+    print("\n".join(lines), flush=True)
+    out = Path(__file__).with_name("results") / "edit-throughput"
+    out.with_suffix(".txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def run_memit(model_dir, overrides, documents, requests, count) -> None:

@@ -249,6 +249,61 @@ def test_target_search_from_a_cached_prefix_equals_the_full_forward(tiny_model_d
     assert torch.equal(cached, again)
 
 
+def test_subject_states_of_many_requests_equal_one_full_forward_each(tiny_model_dir):
+    from vertical.edit.compute import subject_states
+    from vertical.edit.layout import ffn_layout
+    from vertical.edit.tokens import subject_span
+    from vertical.models import load_causal_lm, load_tokenizer
+    from vertical.pack.schema import EditRequest
+
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    layout = ffn_layout(model)
+    templates = ["{}", "A short context. {}"]
+    requests = [EditRequest(prompt="The mayor of Quentar is", subject="Quentar", target_new="Bram Kett"),
+                EditRequest(prompt="The long Siln river flows into", subject="long Siln river", target_new="Lake Pell")]
+    keys, residuals = subject_states(model, tokenizer, layout, requests, templates, [0], residual_layer=1)
+    assert keys[0].shape[0] == residuals.shape[0] == 4
+    row = 0
+    for request in requests:
+        for template in templates:
+            text = template.format(request.prompt)
+            at = subject_span(tokenizer, text, request.subject, template.index("{}"))[1] - 1
+            seen = {}
+            hooks = [layout.down_proj(0).register_forward_pre_hook(lambda m, a: seen.update(key=a[0])),
+                     layout.layers[1].register_forward_hook(lambda m, a, o: seen.update(h=o[0] if isinstance(o, tuple) else o))]
+            with torch.inference_mode():
+                model(input_ids=torch.tensor([tokenizer(text)["input_ids"]]))
+            for hook in hooks:
+                hook.remove()
+            assert torch.allclose(keys[0][row], seen["key"][0, at].float(), atol=1e-5)
+            assert torch.allclose(residuals[row], seen["h"][0, at].float(), atol=1e-5)
+            row += 1
+
+
+def test_target_search_of_requests_together_equals_each_alone(tiny_model_dir):
+    """Searching many edits' target vectors in one batch gives each the delta it gets alone:
+    every request keeps its own loss, stopping point and norm limit."""
+    from vertical.edit.compute import target_deltas
+    from vertical.edit.hparams import load_hparams
+    from vertical.edit.layout import ffn_layout
+    from vertical.models import load_causal_lm, load_tokenizer
+    from vertical.pack.schema import EditRequest
+
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    layout, hp = ffn_layout(model), load_hparams("", FAST)
+    templates = ["{}", "A short context. {}"]
+    requests = [EditRequest(prompt="The mayor of Quentar is", subject="Quentar", target_new="Bram Kett"),
+                EditRequest(prompt="The long Siln river flows into", subject="long Siln river", target_new="Lake Pell of the north"),
+                EditRequest(prompt="Zorblat fruit tastes", subject="Zorblat fruit", target_new="sour")]
+    together, inits = target_deltas(model, tokenizer, layout, requests, 1, "block", templates, hp)
+    assert together.shape == inits.shape == (3, model.config.hidden_size)
+    for i, request in enumerate(requests):
+        alone, init = target_deltas(model, tokenizer, layout, [request], 1, "block", templates, hp)
+        assert together[i].norm() > 0
+        assert torch.allclose(init[0], inits[i], atol=1e-4)
+        assert torch.allclose(alone[0], together[i], rtol=1e-2, atol=1e-3 * alone.norm().item()), i
+
+
 def test_null_space_keeps_the_asked_share_of_the_key_energy():
     from vertical.edit.methods import null_space
 
@@ -288,8 +343,9 @@ def test_sequential_alphaedit_keeps_earlier_edits_keys_without_computing_them_ag
     from vertical.pack.schema import EditRequest
 
     calls = []
-    original = methods.keys_at
-    monkeypatch.setattr(methods, "keys_at", lambda *args, **kw: calls.append(args[4].prompt) or original(*args, **kw))
+    original = methods.subject_states
+    monkeypatch.setattr(methods, "subject_states",
+                        lambda *args, **kw: calls.extend(r.prompt for r in args[3]) or original(*args, **kw))
     editor = Editor.load(tiny_model_dir, "", FAST, ["The Siln river flows into Lake Vor."] * 20)
     first = EditRequest(prompt="The mayor of Quentar is", subject="Quentar", target_new="Bram Kett")
     second = EditRequest(prompt="The Siln river flows into", subject="Siln", target_new="Lake Pell")

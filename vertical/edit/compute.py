@@ -88,16 +88,67 @@ def capture_keys(layout: FFNLayout, layers: list[int]):
             handle.remove()
 
 
-def keys_at(model, tokenizer, layout: FFNLayout, layers: list[int], request: EditRequest, templates: list[str],
-            per_context: bool = False) -> dict[int, torch.Tensor]:
-    """k* for each layer: [m] averaged over contexts, or [contexts, m] with per_context."""
-    texts, starts = in_contexts(templates, request.prompt)
-    batch = batch_prompts(tokenizer, texts, [request.subject] * len(texts), starts)
-    with torch.inference_mode(), capture_keys(layout, layers) as seen:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    rows = torch.arange(len(texts))
-    keys = {layer: seen[layer][rows, batch.lookup].float() for layer in layers}
-    return keys if per_context else {layer: k.mean(0) for layer, k in keys.items()}
+class _Seen(Exception):
+    """Ends a forward early: the hooks have seen everything it was run for."""
+
+
+def forward_until(model, module, **inputs) -> None:
+    """Run the model on `inputs` only up to `module`'s output: what edits read lies in the lower
+    layers (layer 8 of 30 is under a third of the model's work)."""
+    def stop(_module, _args, _output):
+        raise _Seen
+
+    handle = module.register_forward_hook(stop)
+    try:
+        model(**inputs, use_cache=False)
+    except _Seen:
+        pass
+    finally:
+        handle.remove()
+
+
+# rows per forward: enough for the matrix products to run at full speed on a CPU
+ROWS_PER_FORWARD = 128
+
+
+def subject_states(model, tokenizer, layout: FFNLayout, requests: list[EditRequest], templates: list[str],
+                   key_layers: list[int], residual_layer: int | None = None,
+                   ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    """At the subject's last token of every request in every context (rows request by request,
+    contexts in template order): the FFN keys of `key_layers` ({layer: [n*c, m]}) and, when
+    asked, the residual output of `residual_layer` ([n*c, d]). All requests share each forward,
+    which stops at the highest layer needed."""
+    texts, subjects, starts = [], [], []
+    for request in requests:
+        in_context, at = in_contexts(templates, request.prompt)
+        texts += in_context
+        starts += at
+        subjects += [request.subject] * len(in_context)
+    top = max([*key_layers, *([] if residual_layer is None else [residual_layer])])
+    keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in key_layers}
+    residuals: list[torch.Tensor] = []
+    seen_residual = {}
+
+    def record(_module, _args, output):
+        seen_residual["h"] = _output_tensor(output).detach()
+
+    # registered before forward_until's stop hook on the same layer, so it runs first
+    handle = layout.layers[residual_layer].register_forward_hook(record) if residual_layer is not None else None
+    try:
+        with torch.inference_mode(), capture_keys(layout, key_layers) as seen:
+            for first in range(0, len(texts), ROWS_PER_FORWARD):
+                part = slice(first, first + ROWS_PER_FORWARD)
+                batch = batch_prompts(tokenizer, texts[part], subjects[part], starts[part])
+                forward_until(model, layout.layers[top], input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                rows = torch.arange(len(batch.lookup))
+                for layer in key_layers:
+                    keys[layer].append(seen[layer][rows, batch.lookup].float())
+                if residual_layer is not None:
+                    residuals.append(seen_residual["h"][rows, batch.lookup].float())
+    finally:
+        if handle is not None:
+            handle.remove()
+    return {layer: torch.cat(parts) for layer, parts in keys.items()}, torch.cat(residuals) if residuals else None
 
 
 def _output_tensor(output):
@@ -146,80 +197,164 @@ class SplitRows:
                      use_cache=cache is not None, logits_to_keep=keep).logits
 
 
-def target_delta(model, tokenizer, layout: FFNLayout, request: EditRequest, layer: int, where: str,
-                 templates: list[str], hp) -> tuple[torch.Tensor, torch.Tensor]:
-    """Optimise the vector added at the subject's last token to `where` ("mlp": layer l's FFN
-    output, for ROME; "block": layer l's residual output, for MEMIT). Returns (delta, init), with
-    init the module's original output there (averaged over contexts)."""
+@dataclass
+class SearchRows:
+    """One request's rows for the target search: its prompt in every context followed by the new
+    target, then "<subject> is a" for the KL term; each cut at the subject's last token."""
+
+    rows: list[list[int]]  # the KL row last
+    cuts: list[int]
+    labels: list[list[tuple[int, int]]]  # per context row: (suffix column, target token)
+
+    @classmethod
+    def of(cls, tokenizer, request: EditRequest, templates: list[str]) -> "SearchRows":
+        new_ids = target_ids(tokenizer, request.target_new)
+        rewrite, starts = in_contexts(templates, request.prompt)
+        rows, cuts, labels = [], [], []
+        for text, start in zip(rewrite, starts):
+            prompt_ids = encode(tokenizer, text)
+            cut = subject_span(tokenizer, text, request.subject, start)[1] - 1
+            # columns count from the row's suffix (column 0: the subject's last token)
+            labels.append([(len(prompt_ids) - 1 - cut + j, token) for j, token in enumerate(new_ids)])
+            rows.append(prompt_ids + new_ids[:-1])
+            cuts.append(cut)
+        kl_prompt = f"{request.subject} is a"
+        rows.append(encode(tokenizer, kl_prompt))
+        cuts.append(subject_span(tokenizer, kl_prompt, request.subject)[1] - 1)
+        return cls(rows, cuts, labels)
+
+    @property
+    def suffix_width(self) -> int:
+        return max(len(row) - cut for row, cut in zip(self.rows, self.cuts))
+
+
+@contextlib.contextmanager
+def eager_attention(model):
+    """Plain matrix-product attention while the target is searched: for rows this short, its
+    backward on a CPU takes a third of the time of the fused (flash) kernel's."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+# suffix tokens (padding included) per search batch: enough for the matrix products to run at
+# full speed on a CPU, few enough that the logits and activations kept for the backward fit
+SEARCH_TOKENS = 1024
+
+
+def target_deltas(model, tokenizer, layout: FFNLayout, requests: list[EditRequest], layer: int, where: str,
+                  templates: list[str], hp) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimise, for each request, the vector added at its subject's last token to `where`
+    ("mlp": layer l's FFN output, for ROME; "block": layer l's residual output, for MEMIT).
+    Returns (delta [n, d], init [n, d]), init being the module's original output there averaged
+    over contexts. Requests are searched together: each has its own delta, loss and stopping
+    point, and one forward and backward serves a batch of them. Batches hold requests of similar
+    suffix length (the text after the subject plus the target), so little of them is padding."""
+    prepared = [SearchRows.of(tokenizer, request, templates) for request in requests]
+    order = sorted(range(len(requests)), key=lambda i: prepared[i].suffix_width)
+    batches: list[list[int]] = [[]]
+    for i in order:
+        batch = [*batches[-1], i]
+        padded = sum(len(prepared[j].rows) for j in batch) * prepared[i].suffix_width
+        if batches[-1] and padded > SEARCH_TOKENS:
+            batches.append([i])
+        else:
+            batches[-1] = batch
+    delta = torch.zeros(len(requests), model.config.hidden_size)
+    init = torch.zeros(len(requests), model.config.hidden_size)
+    with eager_attention(model):
+        for batch in batches:
+            delta[batch], init[batch] = _search(model, layout, [requests[i] for i in batch], [prepared[i] for i in batch],
+                                                tokenizer.pad_token_id or 0, layer, where, hp)
+    return delta, init
+
+
+def _search(model, layout: FFNLayout, requests: list[EditRequest], prepared: list[SearchRows], pad: int,
+            layer: int, where: str, hp) -> tuple[torch.Tensor, torch.Tensor]:
     from vertical.models.registry import autocast
 
-    new_ids = target_ids(tokenizer, request.target_new)
-    rewrite, starts = in_contexts(templates, request.prompt)
-    kl_prompt = f"{request.subject} is a"
-    rows = [encode(tokenizer, text) + new_ids[:-1] for text in rewrite] + [encode(tokenizer, kl_prompt)]
-    prompt_lengths = [len(encode(tokenizer, text)) for text in rewrite]
-    lookup = [subject_span(tokenizer, text, request.subject, start)[1] - 1 for text, start in zip(rewrite, starts)]
-    lookup.append(subject_span(tokenizer, kl_prompt, request.subject)[1] - 1)
-    split = SplitRows.cut(rows, lookup, tokenizer.pad_token_id or 0)
-    # positions from here on count from each row's subject token (suffix column 0)
-    label_columns = [[start - 1 - cut + j for j in range(len(new_ids))] for start, cut in zip(prompt_lengths, lookup)]
-    # logits only where the loss reads them (the target's positions, the KL token): the vocabulary
+    rows, cuts, owners, kl_rows, label_cells = [], [], [], [], []
+    for n, request_rows in enumerate(prepared):
+        rows += request_rows.rows
+        cuts += request_rows.cuts
+        owners += [n] * len(request_rows.rows)
+        label_cells += request_rows.labels
+        kl_rows.append(len(rows) - 1)
+    split = SplitRows.cut(rows, cuts, pad)
+    # logits only where the loss reads them (the targets' positions, the KL token): the vocabulary
     # projection over every position would be a fifth of each step's work for nothing
-    keep = sorted({c for columns in label_columns for c in columns} | {0})
+    keep = sorted({column for cells in label_cells for column, _ in cells} | {0})
     kl_column = keep.index(0)
-    labels = torch.full((len(rows), len(keep)), -100)
-    for i, columns in enumerate(label_columns):
-        for j, column in enumerate(columns):
-            labels[i, keep.index(column)] = new_ids[j]
+    rewrite_rows = sorted(set(range(len(rows))) - set(kl_rows))
+    labels = torch.full((len(rewrite_rows), len(keep)), -100)
+    for i, cells in enumerate(label_cells):
+        for column, token in cells:
+            labels[i, keep.index(column)] = token
     keep = torch.tensor(keep)
+    mask = labels != -100
+    owner = torch.tensor(owners)
+    rewrite_owner = owner[rewrite_rows]
+    contexts = torch.bincount(rewrite_owner, minlength=len(requests)).float()
     with autocast():  # the prefix as the steps see it (same arithmetic)
         cache = split.prefix_cache(model)
 
     module = layout.mlp(layer) if where == "mlp" else layout.layers[layer]
-    hidden = model.config.hidden_size
-    delta = torch.zeros(hidden, requires_grad=True)
+    delta = torch.zeros(len(requests), model.config.hidden_size, requires_grad=True)
     state = {"init": None}
 
     def add_delta(_module, _args, output):
         tensor = _output_tensor(output)
         if state["init"] is None:
-            state["init"] = tensor[:-1, 0].detach().float().mean(0)
+            at_subject = tensor[rewrite_rows, 0].detach().float()
+            sums = torch.zeros(len(requests), at_subject.shape[1]).index_add_(0, rewrite_owner, at_subject)
+            state["init"] = sums / contexts[:, None]
         tensor = tensor.clone()
-        tensor[:, 0] = tensor[:, 0] + delta.to(tensor.dtype)
+        tensor[:, 0] = tensor[:, 0] + delta[owner].to(tensor.dtype)
         return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
 
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
     handle = module.register_forward_hook(add_delta)
+    done = torch.zeros(len(requests), dtype=torch.bool)
     kl_start = None
     try:
         for step in range(hp.v_steps):
             optimizer.zero_grad()
             with autocast():  # the search for delta tolerates bf16; keys and the update stay fp32
                 logits = split.suffix_logits(model, cache, keep).float()
-            kl_logp = logits[-1, kl_column].log_softmax(-1)
+            kl_logp = logits[kl_rows, kl_column].log_softmax(-1)  # [n, vocab]
             if kl_start is None:
                 kl_start = kl_logp.detach()
-            logp = logits[:-1].log_softmax(-1)
-            mask = labels[:-1] != -100
-            token_logp = logp.gather(-1, labels[:-1].clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-            nll = -(token_logp.sum(1) / mask.sum(1)).mean()
-            kl = torch.nn.functional.kl_div(kl_logp, kl_start, log_target=True, reduction="sum")
-            decay = hp.v_weight_decay * delta.norm() ** 2 / state["init"].norm() ** 2
+            logp = logits[rewrite_rows].log_softmax(-1)
+            token_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+            row_nll = -token_logp.sum(1) / mask.sum(1)
+            nll = torch.zeros(len(requests)).index_add(0, rewrite_owner, row_nll) / contexts
+            kl = (kl_start.exp() * (kl_start - kl_logp)).sum(-1)
+            decay = hp.v_weight_decay * delta.norm(dim=1) ** 2 / state["init"].norm(dim=1) ** 2
             loss = nll + hp.kl_factor * kl + decay
-            if not torch.isfinite(loss):
+            bad = (~torch.isfinite(loss)).nonzero().flatten().tolist()
+            if bad:
+                request = requests[bad[0]]
                 raise EditFailed(f"edit {request.prompt!r} -> {request.target_new!r}: the optimisation diverged "
                                  "(loss is not finite); nothing was changed. Try a smaller stages.edit v_lr")
-            if nll.item() < 0.05:  # the new target is near certain in every context
+            done |= nll.detach() < 0.05  # the new target is near certain in every context
+            log.debug('step %d done %d/%d', step, int(done.sum()), len(done))
+            if done.all():
                 break
-            loss.backward()
+            (loss * ~done).sum().backward()
+            before = delta.detach().clone()
             optimizer.step()
-            with torch.no_grad():  # keep the change in proportion to what the module normally writes
-                limit = hp.clamp_norm_factor * state["init"].norm()
-                if delta.norm() > limit:
-                    delta.mul_(limit / delta.norm())
+            with torch.no_grad():
+                delta[done] = before[done]  # a finished search keeps the delta that reached its target
+                # keep each change in proportion to what the module normally writes
+                limit = hp.clamp_norm_factor * state["init"].norm(dim=1)
+                norm = delta.norm(dim=1)
+                delta.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm))[:, None])
     finally:
         handle.remove()
-    log.debug("target for %r at layer %d: nll %.3f after %d steps", request.target_new, layer, nll.item(), step + 1)
+    log.debug("targets at layer %d: nll %s after %d steps", layer, [round(v, 3) for v in nll.tolist()], step + 1)
     return delta.detach(), state["init"]

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from vertical.edit.compute import EditFailed, keys_at, target_delta
+from vertical.edit.compute import EditFailed, subject_states, target_deltas
 from vertical.edit.layout import FFNLayout
 from vertical.edit.tokens import encode, target_ids
 from vertical.pack.schema import EditRequest
@@ -47,8 +47,8 @@ def _check(update: torch.Tensor, what: str) -> None:
 def rome(model, tokenizer, layout: FFNLayout, request: EditRequest, layer: int, hp, templates: list[str],
          moments: Moments) -> dict[int, torch.Tensor]:
     """Apply one ROME edit in place; returns {layer: delta W}."""
-    key = keys_at(model, tokenizer, layout, [layer], request, templates)[layer]
-    delta, _ = target_delta(model, tokenizer, layout, request, layer, "mlp", templates, hp)
+    key = subject_states(model, tokenizer, layout, [request], templates, [layer])[0][layer].mean(0)
+    delta = target_deltas(model, tokenizer, layout, [request], layer, "mlp", templates, hp)[0][0]
     if hp.mom2 == "identity":
         left = key.clone()
     else:
@@ -108,8 +108,7 @@ def alphaedit(model, tokenizer, layout: FFNLayout, requests: list[EditRequest], 
         if layer not in kept:
             kept[layer] = torch.zeros(m, m, dtype=torch.float64)
             if previous:
-                Kp = torch.cat([keys_at(model, tokenizer, layout, [layer], r, templates, per_context=True)[layer]
-                                for r in previous]).T.double()
+                Kp = subject_states(model, tokenizer, layout, list(previous), templates, [layer])[0][layer].T.double()
                 kept[layer] = Kp @ Kp.T
         if added is not None:
             added[layer] = K @ K.T
@@ -129,23 +128,17 @@ def _spread(model, tokenizer, layout: FFNLayout, requests: list[EditRequest], la
     `layers`, reached in steps; each layer takes the remaining residual divided over the layers
     left, through `solve(layer, K [m, n*c], R [d, n*c]) -> delta W [d, m]`."""
     top = layers[-1]
-    # target residual at the top layer for every edit (one delta per edit, all contexts)
-    targets = []
-    for request in requests:
-        delta, _ = target_delta(model, tokenizer, layout, request, top, "block", templates, hp)
-        targets.append(delta)
-    start = {r.prompt: _residual_at(model, tokenizer, layout, top, r, templates) for r in requests}
-    goal = [start[r.prompt] + d for r, d in zip(requests, targets)]  # [contexts, d] each
+    # the residual at the top layer that each edit's target delta asks for, in every context
+    deltas, _ = target_deltas(model, tokenizer, layout, requests, top, "block", templates, hp)
+    contexts = len(templates)
+    goal = None
     updates: dict[int, torch.Tensor] = {}
     for i, layer in enumerate(layers):
-        keys, residuals = [], []
-        for request, target in zip(requests, goal):
-            k = keys_at(model, tokenizer, layout, [layer], request, templates, per_context=True)[layer]  # [c, m]
-            now = _residual_at(model, tokenizer, layout, top, request, templates)  # [c, d]
-            keys.append(k)
-            residuals.append((target - now) / (len(layers) - i))
-        K = torch.cat(keys).T.double()  # [m, n*c]
-        R = torch.cat(residuals).T.double()  # [d, n*c]
+        keys, now = subject_states(model, tokenizer, layout, requests, templates, [layer], top)
+        if goal is None:  # nothing written yet: `now` is where every edit starts
+            goal = now + deltas.repeat_interleave(contexts, 0)
+        K = keys[layer].T.double()  # [m, n*c]
+        R = ((goal - now) / (len(layers) - i)).T.double()  # [d, n*c]
         update = solve(layer, K, R).float()
         _check(update, f"{name} batch at layer {layer}")
         weight = layout.down_proj(layer).weight
@@ -153,26 +146,6 @@ def _spread(model, tokenizer, layout: FFNLayout, requests: list[EditRequest], la
             weight += update.to(weight.dtype)
         updates[layer] = update
     return updates
-
-
-def _residual_at(model, tokenizer, layout: FFNLayout, layer: int, request: EditRequest, templates: list[str]):
-    """Layer `layer`'s residual output at the subject's last token, one row per context."""
-    from vertical.edit.compute import batch_prompts, in_contexts
-
-    texts, starts = in_contexts(templates, request.prompt)
-    batch = batch_prompts(tokenizer, texts, [request.subject] * len(texts), starts)
-    seen = {}
-
-    def hook(_module, _args, output):
-        seen["h"] = (output[0] if isinstance(output, tuple) else output).detach()
-
-    handle = layout.layers[layer].register_forward_hook(hook)
-    try:
-        with torch.inference_mode():
-            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    finally:
-        handle.remove()
-    return seen["h"][torch.arange(len(texts)), batch.lookup].float()
 
 
 def constrained_ft(model, tokenizer, layout: FFNLayout, request: EditRequest, layer: int, hp) -> dict[int, torch.Tensor]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vertical.edit.compute import capture_keys
+from vertical.edit.compute import capture_keys, forward_until
 from vertical.edit.layout import FFNLayout
 from vertical.io import atomic_write_bytes
 from vertical.paths import cache_dir
@@ -37,14 +37,6 @@ def _fingerprint(model, layer: int, texts: list[str], tokens: int, layout: FFNLa
     for text in texts:
         digest.update(text.encode())
     return digest.hexdigest()[:24]
-
-
-class _KeysCaptured(Exception):
-    """Ends a forward pass early: everything the statistics need has been seen."""
-
-
-def _stop_forward(_module, _args):
-    raise _KeysCaptured
 
 
 def second_moment(model, tokenizer, layout: FFNLayout, layers: list[int], texts: list[str], tokens: int,
@@ -76,20 +68,13 @@ def second_moment(model, tokenizer, layout: FFNLayout, layers: list[int], texts:
     # fifth of the model's work), once the capture hooks have seen the last layer's keys
     last = max(layer for layer, _ in missing)
     with torch.inference_mode(), capture_keys(layout, [layer for layer, _ in missing]) as seen:
-        stop = layout.down_proj(last).register_forward_pre_hook(_stop_forward)
-        try:
-            for start in range(0, len(ids), block):
-                chunk = torch.tensor([ids[start:start + block]])
-                try:
-                    model(input_ids=chunk, use_cache=False)
-                except _KeysCaptured:
-                    pass
-                for layer, _ in missing:
-                    keys = seen[layer][0].double()
-                    sums[layer] += keys.T @ keys
-                count += chunk.shape[1]
-        finally:
-            stop.remove()
+        for start in range(0, len(ids), block):
+            chunk = torch.tensor([ids[start:start + block]])
+            forward_until(model, layout.down_proj(last), input_ids=chunk)
+            for layer, _ in missing:
+                keys = seen[layer][0].double()
+                sums[layer] += keys.T @ keys
+            count += chunk.shape[1]
     for layer, path in missing:
         moment = (sums[layer] / max(count, 1)).float()
         path.parent.mkdir(parents=True, exist_ok=True)
