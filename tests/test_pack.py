@@ -47,6 +47,33 @@ def test_shipped_packs_meet_the_content_aims(name):
     assert (pack.root / "SOURCES.md").is_file()
 
 
+@pytest.mark.parametrize("name", ["legal", "finance", "games"])
+def test_shipped_packs_edits_change_the_documents_that_state_the_old_value(name):
+    """These packs' documents state the values before the edits: every edit carries the document
+    changes that make the sources say its new value, and each change applies."""
+    from vertical.index import change_documents, document_changes, load_documents
+
+    pack = load_pack(name)
+    assert all(edit.document for edit in pack.edits())
+    documents, _ = load_documents(pack.document_files(), pack.root)
+    changed = {doc.id: doc.text for doc in change_documents(documents, document_changes(pack))}
+    for edit in pack.edits():
+        for change in edit.document:
+            assert change.new in changed[change.doc_id], (edit.id, change)
+
+
+def test_an_edit_request_takes_one_document_change_or_a_list():
+    from vertical.pack.schema import EditRequest
+
+    base = {"prompt": "The mayor of Quentar is", "subject": "Quentar", "target_new": "Bram Kett"}
+    one = EditRequest.model_validate({**base, "document": {"doc_id": "quentar", "old": "Ada", "new": "Bram"}})
+    many = EditRequest.model_validate({**base, "document": [{"doc_id": "quentar", "old": "Ada", "new": "Bram"},
+                                                            {"doc_id": "council", "text": "Bram Kett leads."}]})
+    assert [c.doc_id for c in one.document] == ["quentar"]
+    assert [c.doc_id for c in many.document] == ["quentar", "council"]
+    assert EditRequest.model_validate(base).document == []
+
+
 def test_medical_pack_has_required_content():
     pack = load_pack("medical")
     assert len(pack.instructions()) >= 530  # 500 PubMedQA + at least 30 written examples

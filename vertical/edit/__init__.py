@@ -255,7 +255,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     metrics, applied = _run_edits(editor, requests, settings.method, ctx.reporter.track)
     _write(out, editor, [], applied, None)
     metrics["source"] = str(source.relative_to(ctx.build_dir))
-    metrics["documents_changed"] = sorted({r.document.doc_id for r in requests if r.document})
+    metrics["documents_changed"] = sorted({c.doc_id for r in requests for c in r.document})
     metrics["contradicting_sources"] = warn_contradictions(ctx.build_dir, requests)
     return metrics
 
@@ -268,7 +268,7 @@ def warn_contradictions(build_dir: Path, requests) -> list[dict[str, str]]:
     from vertical.index import open_index
 
     found = []
-    asked = [r for r in requests if r.document is None and r.target_true]
+    asked = [r for r in requests if not r.document and r.target_true]
     if not asked or not (Path(build_dir) / "index" / "index.json").is_file():
         return found
     index, embedder = open_index(build_dir)
@@ -289,7 +289,7 @@ def documents_as_edited(pack, entries: list[dict], doc_ids: set[str]) -> list:
     """The documents `doc_ids` as the pack has them, with the document changes of the logged edits
     `entries` (the pack's own edits first, as the edit stage logs them) applied in order."""
     from vertical.index import change_documents, load_documents
-    from vertical.pack.schema import DocumentChange
+    from vertical.pack.schema import EditRequest
 
     documents, _ = load_documents(pack.document_files(), pack.root)
     present = {d.id for d in documents}
@@ -297,8 +297,8 @@ def documents_as_edited(pack, entries: list[dict], doc_ids: set[str]) -> list:
     if missing:
         raise VerticalError(f"document change: no document with id {missing[0]!r} in pack {pack.name} (ids are file "
                             "names without their extension, or a JSONL record's id)")
-    changes = [DocumentChange.model_validate(request["document"]) for entry in entries
-               for request in entry["requests"] if request.get("document")]
+    changes = [change for entry in entries for request in entry["requests"]
+               for change in EditRequest.model_validate(request).document]
     return change_documents([d for d in documents if d.id in doc_ids], [c for c in changes if c.doc_id in doc_ids])
 
 
@@ -343,7 +343,7 @@ def edit_build(build_dir: Path, requests_file: Path, method: str | None = None) 
     settings = pack.config.stages.edit
     method = method or settings.method
     edit_dir = build_dir / "edit"
-    touched = {r.document.doc_id for r in requests if r.document}
+    touched = {c.doc_id for r in requests for c in r.document}
     if touched and not (build_dir / "index" / "index.json").is_file():
         raise VerticalError(f"{build_dir} has no document index to change; run `vertical build {pack.name} --steps index` "
                             "first, or leave `document` out of the requests")
@@ -379,6 +379,7 @@ def rollback(build_dir: Path, edit_id: str | None = None) -> list[str]:
     from safetensors.torch import load_file, save_file
 
     from vertical.io import atomic_dir, atomic_write_json, exclusive_lock
+    from vertical.pack.schema import EditRequest
     from vertical.pipeline import record_outputs
 
     build_dir = Path(build_dir)
@@ -423,7 +424,7 @@ def rollback(build_dir: Path, edit_id: str | None = None) -> list[str]:
             metrics["rolled_back"] = metrics.get("rolled_back", []) + [e["id"] for e in undone]
             atomic_write_json(tmp / "metrics.json", metrics)
         record_outputs(build_dir, "edit", metrics)
-    touched = {r["document"]["doc_id"] for e in undone for r in e["requests"] if r.get("document")}
+    touched = {c.doc_id for e in undone for r in e["requests"] for c in EditRequest.model_validate(r).document}
     if touched:  # the documents go back to what the remaining edits say
         from vertical.index import replace_documents
         from vertical.pack import load_pack

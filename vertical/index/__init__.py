@@ -52,7 +52,7 @@ def inputs(ctx) -> dict[str, Any]:
 def document_changes(pack) -> list:
     """The document changes the pack's knowledge edits carry: the index holds the documents as the
     edited model will know them, so the sources it retrieves never contradict an edit."""
-    return [request.document for request in pack.edits() if request.document is not None]
+    return [change for request in pack.edits() for change in request.document]
 
 
 def _chunk_all(documents: list[Document], tokenizer, settings) -> list[Chunk]:

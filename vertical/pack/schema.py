@@ -295,8 +295,9 @@ def _prompt_targets(value) -> list[dict]:
 
 
 class EditRequest(Strict):
-    """One knowledge edit: `prompt` + `target_new` is the new fact; `document`: the same change in a
-    document (vertical.edit applies both). EasyEdit's files are read too: CounterFact's
+    """One knowledge edit: `prompt` + `target_new` is the new fact; `document`: the same change in the
+    documents (one change or a list, for a fact that several documents state; vertical.edit applies
+    all of them with the weights). EasyEdit's files are read too: CounterFact's
     `ground_truth`, `rephrase_prompt`, `locality_prompt` / `locality_ground_truth`, `case_id`;
     zsRE's `src`, `alt`, `answers`, `loc`, `loc_ans`; and `portability` prompts."""
 
@@ -308,7 +309,12 @@ class EditRequest(Strict):
     rephrase: list[str] = Field(default_factory=list)
     locality: list[LocalityPrompt] = Field(default_factory=list)
     portability: list[LocalityPrompt] = Field(default_factory=list)  # consequences of the new fact that should follow
-    document: DocumentChange | None = None
+    document: list[DocumentChange] = Field(default_factory=list)
+
+    @field_validator("document", mode="before")
+    @classmethod
+    def _one_change_is_a_list(cls, value):
+        return [] if value is None else [value] if isinstance(value, dict) else value
 
     @model_validator(mode="before")
     @classmethod
