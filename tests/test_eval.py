@@ -140,8 +140,13 @@ def test_eval_of_a_build_scores_every_model_and_writes_the_report(exported_build
     stage = json.loads((exported_build / "edit" / "metrics.json").read_text())
     assert report["edits"][1]["efficacy"] == stage["efficacy"]
     assert report["retrieval"]["recall@5"] == 1.0
+    # the edits asked with retrieval, on the models that answer from the build's sources
+    assert [row["model"] for row in report["edit_answers"]] == ["edited + retrieval", "bundle (ONNX)"]
+    for row in report["edit_answers"]:
+        assert row["n"] == report["edit_requests"] and [i["gold"] for i in row["items"]] == ["Bram Kett"]
     text = (tmp_path / "report" / "report.md").read_text()
     assert "How each number is computed" in text and "| base alone |" in text
+    assert "| edited + retrieval |" in text.split("edits answered with the new value")[1]
     assert (tmp_path / "report" / "qa.png").stat().st_size > 1000 and (tmp_path / "report" / "edits.png").is_file()
 
 

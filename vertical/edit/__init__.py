@@ -56,6 +56,7 @@ class Editor:
     documents: list[str]
     previous: list = field(default_factory=list)  # requests already in the weights, which AlphaEdit keeps
     _kept: dict = field(default_factory=dict)  # AlphaEdit: per layer, the Gram matrix of `previous`'s keys
+    _null_spaces: dict = field(default_factory=dict)  # AlphaEdit: per layer, the projection P of the key statistics
 
     @classmethod
     def load(cls, model_dir: Path, model_name: str, overrides: dict | None, documents: list[str]) -> "Editor":
@@ -151,7 +152,7 @@ class Editor:
                 layers = self.memit_layers(requests)
                 run(requests, layers, lambda: alphaedit(self.model, self.tokenizer, self.layout, requests, layers,
                                                         self.hp, self.templates(), self.moments, self.previous,
-                                                        self._kept, added))
+                                                        self._kept, added, self._null_spaces))
             else:
                 layer = self.edit_layer(requests)
                 for request in track(requests, len(requests), f"{method} edits") if track else requests:

@@ -90,7 +90,7 @@ def null_space(moment: torch.Tensor, energy: float) -> torch.Tensor:
 def alphaedit(model, tokenizer, layout: FFNLayout, requests: list[EditRequest], layers: list[int], hp,
               templates: list[str], moments: Moments, previous: list[EditRequest] = (),
               kept: dict[int, torch.Tensor] | None = None, added: dict[int, torch.Tensor] | None = None,
-              ) -> dict[int, torch.Tensor]:
+              projections: dict[int, torch.Tensor] | None = None) -> dict[int, torch.Tensor]:
     """Apply a batch of edits over `layers` in place, each layer's update projected onto the null
     space of the preserved keys (AlphaEdit); the keys of `previous` edits are kept in place too.
 
@@ -98,13 +98,18 @@ def alphaedit(model, tokenizer, layout: FFNLayout, requests: list[EditRequest], 
     layer, so a long sequence of edits does not recompute every earlier edit's keys at every batch
     (a missing layer is computed from `previous` once and stored); `added[layer]` receives this
     batch's K K^T, for the caller to add to `kept` once the whole batch has succeeded.
-    Returns {layer: delta W}."""
+    `projections[layer]`, when given, caches P (an eigendecomposition of C per layer, which does not
+    change while the key statistics do not). Returns {layer: delta W}."""
     cov = moments(layers) if hp.mom2 == "stats" else {}
     kept = {} if kept is None else kept
+    projections = {} if projections is None else projections
 
     def solve(layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         m = K.shape[0]
-        P = null_space(cov[layer], hp.null_space_energy) if layer in cov else torch.eye(m, dtype=torch.float64)
+        if layer not in projections:
+            projections[layer] = (null_space(cov[layer], hp.null_space_energy) if layer in cov
+                                  else torch.eye(m, dtype=torch.float64))
+        P = projections[layer]
         if layer not in kept:
             kept[layer] = torch.zeros(m, m, dtype=torch.float64)
             if previous:

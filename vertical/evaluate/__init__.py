@@ -45,6 +45,8 @@ METHOD = {
     "edits": "CounterFact definitions on the raw prompt: efficacy P(target_new) > P(target_true); generalization "
              "the same on rephrasings; locality P(locality target) > P(target_new); P is the mean per-token "
              "probability",
+    "edit_answers": "each edit's prompt asked as a question with retrieval (the sources carry the edits' document "
+                    "changes), scored as a short answer against target_new",
     "reuse": "an answer the tune or distill stage already gave to the same item (same prompt and sources, same "
              "answer length, same numerics, same scoring rules) with identical weights (sha256 of the "
              "safetensors) is reused, not generated again",
@@ -109,6 +111,11 @@ EDIT_ROWS = {"base alone": "base", "edited + retrieval": "edited", "student + re
              "bundle (ONNX)": "bundle (ONNX)"}
 
 
+# the rows asked the edits' prompts through the answer path, with the build's (changed) sources:
+# whether the edited weights and the documents give the same new value
+EDIT_ANSWER_ROWS = ("tuned + retrieval", "edited + retrieval", "bundle (ONNX)")
+
+
 def edit_scores(lm, requests, true_targets: list[str]) -> dict[str, float | None]:
     """Efficacy, generalization and locality of `requests` on a TorchLM or OnnxLM."""
     from vertical.edit.metrics import compared_pairs, tally
@@ -146,8 +153,8 @@ def evaluate(path: Path, qa_items: list, edits: list, system_prompt: str, settin
         true_targets = [r.target_true or greedy_target(model, tokenizer, r.prompt) for r in edits]
         del model
 
-    report: dict[str, Any] = {"qa": [], "edits": [], "method": METHOD, "questions": len(qa_items),
-                              "edit_requests": len(edits)}
+    report: dict[str, Any] = {"qa": [], "edits": [], "edit_answers": [], "method": METHOD,
+                              "questions": len(qa_items), "edit_requests": len(edits)}
     for _, kind, folder, _ in rows:
         if kind == "onnx":  # which model the bundle holds: the student, or the teacher it fell back to
             from vertical.export.bundle import read_manifest
@@ -188,6 +195,13 @@ def evaluate(path: Path, qa_items: list, edits: list, system_prompt: str, settin
         # a student that was not given the edits has no edit scores of its own to show
         if edits and label and not (label == "student" and "student_edits_skipped" in report):
             report["edits"].append({"model": label, **edit_scores(lm, edits, true_targets)})
+        if edits and rag and name in EDIT_ANSWER_ROWS:
+            from vertical.pack.schema import QAItem
+
+            asked = [QAItem(question=r.prompt, answer=r.target_new) for r in edits]
+            result = score_qa(lm, asked, system_prompt, retriever, None, settings.answer_tokens)
+            report["edit_answers"].append({"model": name, "accuracy": result["accuracy"], "n": result["n"],
+                                           "items": result["items"]})
     return report
 
 
@@ -247,6 +261,7 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
                                for row in report["qa"] if row["short"]["n"]}
     result["edits"] = {row["model"]: {k: row[k] for k in ("efficacy", "generalization", "locality")}
                        for row in report["edits"]}
+    result["edit_answers_with_retrieval"] = {row["model"]: row["accuracy"] for row in report.get("edit_answers", [])}
     return result
 
 

@@ -49,6 +49,11 @@ def markdown(report: dict[str, Any]) -> str:
         if report.get("student_edits_skipped"):
             lines += ["", f"The student was not given the edits: {report['student_edits_skipped']}."]
         lines += ["", "![Edits](edits.png)", ""]
+    if report.get("edit_answers"):
+        lines += ["The edits' prompts asked through the answer path with the build's sources (which carry the "
+                  "edits' document changes): the share of answers that give the new value.", "",
+                  "| model | edits answered with the new value |", "| --- | --- |"]
+        lines += [f"| {row['model']} | {_fmt(row['accuracy'])} (n={row['n']}) |" for row in report["edit_answers"]] + [""]
     for key, title in (("retrieval", "Retrieval (the index the build and the bundle search)"), ("speed", "Speed")):
         if report.get(key):
             lines += [f"## {title}", "", "| metric | value |", "| --- | --- |"]
