@@ -138,7 +138,8 @@ def test_student_trains_on_answers_and_documents_not_on_prompts():
     answer = sequence(list(range(100, 120)), [9, 10, 11], teacher_tokens=True)
     assert answer["targets"] == [110, 111, 112]  # the teacher's own tokens: cross-entropy too
     assert sequence([1, 2, 3], [0, 1]) is None and sequence(list(range(20)), []) is None
-    _, _, rows, columns, _, weights = collate([conversation, answer], pad_id=0)
+    batch = collate([conversation, answer], pad_id=0)
+    rows, columns, weights = batch["rows"], batch["columns"], batch["weights"]
     assert rows.tolist() == [0] * 5 + [1] * 3 and columns.tolist() == [14, 15, 16, 17, 18, 9, 10, 11]
     assert float(weights[:5].sum()) == pytest.approx(0.5) and float(weights[5:].sum()) == pytest.approx(0.5)
 
@@ -210,23 +211,49 @@ def test_distill_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     pack = fast_pack(tmp_path, distill={"steps": 24, "teacher_answers": 2, "answer_tokens": 8, "documents": 2,
                                         "keep_layers": 0.5})
     pipeline.build(pack, out=tmp_path / "b", steps=["index", "base"], base_model=str(model))
-    real_clip = torch.nn.utils.clip_grad_norm_
+    from vertical.distill import train
+
+    real_loss = train.distillation_loss
     calls = {"n": 0}
 
     def crash_after_22_steps(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] > 22:
             raise KeyboardInterrupt("simulated kill")
-        return real_clip(*args, **kwargs)
+        return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", crash_after_22_steps)
+    monkeypatch.setattr(train, "distillation_loss", crash_after_22_steps)
     with pytest.raises(KeyboardInterrupt):
         pipeline.build(pack, out=tmp_path / "b", steps=["distill"], base_model=str(model))
     assert not (tmp_path / "b" / "distill").exists()  # nothing half-written in place
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+    monkeypatch.setattr(train, "distillation_loss", real_loss)
     result = pipeline.build(pack, out=tmp_path / "b", steps=["distill"], base_model=str(model))[-1]
     assert result.metrics["resumed_at_step"] == CHECKPOINT_EVERY
     assert result.metrics["steps"] == 24
+
+
+@pytest.mark.slow
+def test_distill_under_torchrun_two_processes(tmp_path):
+    """`torchrun -m vertical build --steps distill` trains the student on every rank (DDP over gloo);
+    rank 0 measures, decides at the halfway check for all ranks, and writes the stage."""
+    import os
+    import subprocess
+    import sys
+
+    model = make_tiny_model(tmp_path / "model", layers=4)
+    pack = fast_pack(tmp_path, distill={"steps": 6, "teacher_answers": 2, "answer_tokens": 8, "documents": 2,
+                                        "keep_layers": 0.5})
+    out = tmp_path / "b"
+    pipeline.build(pack, out=out, steps=["index", "base"], base_model=str(model))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "vertical", "build", str(pack),
+               "--out", str(out), "--steps", "distill", "--base-model", str(model)]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    metrics = json.loads((out / "distill" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 6
+    assert (out / "distill" / "model" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("go_on", [True, False])
@@ -244,8 +271,7 @@ def test_the_check_halfway_can_stop_the_training_there(tmp_path, go_on):
         calls.append(student.training)
         return go_on
 
-    result = train_student(student, teacher, sequences, DistillSettings(steps=6, batch_size=2), 0, tmp_path,
-                           lambda items, _n, _label: items, check)
+    result = train_student(student, teacher, sequences, DistillSettings(steps=6, batch_size=2), 0, tmp_path, check)
     assert calls == [False]  # called once, the student in eval mode
     assert result["steps"] == (6 if go_on else 3) and len(result["loss_curve"]) == result["steps"]
     assert result["stopped_at_step"] == (None if go_on else 3)

@@ -263,14 +263,14 @@ def test_pack_without_instructions_or_generated_questions_skips_training(tiny_pa
 
 
 def test_half_written_checkpoint_is_not_resumed(tmp_path):
-    from vertical.tune import _last_complete_checkpoint
+    from vertical.models.training import last_complete_checkpoint
 
     (tmp_path / "checkpoint-5").mkdir()
     (tmp_path / "checkpoint-5" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-10").mkdir()  # killed while writing: no trainer_state.json
-    assert _last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-5"
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-5"
     assert not (tmp_path / "checkpoint-10").exists()
-    assert _last_complete_checkpoint(tmp_path / "none") is None
+    assert last_complete_checkpoint(tmp_path / "none") is None
 
 
 def test_answer_loss_equals_the_models_own_loss(tokenizer, tiny_model_dir, tmp_path):

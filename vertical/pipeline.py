@@ -59,7 +59,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("edit", "write the pack's knowledge edits into the FFN weights (ROME / MEMIT)", ("base",), "vertical.edit:run",
           "vertical.edit:inputs", uses=("tune",)),
     Stage("distill", "a smaller student learns from the best model; edits re-applied", ("base", "index"),
-          "vertical.distill:run", "vertical.distill:inputs", version=7, uses=("tune", "edit")),
+          "vertical.distill:run", "vertical.distill:inputs", version=8, uses=("tune", "edit"), distributed=True),
     Stage("export", "ONNX model + ONNX embedder + index + manifest: the deployable bundle", ("base", "index"),
           "vertical.export:run", "vertical.export:inputs", version=3, uses=("tune", "edit", "distill")),
     Stage("eval", "QA, edits, retrieval and speed for every model of the build: the report", ("base", "index"),

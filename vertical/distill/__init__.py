@@ -12,13 +12,16 @@
          (stages.export: a student the export stage passes over for the teacher is not edited)
       -> distill/model/ and metrics.json (teacher_score, student_score, retention, speedup, edits)
 
-Training checkpoints into the build's scratch folder every few steps, so a killed build resumes
-where it stopped; the teacher's generated answers are cached there too.
+Training runs on transformers' Trainer, as the tune stage's does (bf16 where native, `torchrun` and
+`accelerate launch` for data-parallel runs); it checkpoints into the build's scratch folder every
+few steps, so a killed build resumes where it stopped. The teacher's generated answers are cached
+there too.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +98,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
     clock = PhaseClock()
     lap = clock.lap
 
+    # Under torchrun / accelerate launch every rank trains; only rank 0 measures, decides and saves.
+    main = int(os.environ.get("RANK", "0")) == 0
     sequences, counts = training_sequences(ctx, teacher, tokenizer, index, embedder, work)
     lap("data_andteacher_answers")
     # the layout is judged on a few training sequences (every 8th, up to PROBE_SEQUENCES), before any training
@@ -118,17 +123,18 @@ def run(ctx, out: Path) -> dict[str, Any]:
     retriever = lambda question: retrieve(index, embedder.encode, question, tune.rag_sources)[0]  # noqa: E731
     system = ctx.pack.config.system_prompt
     teacher_score = None
-    if qa_items:
+    if qa_items and main:
         teacher_qa = score_qa(TorchLM(teacher, tokenizer), qa_items, system, retriever, ctx.reporter.track,
                               answer_tokens, known_predictions(ctx.build_dir, teacher_dir))
         teacher_score = metrics["teacher_score"] = teacher_qa["accuracy"]
     # the student's shape, hence its speed, is final here: training and the edits change values only
-    prompt = chat_prompt_ids(tokenizer, SPEED_PROMPT)
-    speeds = {name: round(speed.tokens_per_s, 2) for name, speed in decode_speeds(
-        {name: (lambda model=model: greedy_ids(model, prompt, 48))
-         for name, model in (("teacher", teacher), ("student", student))}).items()}
-    metrics.update(teacher_tokens_per_s=speeds["teacher"], student_tokens_per_s=speeds["student"],
-                   speedup=round(speeds["student"] / speeds["teacher"], 3))
+    if main:
+        prompt = chat_prompt_ids(tokenizer, SPEED_PROMPT)
+        speeds = {name: round(speed.tokens_per_s, 2) for name, speed in decode_speeds(
+            {name: (lambda model=model: greedy_ids(model, prompt, 48))
+             for name, model in (("teacher", teacher), ("student", student))}).items()}
+        metrics.update(teacher_tokens_per_s=speeds["teacher"], student_tokens_per_s=speeds["student"],
+                       speedup=round(speeds["student"] / speeds["teacher"], 3))
     lap("teacher_qa_and_speeds")
 
     export = ctx.pack.config.stages.export
@@ -163,11 +169,12 @@ def run(ctx, out: Path) -> dict[str, Any]:
         return go_on
 
     # the check only matters where retention decides what ships (stages.export.model: auto)
-    check = worth_finishing if qa_items and teacher_score and export.model == "auto" else None
+    check = worth_finishing if main and qa_items and teacher_score and export.model == "auto" else None
     if sequences and settings.steps:
-        metrics.update(train_student(student, teacher, sequences, settings, tokenizer.pad_token_id, work,
-                                     ctx.reporter.track, check))
+        metrics.update(train_student(student, teacher, sequences, settings, tokenizer.pad_token_id, work, check))
     del teacher
+    if not main:
+        return metrics
     student.save_pretrained(out / "model", safe_serialization=True)
     save_tokenizer(teacher_dir, out / "model")
     lap("training")

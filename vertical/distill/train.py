@@ -1,9 +1,10 @@
-"""The distillation loss and the loop that trains the student, with checkpoints for a resume."""
+"""The distillation loss and the student's training on transformers' Trainer: checkpoints and the
+resume after a kill, bf16 where native, and data-parallel runs under `torchrun` or `accelerate
+launch`, the same as the tune stage's."""
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from collections.abc import Callable
@@ -13,7 +14,6 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 CHECKPOINT_EVERY = 20  # optimizer steps
-
 
 
 def distillation_loss(student_logits, teacher_logits, targets, temperature: float, weights=None):
@@ -35,113 +35,147 @@ def distillation_loss(student_logits, teacher_logits, targets, temperature: floa
     return kd + ce, kd.detach(), ce.detach()
 
 
-def collate(sequences: list[dict], pad_id: int):
+def collate(sequences: list[dict], pad_id: int) -> dict:
     """Right-padded ids and mask, the (row, position) pairs the loss reads with their targets, and
     their weights: each sequence weighs the same, so a 300-token document chunk does not outweigh
     the 40-token answer beside it."""
     import torch
 
     width = max(len(s["input_ids"]) for s in sequences)
-    ids = torch.tensor([s["input_ids"] + [pad_id] * (width - len(s["input_ids"])) for s in sequences])
-    mask = torch.tensor([[1] * len(s["input_ids"]) + [0] * (width - len(s["input_ids"])) for s in sequences])
-    rows = torch.tensor([row for row, s in enumerate(sequences) for _ in s["positions"]])
-    columns = torch.tensor([p for s in sequences for p in s["positions"]])
-    targets = torch.tensor([t for s in sequences for t in s["targets"]])
-    weights = torch.tensor([1 / (len(s["positions"]) * len(sequences)) for s in sequences for _ in s["positions"]])
-    return ids, mask, rows, columns, targets, weights
+    return {
+        "input_ids": torch.tensor([s["input_ids"] + [pad_id] * (width - len(s["input_ids"])) for s in sequences]),
+        "attention_mask": torch.tensor([[1] * len(s["input_ids"]) + [0] * (width - len(s["input_ids"]))
+                                        for s in sequences]),
+        "rows": torch.tensor([row for row, s in enumerate(sequences) for _ in s["positions"]]),
+        "columns": torch.tensor([p for s in sequences for p in s["positions"]]),
+        "targets": torch.tensor([t for s in sequences for t in s["targets"]]),
+        "weights": torch.tensor([1 / (len(s["positions"]) * len(sequences)) for s in sequences for _ in s["positions"]]),
+    }
 
 
-def load_checkpoint(path: Path) -> dict | None:
-    """A resumable training state, or None to start over. Loaded with `weights_only=True`:
-    tensors and plain values only, so a checkpoint planted in a copied build folder cannot run
-    code (torch's full unpickler would call whatever the file names)."""
-    import pickle
-
+def _distill_trainer():
+    """Trainer whose loss is the distillation loss: the teacher's logits at the positions the loss
+    reads, under the same autocast as the student's."""
     import torch
+    from transformers import Trainer
 
-    if not path.is_file():
-        return None
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-        log.warning("distill: %s is not a checkpoint this stage wrote (%s); starting over", path,
-                    str(exc).splitlines()[0][:200])
-        return None
+    class DistillTrainer(Trainer):
+        def __init__(self, *args, teacher, temperature: float, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.teacher = teacher.to(self.args.device).eval()
+            self.temperature = temperature
+            self.parts: list[tuple[float, float]] = []  # (kd, ce) of each step since the last log
+
+        def _logits_at(self, model, inputs):
+            # the vocabulary projection only where the loss reads; the forward stays the model's own
+            # (not its inner modules), so DDP and accelerate stay in charge
+            rows, columns = inputs["rows"], inputs["columns"]
+            head = self.accelerator.unwrap_model(model).get_output_embeddings()
+            handle = head.register_forward_pre_hook(lambda _module, args: (args[0][rows, columns],))
+            try:
+                return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            finally:
+                handle.remove()
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            with torch.no_grad():
+                teacher_logits = self._logits_at(self.teacher, inputs)
+            loss, kd, ce = distillation_loss(self._logits_at(model, inputs), teacher_logits, inputs["targets"],
+                                             self.temperature, inputs["weights"])
+            self.parts.append((float(kd), float(ce)))
+            return loss
+
+        def log(self, logs: dict, *args, **kwargs) -> None:
+            if self.parts and "loss" in logs:  # the parts of the loss go into trainer_state.json too
+                logs = {**logs, "kd": sum(p[0] for p in self.parts) / len(self.parts),
+                        "ce": sum(p[1] for p in self.parts) / len(self.parts)}
+                self.parts.clear()
+            super().log(logs, *args, **kwargs)
+
+    return DistillTrainer
 
 
-def train_student(student, teacher, sequences: list[dict], settings, pad_id: int, work: Path, track,
+def train_student(student, teacher, sequences: list[dict], settings, pad_id: int, work: Path,
                   check: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """The distillation loop: AdamW, warmup then cosine decay, bf16 autocast where native,
-    a checkpoint every CHECKPOINT_EVERY steps (resumed after a kill). `check`, called once halfway
-    (the student in eval mode), may end the training there by returning False."""
+    """Distil `teacher` into `student` for settings.steps optimizer steps: AdamW, warmup then cosine
+    decay, a checkpoint every CHECKPOINT_EVERY steps in `work` (resumed after a kill). `check`,
+    called once halfway (the student in eval mode), may end the training there by returning False."""
     import torch
+    from transformers import TrainerCallback, TrainingArguments
 
-    from vertical.models import selected_logits
-    from vertical.models.registry import autocast
+    from vertical.models.registry import bf16_supported
+    from vertical.models.training import last_complete_checkpoint
 
-    torch.manual_seed(settings.seed)
     for param in student.get_input_embeddings().parameters():  # shared with the head; the teacher's are kept
         param.requires_grad_(False)
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=0.0)
-    warmup = max(1, settings.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(step, settings.steps) / max(settings.steps, 1))))
+    # the order is laid out here, not by a sampler: batches of like length (less padding), shuffled
+    # once, the same after a resume
     order = list(range(len(sequences)))
     random.Random(settings.seed).shuffle(order)
-    order.sort(key=lambda i: len(sequences[i]["input_ids"]))  # similar lengths batch together: less padding
+    order.sort(key=lambda i: len(sequences[i]["input_ids"]))
     batches = [order[i:i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
     random.Random(settings.seed + 1).shuffle(batches)
+    dataset = [sequences[i] for batch in batches for i in batch]
 
-    checkpoint = work / "checkpoint.pt"
-    step, curve = 0, []
-    state = load_checkpoint(checkpoint)
-    if state is not None:
-        student.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        step, curve = state["step"], state["curve"]
-        log.info("distill: resuming at step %d of %d", step, settings.steps)
-    resumed_at = step
+    class Halfway(TrainerCallback):
+        """Runs `check` once after half the steps; its time is not training time."""
 
-    student.train()
-    teacher.eval()
-    tokens, started = 0, time.perf_counter()
-    check_at, stopped_at = settings.steps // 2, None
-    for step in track(range(step, settings.steps), settings.steps - step, "distilling the student"):
-        if check is not None and 0 < check_at == step:
-            student.eval()
-            checked = time.perf_counter()
-            go_on = check()
-            started += time.perf_counter() - checked  # the check's QA is not training time
+        paused, stopped_at, tokens_before = 0.0, None, 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.tokens_before = state.num_input_tokens_seen  # a resumed run counts only its own tokens
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step != settings.steps // 2 or state.global_step == 0:
+                return
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            if check is None and not distributed:
+                return
+            go_on = True
+            if check is not None:  # rank 0 (the only rank given the check under torchrun) decides
+                student.eval()
+                started = time.perf_counter()
+                go_on = check()
+                self.paused += time.perf_counter() - started
+                student.train()
+            if distributed:  # every rank stops at the same step, or the others wait for it forever
+                decision = [go_on]
+                torch.distributed.broadcast_object_list(decision, src=0)
+                go_on = decision[0]
             if not go_on:
-                stopped_at = step
-                break
-            student.train()
-        ids, mask, rows, columns, targets, weights = collate([sequences[i] for i in batches[step % len(batches)]],
-                                                             pad_id)
-        with torch.no_grad(), autocast():
-            teacher_logits = selected_logits(teacher, ids, mask, rows, columns)
-        with autocast():
-            student_logits = selected_logits(student, ids, mask, rows, columns)
-        loss, kd, ce = distillation_loss(student_logits, teacher_logits, targets, settings.temperature, weights)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += int(mask.sum())
-        curve.append([round(float(kd), 4), round(float(ce), 4)])
-        if (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < settings.steps:
-            tmp = checkpoint.with_suffix(".tmp")
-            torch.save({"student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "step": step + 1, "curve": curve}, tmp)
-            tmp.replace(checkpoint)  # a kill never leaves a half-written checkpoint behind
+                self.stopped_at = state.global_step
+                control.should_training_stop = True
+
+    use_gpu = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(work / "checkpoints"), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate, weight_decay=0.0, lr_scheduler_type="cosine",
+        warmup_steps=max(1, settings.steps // 20), max_grad_norm=1.0, logging_steps=1, save_strategy="steps",
+        save_steps=CHECKPOINT_EVERY, save_total_limit=1, report_to=[], seed=settings.seed,
+        train_sampling_strategy="sequential", dataloader_num_workers=0, remove_unused_columns=False,
+        bf16=bf16_supported("cuda" if use_gpu else "cpu"), use_cpu=not use_gpu,
+        include_num_input_tokens_seen="non_padding")
+    halfway = Halfway()
+    trainer = _distill_trainer()(model=student, args=args, train_dataset=dataset, teacher=teacher,
+                                 temperature=settings.temperature, callbacks=[halfway],
+                                 data_collator=lambda features: collate(features, pad_id))
+    checkpoint = last_complete_checkpoint(work / "checkpoints")
+    resumed_at = 0
+    if checkpoint is not None:
+        import json
+
+        resumed_at = json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step", 0)
+        log.info("distill: resuming at step %d of %d", resumed_at, settings.steps)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = time.perf_counter() - started - halfway.paused
     student.eval()
-    seconds = time.perf_counter() - started
+    history = trainer.state.log_history
+    curve = [[round(h["kd"], 4), round(h["ce"], 4)] for h in history if "kd" in h]
+    tokens = trainer.state.num_input_tokens_seen - halfway.tokens_before
     window = max(1, len(curve) // 5)
-    return {"steps": stopped_at or settings.steps, "stopped_at_step": stopped_at, "resumed_at_step": resumed_at,
-            "train_seconds": round(seconds, 1),
+    return {"steps": halfway.stopped_at or settings.steps, "stopped_at_step": halfway.stopped_at,
+            "resumed_at_step": resumed_at, "train_seconds": round(seconds, 1), "world_size": args.world_size,
             "train_tokens_per_s": round(tokens / seconds, 1) if seconds > 0 and tokens else None,
             "kd_loss_start": _mean(c[0] for c in curve[:window]), "kd_loss_end": _mean(c[0] for c in curve[-window:]),
             "loss_curve": curve[:: max(1, len(curve) // 50)]}

@@ -28,6 +28,7 @@ from typing import Any
 
 from vertical.errors import VerticalError
 from vertical.io import sha256_text
+from vertical.models.training import last_complete_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +338,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
         model = get_peft_model(model, lora_config(model, settings, hp))
     work = ctx.work_dir("tune")
     trainer = make_trainer(model, tokenizer, train_features, settings, hp, work / "checkpoints")
-    checkpoint = _last_complete_checkpoint(work / "checkpoints")
+    checkpoint = last_complete_checkpoint(work / "checkpoints")
     resume = checkpoint is not None
     if resume:
         log.info("tune: resuming from %s", checkpoint)
@@ -379,22 +380,6 @@ def run(ctx, out: Path) -> dict[str, Any]:
     clock.lap("tuned_loss_and_qa")
     metrics["phase_seconds"] = clock.seconds
     return metrics
-
-
-def _last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint a kill did not interrupt. Trainer writes trainer_state.json last, so a
-    checkpoint folder without it is half-written: it is removed, never resumed from."""
-    import shutil
-
-    if not folder.is_dir():
-        return None
-    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
-    for checkpoint in reversed(found):
-        if (checkpoint / "trainer_state.json").is_file():
-            return checkpoint
-        log.warning("tune: %s was interrupted while being written; removing it", checkpoint)
-        shutil.rmtree(checkpoint, ignore_errors=True)
-    return None
 
 
 def _verdict(metrics: dict[str, Any]) -> str:
