@@ -439,10 +439,14 @@ io.replace_dir(Path({str(fresh)!r}), Path({str(final)!r}))
 
 
 def test_a_planted_checkpoint_cannot_run_code(tmp_path):
-    """The distill stage resumes from checkpoint.pt; a pickle that calls a function is refused."""
+    """The tune and distill stages resume from Trainer checkpoints; one whose pickled state calls a
+    function is removed before training starts, and never unpickled in full."""
+    import json
     import pickle
 
-    from vertical.distill.train import load_checkpoint
+    import torch
+
+    from vertical.models.training import last_complete_checkpoint
 
     marker = tmp_path / "ran"
 
@@ -450,14 +454,14 @@ def test_a_planted_checkpoint_cannot_run_code(tmp_path):
         def __reduce__(self):
             return (Path.touch, (marker,))
 
-    planted = tmp_path / "checkpoint.pt"
-    planted.write_bytes(pickle.dumps({"student": Payload()}))
-    assert load_checkpoint(planted) is None
-    assert not marker.exists()
-    import torch
-
-    torch.save({"student": {"w": torch.ones(2)}, "step": 3, "curve": [1.5]}, tmp_path / "good.pt")
-    assert load_checkpoint(tmp_path / "good.pt")["step"] == 3
+    good, planted = tmp_path / "checkpoint-20", tmp_path / "checkpoint-40"
+    for folder in (good, planted):
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": int(folder.name.split("-")[1])}))
+    torch.save({"state": {0: {"step": torch.tensor(20.0)}}, "param_groups": []}, good / "optimizer.pt")
+    (planted / "optimizer.pt").write_bytes(pickle.dumps({"state": Payload()}))
+    assert last_complete_checkpoint(tmp_path) == good
+    assert not marker.exists() and not planted.exists()
 
 
 def test_damaged_feedback_lines_are_skipped_and_reported_and_the_file_is_private(tmp_path, cli):

@@ -10,15 +10,36 @@ log = logging.getLogger(__name__)
 
 
 def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint a kill did not interrupt. Trainer writes trainer_state.json last, so a
-    checkpoint folder without it is half-written: it is removed, never resumed from."""
+    """The newest checkpoint a kill did not interrupt and this code could have written. Trainer
+    writes trainer_state.json last, so a checkpoint folder without it is half-written; one whose
+    pickled state (optimizer, scheduler, random generators) holds more than tensors and plain values
+    was planted. Either is removed, never resumed from."""
     if not folder.is_dir():
         return None
     found = sorted(folder.glob("checkpoint-*"),
                    key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
     for checkpoint in reversed(found):
-        if (checkpoint / "trainer_state.json").is_file():
+        if not (checkpoint / "trainer_state.json").is_file():
+            log.warning("%s was interrupted while being written; removing it", checkpoint)
+        elif (unsafe := _unsafe_state(checkpoint)) is not None:
+            log.warning("%s is not a checkpoint this code wrote (%s holds more than tensors and plain values); "
+                        "removing it and starting over", checkpoint, unsafe.name)
+        else:
             return checkpoint
-        log.warning("%s was interrupted while being written; removing it", checkpoint)
         shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
+
+
+def _unsafe_state(checkpoint: Path) -> Path | None:
+    """The first pickle in `checkpoint` that torch's restricted loader (`weights_only=True`, the way
+    Trainer loads them too) refuses, so that a refused file is dealt with before training starts."""
+    import pickle
+
+    import torch
+
+    for path in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth")]):
+        try:
+            torch.load(path, weights_only=True, map_location="cpu")
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):
+            return path
     return None
