@@ -444,6 +444,7 @@ def test_a_planted_checkpoint_cannot_run_code(tmp_path):
     import json
     import pickle
 
+    import numpy as np
     import torch
 
     from vertical.models.training import last_complete_checkpoint
@@ -459,6 +460,7 @@ def test_a_planted_checkpoint_cannot_run_code(tmp_path):
         folder.mkdir()
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": int(folder.name.split("-")[1])}))
     torch.save({"state": {0: {"step": torch.tensor(20.0)}}, "param_groups": []}, good / "optimizer.pt")
+    torch.save({"numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}, good / "rng_state.pth")
     (planted / "optimizer.pt").write_bytes(pickle.dumps({"state": Payload()}))
     assert last_complete_checkpoint(tmp_path) == good
     assert not marker.exists() and not planted.exists()

@@ -31,15 +31,18 @@ def last_complete_checkpoint(folder: Path) -> Path | None:
 
 
 def _unsafe_state(checkpoint: Path) -> Path | None:
-    """The first pickle in `checkpoint` that torch's restricted loader (`weights_only=True`, the way
-    Trainer loads them too) refuses, so that a refused file is dealt with before training starts."""
+    """The first pickle in `checkpoint` that torch's restricted loader refuses, loaded the way Trainer
+    loads them (`weights_only=True`, numpy's random state allowed), so that a refused file is dealt
+    with before training starts."""
     import pickle
 
     import torch
+    from transformers.trainer_pt_utils import safe_globals
 
     for path in sorted([*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth")]):
         try:
-            torch.load(path, weights_only=True, map_location="cpu")
+            with safe_globals():
+                torch.load(path, weights_only=True, map_location="cpu")
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):
             return path
     return None
