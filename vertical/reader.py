@@ -8,10 +8,12 @@
        asks for one
     -> each candidate and the head score log P("<text> [n]") under the same model, plus how well
        the words around it match the question (CONTEXT_WEIGHT x the question's words within
-       CONTEXT_WORDS of the span, SENTENCE_WEIGHT x the share of the question's words in its sentence)
-    -> the best span replaces the model's answer when it scores higher than the head (a head of at
-       most MAX_SPAN_WORDS words: a sentence-long answer is not weighed against short spans), or
-       when the model's answer states what its evidence does not (vertical.evidence.check_answer)
+       CONTEXT_WORDS of the span, SENTENCE_WEIGHT x the share of the question's words in its
+       sentence); the head counts the words around the evidence spans it agrees with
+    -> the best span replaces the model's answer when it scores MARGIN higher than the head (a
+       head of at most MAX_SPAN_WORDS words: a sentence-long answer is not weighed against short
+       spans), or when the model's answer states what its evidence does not
+       (vertical.evidence.check_answer)
 
 A 135M-parameter reader that writes freely commits to its first token greedily and garbles
 figures ("133 mg" for the evidence's "5 mg twice daily" beside "133 micromol/L"); scored as whole
@@ -47,6 +49,9 @@ STARTS = 12  # start words followed per question: those with the likeliest first
 CONTEXT_WORDS = 6
 CONTEXT_WEIGHT = 1.0  # per question word within CONTEXT_WORDS words before or after the span
 SENTENCE_WEIGHT = 2.0  # times the share of the question's words in the span's sentence
+# A span replaces the model's own supported answer only when it scores this much higher: greedy
+# decoding already preferred the model's answer, and a close call is noise in a 135M model's log P
+MARGIN = 0.5
 
 _FACTOID = re.compile(
     r"^\W*(?:[\w'-]+[\s,;:]+){0,5}?(?:what|which|who|whom|whose|where|when|"
@@ -115,8 +120,21 @@ def context(asked: set[str], words: list[str], start: int, count: int) -> float:
     return CONTEXT_WEIGHT * len(near) + SENTENCE_WEIGHT * len(found(words)) / len(asked)
 
 
-def _head_context(asked: set[str], head: str, source: Source | None) -> float:
-    """`context` of the model's own short answer where the source it cites states it word for word, else 0."""
+def _plain_words(text: str) -> list[str]:
+    """Words for comparing answers: lower case, number words as digits, no edge punctuation, no articles."""
+    words = [w.strip(_EDGE) for w in digits(text.lower()).split()]
+    return [w for w in words if w and w not in ("a", "an", "the")]
+
+
+def _holds(outer: list[str], inner: list[str]) -> bool:
+    return any(outer[i:i + len(inner)] == inner for i in range(len(outer) - len(inner) + 1))
+
+
+def _head_context(asked: set[str], head: str, source: Source | None, spans: Sequence[Candidate]) -> float:
+    """`context` of the model's own short answer: where the source it cites states it word for
+    word, or that of the evidence spans it agrees with (one holds the other as whole words, case
+    and articles aside: "The consumer prices index" and "consumer prices index"), the best of these.
+    Without it a span would win on the question's words around it alone, though the model wrote it."""
     span = head.split()
     best = 0.0
     if source is not None:
@@ -125,6 +143,11 @@ def _head_context(asked: set[str], head: str, source: Source | None) -> float:
             for i in range(len(words) - len(span) + 1):
                 if _trim(" ".join(words[i:i + len(span)])).strip(_EDGE) == head.strip(_EDGE):
                     best = max(best, context(asked, words, i, len(span)))
+    own = _plain_words(head)
+    for candidate in spans:
+        theirs = _plain_words(candidate.text)
+        if own and theirs and (_holds(own, theirs) or _holds(theirs, own)):
+            best = max(best, candidate.context)
     return best
 
 
@@ -185,11 +208,34 @@ def answer_head(answer: str) -> str:
     return _HEAD_END.split(answer.strip(), maxsplit=1)[0].strip()
 
 
-def reconsider(prefill: Callable[[], Prefilled], tokenize: Callable[[str], list[int]], question: str,
-               sources: Sequence[Source], answer: str, unsupported: bool) -> str | None:
-    """The evidence span to answer with instead of the model's `answer`, or None to keep it.
-    `unsupported`: the answer states what its evidence does not, so any span is better.
-    `prefill()` reads the prompt; it is called only for a factoid question with evidence."""
+@dataclass
+class Reading:
+    """The second reading of one answer: every candidate span and the model's own head, scored."""
+
+    chosen: list[Candidate]
+    span_scores: list[float]  # log P("<span> [n]") of each candidate, without its context
+    head: str  # the model's own short answer ("" when it gave none)
+    head_score: float  # log P("<head> [n]") plus its context; -inf without a head
+    unsupported: bool  # the model's answer states what its evidence does not
+
+    def scores(self) -> list[float]:
+        return [score + c.context for score, c in zip(self.span_scores, self.chosen)]
+
+    def best_span(self) -> str | None:
+        """The span to answer with instead of the model's own answer, or None to keep it."""
+        scores = self.scores()
+        best = max(range(len(self.chosen)), key=lambda i: scores[i])
+        if self.unsupported or scores[best] > self.head_score + MARGIN:
+            return f"{self.chosen[best].text} [{self.chosen[best].source}]."
+        return None
+
+
+def read(prefill: Callable[[], Prefilled], tokenize: Callable[[str], list[int]], question: str,
+         sources: Sequence[Source], answer: str, unsupported: bool) -> Reading | None:
+    """Score the evidence's candidate spans and the model's own short `answer` under the model, or
+    None where a span is not weighed (not a factoid question, no evidence, an abstention, a
+    sentence-long answer that is supported). `unsupported`: the answer states what its evidence
+    does not, so any span is better. `prefill()` reads the prompt; it is called only when needed."""
     head = answer_head(answer)
     if not sources or not is_factoid(question) or is_abstention(answer):
         return None
@@ -203,17 +249,21 @@ def reconsider(prefill: Callable[[], Prefilled], tokenize: Callable[[str], list[
     leads = [tokenize(group[0].text)[:1] for group in groups]
     ranked = sorted((g for g in range(len(groups)) if leads[g]), key=lambda g: -float(first[leads[g][0]]))
     chosen = [c for g in ranked[:STARTS] for c in groups[g]]
+    if not chosen:
+        return None
     cited = (cited_numbers(answer, len(sources)) or [sources[0].number])[0]
     texts = [f"{c.text} [{c.source}]" for c in chosen] + ([f"{head} [{cited}]"] if head else [])
-    paths = [tokenize(text) for text in texts]
-    scores = [sum(row) for row in prefilled.follow(paths)]
-    scores = [score + c.context for score, c in zip(scores, chosen)] + scores[len(chosen):]
-    best = max(range(len(chosen)), key=lambda i: scores[i])
+    scores = [sum(row) for row in prefilled.follow([tokenize(text) for text in texts])]
     cited_source = next((s for s in sources if s.number == cited), None)
-    own = scores[-1] + _head_context(_question_words(question), head, cited_source) if head else -np.inf
-    if unsupported or scores[best] > own:
-        return f"{chosen[best].text} [{chosen[best].source}]."
-    return None
+    own = scores[-1] + _head_context(_question_words(question), head, cited_source, chosen) if head else -np.inf
+    return Reading(chosen, scores[:len(chosen)], head, own, unsupported)
+
+
+def reconsider(prefill: Callable[[], Prefilled], tokenize: Callable[[str], list[int]], question: str,
+               sources: Sequence[Source], answer: str, unsupported: bool) -> str | None:
+    """The evidence span to answer with instead of the model's `answer`, or None to keep it (`read`)."""
+    reading = read(prefill, tokenize, question, sources, answer, unsupported)
+    return reading.best_span() if reading else None
 
 
 def log_softmax(logits) -> np.ndarray:
