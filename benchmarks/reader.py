@@ -9,7 +9,7 @@ how many are right with the model's own (checked) answer, with the second readin
 (vertical.reader), how many had the gold answer among the second reading's candidates, and how
 often the second reading replaced a right answer by a wrong one and the reverse.
 
-Every reading's candidates and scores go to `benchmarks/results/reader-dev.json`, so a change of
+Every reading's candidates and scores go to `benchmarks/results/reader-dev.json` (the table to `reader-dev.txt`), so a change of
 the choosing rule can be tried on the recorded scores before the model is asked again. Design
 choices of the reader are measured here, so that the evaluation items stay held out.
 """
@@ -108,22 +108,26 @@ def main() -> None:
         results.append(ask_pack(build, mine))
         print(f"{build}: {summary(results[-1])} in {results[-1]['seconds']} s", flush=True)
 
-    print("\n| pack | questions | gold document retrieved | own answer right | with the second reading | "
-          "gold among candidates | right -> wrong | wrong -> right |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    lines = ["| pack | questions | gold document retrieved | own answer right | with the second reading | "
+             "gold among candidates | right -> wrong | wrong -> right |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     total = {"questions": 0, "retrieved": 0, "own": 0, "reread": 0, "gold_among_candidates": 0,
              "right_to_wrong": 0, "wrong_to_right": 0}
     for result in results:
         s = summary(result)
         for key in total:
             total[key] += s[key]
-        print(f"| {s['pack']} | {s['questions']} | {s['retrieved']} | {s['own']} | {s['reread']} | "
-              f"{s['gold_among_candidates']} | {s['right_to_wrong']} | {s['wrong_to_right']} |")
-    print(f"| all | {total['questions']} | {total['retrieved']} | {total['own']} | {total['reread']} | "
-          f"{total['gold_among_candidates']} | {total['right_to_wrong']} | {total['wrong_to_right']} |")
+        lines.append(f"| {s['pack']} | {s['questions']} | {s['retrieved']} | {s['own']} | {s['reread']} | "
+                     f"{s['gold_among_candidates']} | {s['right_to_wrong']} | {s['wrong_to_right']} |")
+    lines.append(f"| all | {total['questions']} | {total['retrieved']} | {total['own']} | {total['reread']} | "
+                 f"{total['gold_among_candidates']} | {total['right_to_wrong']} | {total['wrong_to_right']} |")
+    table = "\n".join(lines)
+    print("\n" + table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"\nreadings written to {args.out}")
+    models = ", ".join(f"{r['pack']}: {r['model']}" for r in results)
+    args.out.with_suffix(".txt").write_text(f"python benchmarks/reader.py {' '.join(map(str, args.builds))}\n"
+                                            f"models: {models}\n\n{table}\n", encoding="utf-8")
+    print(f"\nreadings written to {args.out}, the table to {args.out.with_suffix('.txt')}")
 
 
 if __name__ == "__main__":

@@ -125,20 +125,6 @@ def test_the_span_among_the_questions_own_words_wins_when_the_model_cannot_tell(
     assert reconsider(lambda: model, model.tokenize, "What is the number?", evidence, "70 g/L [3].", False) is None
 
 
-def test_the_models_answer_counts_the_question_words_around_the_span_it_agrees_with():
-    evidence = [source(4, "Price increases on renewal are capped at the Consumer Prices Index.",
-                       "The supplier gives notice of a price increase 30 days before renewal.")]
-    question = "Which index caps price increases on renewal?"
-    # the model writes the index in its own case; the same words of the evidence stand among the
-    # question's words, so its answer is not outweighed by another span for its neighbours
-    model = ScoredPrefill({"The consumer prices index [4]": -6.0, "Consumer Prices Index [4]": -12.0,
-                           "30 days [4]": -5.0})
-    assert reconsider(lambda: model, model.tokenize, question, evidence, "The consumer prices index [4].", False) is None
-    # an answer no span agrees with gets no such help
-    model = ScoredPrefill({"The retail index [4]": -6.0, "30 days [4]": -5.0})
-    assert reconsider(lambda: model, model.tokenize, question, evidence, "The retail index [4].", False) == "30 days [4]."
-
-
 def test_a_span_must_beat_the_models_answer_by_a_margin():
     from vertical.reader import MARGIN
 

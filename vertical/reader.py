@@ -9,7 +9,7 @@
     -> each candidate and the head score log P("<text> [n]") under the same model, plus how well
        the words around it match the question (CONTEXT_WEIGHT x the question's words within
        CONTEXT_WORDS of the span, SENTENCE_WEIGHT x the share of the question's words in its
-       sentence); the head counts the words around the evidence spans it agrees with
+       sentence)
     -> the best span replaces the model's answer when it scores MARGIN higher than the head (a
        head of at most MAX_SPAN_WORDS words: a sentence-long answer is not weighed against short
        spans), or when the model's answer states what its evidence does not
@@ -120,21 +120,8 @@ def context(asked: set[str], words: list[str], start: int, count: int) -> float:
     return CONTEXT_WEIGHT * len(near) + SENTENCE_WEIGHT * len(found(words)) / len(asked)
 
 
-def _plain_words(text: str) -> list[str]:
-    """Words for comparing answers: lower case, number words as digits, no edge punctuation, no articles."""
-    words = [w.strip(_EDGE) for w in digits(text.lower()).split()]
-    return [w for w in words if w and w not in ("a", "an", "the")]
-
-
-def _holds(outer: list[str], inner: list[str]) -> bool:
-    return any(outer[i:i + len(inner)] == inner for i in range(len(outer) - len(inner) + 1))
-
-
-def _head_context(asked: set[str], head: str, source: Source | None, spans: Sequence[Candidate]) -> float:
-    """`context` of the model's own short answer: where the source it cites states it word for
-    word, or that of the evidence spans it agrees with (one holds the other as whole words, case
-    and articles aside: "The consumer prices index" and "consumer prices index"), the best of these.
-    Without it a span would win on the question's words around it alone, though the model wrote it."""
+def _head_context(asked: set[str], head: str, source: Source | None) -> float:
+    """`context` of the model's own short answer where the source it cites states it word for word, else 0."""
     span = head.split()
     best = 0.0
     if source is not None:
@@ -143,11 +130,6 @@ def _head_context(asked: set[str], head: str, source: Source | None, spans: Sequ
             for i in range(len(words) - len(span) + 1):
                 if _trim(" ".join(words[i:i + len(span)])).strip(_EDGE) == head.strip(_EDGE):
                     best = max(best, context(asked, words, i, len(span)))
-    own = _plain_words(head)
-    for candidate in spans:
-        theirs = _plain_words(candidate.text)
-        if own and theirs and (_holds(own, theirs) or _holds(theirs, own)):
-            best = max(best, candidate.context)
     return best
 
 
@@ -255,7 +237,7 @@ def read(prefill: Callable[[], Prefilled], tokenize: Callable[[str], list[int]],
     texts = [f"{c.text} [{c.source}]" for c in chosen] + ([f"{head} [{cited}]"] if head else [])
     scores = [sum(row) for row in prefilled.follow([tokenize(text) for text in texts])]
     cited_source = next((s for s in sources if s.number == cited), None)
-    own = scores[-1] + _head_context(_question_words(question), head, cited_source, chosen) if head else -np.inf
+    own = scores[-1] + _head_context(_question_words(question), head, cited_source) if head else -np.inf
     return Reading(chosen, scores[:len(chosen)], head, own, unsupported)
 
 
