@@ -53,11 +53,12 @@ def model_to_export(build_dir: Path, settings) -> tuple[Path, str, str]:
     if not ships:
         if settings.model == "auto" and distill.get("retention") is None:
             log.warning("export: the student was never scored (the build has no QA items to score it on); exporting "
-                        "the teacher (stages.export.model: student ships it unmeasured)")
+                        "the build's own model, %s (stages.export.model: student ships it unmeasured)",
+                        teacher.relative_to(build_dir))
         elif settings.model == "auto":
             log.warning("export: the student keeps %.0f%% of the teacher's QA score (below stages.export.min_retention"
-                        "=%s); exporting the teacher (stages.export.model: student forces the student)",
-                        100 * distill["retention"], settings.min_retention)
+                        "=%s); exporting the build's own model, %s (stages.export.model: student forces the student)",
+                        100 * distill["retention"], settings.min_retention, teacher.relative_to(build_dir))
         return teacher, "teacher", reason
     if distill.get(EDITS_SKIPPED) and read_log(build_dir / "edit"):
         raise VerticalError("the distilled student lacks the build's knowledge edits (the distill stage gives them only "

@@ -233,6 +233,40 @@ def test_distill_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_larger_teacher_of_the_same_tokenizer_teaches_the_builds_own_model(tmp_path):
+    small = make_tiny_model(tmp_path / "small", layers=2, hidden=64)
+    large = make_tiny_model(tmp_path / "large", layers=4, hidden=96)
+    teacher = load_causal_lm(large)
+    with torch.no_grad():  # a random model is near uniform: sharpen it, so there is something to learn
+        teacher.model.norm.weight.mul_(30.0)
+    teacher.save_pretrained(large)
+    pack = fast_pack(tmp_path, distill={"steps": 12, "teacher_answers": 2, "answer_tokens": 8, "documents": 2,
+                                        "teacher": str(large)})
+    pipeline.build(pack, out=tmp_path / "b", steps=["index", "base", "distill"], base_model=str(small))
+    metrics = json.loads((tmp_path / "b" / "distill" / "metrics.json").read_text())
+    assert metrics["teacher"] == str(large) and metrics["teacher_layers"] == 4
+    assert metrics["student_layers"] == 2 and metrics["kept_layers"] == [0, 1]  # the whole small model
+    assert metrics["student_parameters"] < metrics["teacher_parameters"]
+    assert metrics["kd_loss_end"] < metrics["kd_loss_start"], metrics["loss_curve"]
+    student = load_causal_lm(tmp_path / "b" / "distill" / "model")
+    assert student.config.hidden_size == 64 and student.config.num_hidden_layers == 2
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, tiny_model_dir):
+    from vertical.distill import external_teacher
+    from vertical.errors import VerticalError
+
+    small = tiny_model_dir
+    other = make_tiny_model(tmp_path / "other", layers=4, vocab=500)
+    with pytest.raises(VerticalError, match=r"^stages.distill.teacher: .* has another tokenizer than the build's model"):
+        external_teacher(str(other), small, tmp_path)
+    with pytest.raises(VerticalError, match=r"^stages.distill.teacher: unknown base model 'no-such-model'"):
+        external_teacher("no-such-model", small, tmp_path)
+    # a relative path is the pack folder's, as the pack's data paths are
+    assert external_teacher(small.name, small, small.parent).resolve() == small.resolve()
+
+
+@pytest.mark.slow
 def test_distill_under_torchrun_two_processes(tmp_path):
     """`torchrun -m vertical build --steps distill` trains the student on every rank (DDP over gloo);
     rank 0 measures, decides at the halfway check for all ranks, and writes the stage."""

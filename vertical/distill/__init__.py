@@ -3,6 +3,8 @@
     teacher (edit/model > tune/merged > base/model)
       -> student: a fraction of the teacher's layers (stages.distill.keep_layers), same family,
          the layout (even / most influential / one dropped block) closest to the teacher on pack text
+    or, with stages.distill.teacher (a larger model of the same tokenizer, e.g. tuned on a GPU):
+      teacher: that model -> student: the build's own model before its edits (tune/merged > base/model)
       -> token-level distillation: KL(teacher || student) at temperature T on the assistant's
          tokens of the pack's instruction examples (as served, with retrieved sources) and on
          document text
@@ -27,6 +29,7 @@ from typing import Any
 
 from vertical.distill.data import training_sequences
 from vertical.distill.train import train_student
+from vertical.errors import VerticalError
 from vertical.io import sha256_text
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,38 @@ def student_worth_finishing(settings, retention_at_check: float | None) -> tuple
     return True, f"retention {retention_at_check:.2f} halfway"
 
 
+def external_teacher(spec: str, student_dir: Path, pack_root: Path) -> Path:
+    """The folder of the model `stages.distill.teacher` names (registry name, HF folder or .gguf; a
+    relative path is the pack folder's), checked to share the student's tokenizer: distillation
+    matches the two models' distributions over the same vocabulary, token by token."""
+    from vertical.models import ensure_local, load_tokenizer, resolve_base_model
+
+    if (pack_root / spec).exists():
+        spec = str(pack_root / spec)
+    try:
+        folder = ensure_local(resolve_base_model(spec))
+    except VerticalError as exc:
+        raise VerticalError(f"stages.distill.teacher: {exc}") from None
+    theirs, ours = load_tokenizer(folder).get_vocab(), load_tokenizer(student_dir).get_vocab()
+    if theirs != ours:
+        raise VerticalError(f"stages.distill.teacher: {spec} has another tokenizer than the build's model "
+                            f"({len(theirs)} against {len(ours)} tokens, {len(theirs.keys() ^ ours.keys())} differ): "
+                            "name a teacher of the base model's family, or remove the setting to distil the build's "
+                            "own model into a smaller one")
+    return folder
+
+
+def own_model_dir(build_dir: Path) -> Path:
+    """The build's model before its knowledge edits: the student an external teacher trains (the
+    edits are re-applied to it afterwards, as to any student that ships)."""
+    from vertical.paths import MODEL_PREFERENCE
+
+    for rel in MODEL_PREFERENCE[1:]:
+        if (build_dir / rel / "config.json").is_file():
+            return build_dir / rel
+    raise VerticalError(f"{build_dir} has no model to distil into: run the base stage first")
+
+
 def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.answer import retrieve
     from vertical.distill.student import choose_layers, make_student, student_layer
@@ -90,7 +125,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.pipeline import PhaseClock
 
     settings = ctx.pack.config.stages.distill
-    teacher_dir = best_model_dir(ctx.build_dir)
+    student_dir = own_model_dir(ctx.build_dir) if settings.teacher else None
+    teacher_dir = external_teacher(settings.teacher, student_dir, ctx.pack.root) if settings.teacher else best_model_dir(ctx.build_dir)
     tokenizer = load_tokenizer(teacher_dir)
     teacher = load_causal_lm(teacher_dir)
     index, embedder = open_index(ctx.build_dir)
@@ -104,12 +140,18 @@ def run(ctx, out: Path) -> dict[str, Any]:
     lap("data_andteacher_answers")
     # the layout is judged on a few training sequences (every 8th, up to PROBE_SEQUENCES), before any training
     probe = [s["input_ids"] for s in sequences[::8][:PROBE_SEQUENCES]]
-    kept, layout_kl = choose_layers(teacher, settings.keep_layers, probe, settings.temperature)
-    student = make_student(teacher, kept)
+    if student_dir is None:
+        kept, layout_kl = choose_layers(teacher, settings.keep_layers, probe, settings.temperature)
+        student = make_student(teacher, kept)
+        teacher_name = str(teacher_dir.relative_to(ctx.build_dir))
+    else:  # every layer of the build's own model is the student's: its edits map onto the same layers
+        student = load_causal_lm(student_dir)
+        kept, layout_kl = list(range(student.config.num_hidden_layers)), {}
+        teacher_name = settings.teacher
     lap("layout")
     log.info("distill: teacher %s (%d layers) -> student with layers %s (untrained KL by layout: %s)",
-             teacher_dir.relative_to(ctx.build_dir), teacher.config.num_hidden_layers, kept, layout_kl)
-    metrics: dict[str, Any] = {"teacher": str(teacher_dir.relative_to(ctx.build_dir)), "kept_layers": kept,
+             teacher_name, teacher.config.num_hidden_layers, kept, layout_kl)
+    metrics: dict[str, Any] = {"teacher": teacher_name, "kept_layers": kept,
                                "layout_kl": layout_kl,
                                "teacher_layers": teacher.config.num_hidden_layers, "student_layers": len(kept),
                                "teacher_parameters": sum(p.numel() for p in teacher.parameters()),
@@ -176,7 +218,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     if not main:
         return metrics
     student.save_pretrained(out / "model", safe_serialization=True)
-    save_tokenizer(teacher_dir, out / "model")
+    save_tokenizer(student_dir or teacher_dir, out / "model")
     lap("training")
 
     def write_scores() -> None:  # once the student is saved: its predictions are keyed by its weights

@@ -136,6 +136,10 @@ class DistillSettings(Strict):
     answer_tokens: int = Field(96, ge=8, le=2048, description="longest teacher answer generated")
     documents: int = Field(64, ge=0, description="document chunks used as plain text for token-level distillation")
     seed: int = 0
+    teacher: str | None = Field(None, description="a larger model of the same tokenizer to learn from (registry name, "
+                                                  "HF folder or .gguf, e.g. one tuned on a GPU); the build's own model, "
+                                                  "before its edits, is then the student, whole. Unset: the build's model "
+                                                  "teaches a student with keep_layers of its layers")
 
 
 class ExportSettings(Strict):
