@@ -59,6 +59,8 @@ def _distill_trainer():
     import torch
     from transformers import Trainer
 
+    from vertical.models.training import forward_with_head_at
+
     class DistillTrainer(Trainer):
         def __init__(self, *args, teacher, temperature: float, **kwargs):
             super().__init__(*args, **kwargs)
@@ -66,16 +68,9 @@ def _distill_trainer():
             self.temperature = temperature
             self.parts: list[tuple[float, float]] = []  # (kd, ce) of each step since the last log
 
-        def _logits_at(self, model, inputs):
-            # the vocabulary projection only where the loss reads; the forward stays the model's own
-            # (not its inner modules), so DDP and accelerate stay in charge
-            rows, columns = inputs["rows"], inputs["columns"]
-            head = self.accelerator.unwrap_model(model).get_output_embeddings()
-            handle = head.register_forward_pre_hook(lambda _module, args: (args[0][rows, columns],))
-            try:
-                return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-            finally:
-                handle.remove()
+        def _logits_at(self, model, inputs):  # the vocabulary projection only where the loss reads
+            return forward_with_head_at(model, inputs["rows"], inputs["columns"], self.accelerator.unwrap_model(model),
+                                        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             with torch.no_grad():

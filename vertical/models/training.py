@@ -1,4 +1,4 @@
-"""What the stages that train (tune, distill) share about transformers' Trainer checkpoints."""
+"""What the stages that train (tune, distill) share: a loss's forward pass, and Trainer's checkpoints."""
 
 from __future__ import annotations
 
@@ -7,6 +7,20 @@ import shutil
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def forward_with_head_at(model, rows, columns, unwrapped=None, **inputs):
+    """`model(**inputs)` with the vocabulary projection run only at the (row, position) pairs that
+    `rows`, `columns` name: its logits are [pairs, vocabulary]. With retrieved sources most of an
+    example's tokens are prompt, and SmolLM2's 49k-word head costs per position about what eight of
+    its 30 layers do. The forward itself stays the model's own (not its inner modules), so DDP and
+    accelerate stay in charge; `unwrapped` is the bare model they wrap (default: `model`)."""
+    head = (unwrapped or model).get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _module, args: (args[0][rows, columns],))
+    try:
+        return model(**inputs)
+    finally:
+        handle.remove()
 
 
 def last_complete_checkpoint(folder: Path) -> Path | None:

@@ -93,26 +93,19 @@ def lora_config(model, settings, hp: dict[str, Any]):
 
 def _answer_loss_trainer():
     """transformers' Trainer with a loss that runs the vocabulary projection only at the positions
-    that have a label. With retrieved sources in the prompt most of an example's tokens are
-    prompt, and SmolLM2's 49k-word head costs per position about what eight of its 30 layers do:
-    computing and back-propagating those logits was about a fifth of each step, for nothing. The
-    loss is the model's own token-weighted cross-entropy."""
+    that have a label (forward_with_head_at): computing and back-propagating the others' logits was
+    about a fifth of each step, for nothing. The loss is the model's own token-weighted cross-entropy."""
     import torch
     from transformers import Trainer
+
+    from vertical.models.training import forward_with_head_at
 
     class AnswerLossTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = dict(inputs)
             targets = inputs.pop("labels")[:, 1:]  # the token each position predicts
             rows, columns = (targets != -100).nonzero(as_tuple=True)
-            # the head sees the labelled positions' hidden states only; the forward itself stays the
-            # model's own (not its inner modules), so DDP and accelerate stay in charge
-            head = self.accelerator.unwrap_model(model).get_output_embeddings()
-            handle = head.register_forward_pre_hook(lambda _module, args: (args[0][rows, columns],))
-            try:
-                outputs = model(**inputs)
-            finally:
-                handle.remove()
+            outputs = forward_with_head_at(model, rows, columns, self.accelerator.unwrap_model(model), **inputs)
             loss = torch.nn.functional.cross_entropy(outputs.logits.float(), targets[rows, columns], reduction="sum")
             if num_items_in_batch is not None:  # counted over the whole accumulated batch (and every device)
                 loss = loss / num_items_in_batch
