@@ -123,7 +123,7 @@ def main() -> None:
     table = "\n".join(lines)
     print("\n" + table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    args.out.write_text(json.dumps(results, ensure_ascii=False) + "\n", encoding="utf-8")
     models = ", ".join(f"{r['pack']}: {r['model']}" for r in results)
     args.out.with_suffix(".txt").write_text(f"python benchmarks/reader.py {' '.join(map(str, args.builds))}\n"
                                             f"models: {models}\n\n{table}\n", encoding="utf-8")

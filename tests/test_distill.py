@@ -250,6 +250,9 @@ def test_a_larger_teacher_of_the_same_tokenizer_teaches_the_builds_own_model(tmp
     assert metrics["kd_loss_end"] < metrics["kd_loss_start"], metrics["loss_curve"]
     student = load_causal_lm(tmp_path / "b" / "distill" / "model")
     assert student.config.hidden_size == 64 and student.config.num_hidden_layers == 2
+    # the teacher's weights, not only its path, are an input: new weights there run the stage again
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["stages"]["distill"]["inputs"]["teacher_sha256"]
 
 
 def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, tiny_model_dir):

@@ -42,10 +42,13 @@ def inputs(ctx) -> dict[str, Any]:
     from vertical.scoring import sample_inputs
 
     pack = ctx.pack
+    teacher = pack.config.stages.distill.teacher
     return {"instructions": pack.fingerprint("instructions"), "system_prompt": sha256_text(pack.config.system_prompt),
             "settings": pack.config.stages.distill.model_dump(), "tune_settings": pack.config.stages.tune.model_dump(),
             # whether the student ships decides whether it is given the edits
             "export_choice": pack.config.stages.export.model_dump(include={"model", "min_retention"}),
+            # new weights at the same path are another teacher
+            **({"teacher_sha256": _teacher_source(teacher, pack.root).sha256} if teacher else {}),
             **sample_inputs(pack)}
 
 
@@ -81,18 +84,26 @@ def student_worth_finishing(settings, retention_at_check: float | None) -> tuple
     return True, f"retention {retention_at_check:.2f} halfway"
 
 
-def external_teacher(spec: str, student_dir: Path, pack_root: Path) -> Path:
-    """The folder of the model `stages.distill.teacher` names (registry name, HF folder or .gguf; a
-    relative path is the pack folder's), checked to share the student's tokenizer: distillation
-    matches the two models' distributions over the same vocabulary, token by token."""
-    from vertical.models import ensure_local, load_tokenizer, resolve_base_model
+def _teacher_source(spec: str, pack_root: Path):
+    """The model `stages.distill.teacher` names (registry name, HF folder or .gguf; a relative path
+    is the pack folder's), resolved and fingerprinted."""
+    from vertical.models import resolve_base_model
 
     if (pack_root / spec).exists():
         spec = str(pack_root / spec)
     try:
-        folder = ensure_local(resolve_base_model(spec))
+        return resolve_base_model(spec)
     except VerticalError as exc:
         raise VerticalError(f"stages.distill.teacher: {exc}") from None
+
+
+def external_teacher(spec: str, student_dir: Path, pack_root: Path) -> Path:
+    """The folder of the model `stages.distill.teacher` names (`_teacher_source`), checked to share
+    the student's tokenizer: distillation matches the two models' distributions over the same
+    vocabulary, token by token."""
+    from vertical.models import ensure_local, load_tokenizer
+
+    folder = ensure_local(_teacher_source(spec, pack_root))
     theirs, ours = load_tokenizer(folder).get_vocab(), load_tokenizer(student_dir).get_vocab()
     if theirs != ours:
         raise VerticalError(f"stages.distill.teacher: {spec} has another tokenizer than the build's model "
