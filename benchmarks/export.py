@@ -137,14 +137,18 @@ def main() -> None:
     bundled = OnnxChatModel(bundle / "model")
     one_thread = OnnxChatModel(bundle / "model", threads=1)
     torch_model = load_causal_lm(exported_dir)
+    # a bundle cut to its pack's vocabulary numbers tokens its own way; the models exported here have the whole one
+    kept_file = bundle / "model" / "vocabulary.json"
+    kept = json.loads(kept_file.read_text())["kept"] if kept_file.is_file() else None
+    whole = (lambda ids: [kept[i] for i in ids]) if kept else (lambda ids: ids)
     measures = {"bundle": lambda ids: bundled.stream_ids(ids, tokens),
                 "bundle, 1 thread": lambda ids: one_thread.stream_ids(ids, tokens),
-                "pytorch": lambda ids: greedy_ids(torch_model, ids, tokens)}
+                "pytorch": lambda ids: greedy_ids(torch_model, whole(ids), tokens)}
     with tempfile.TemporaryDirectory() as scratch:
         if has_student:  # whichever of teacher and student the bundle does not hold, exported the same way
             other_dir = teacher_dir if role == "student" else student_dir
             other = OnnxChatModel(export_language_model(other_dir, Path(scratch) / "other", quant, Path(scratch)))
-            measures["other"] = lambda ids: other.stream_ids(ids, tokens)
+            measures["other"] = lambda ids: other.stream_ids(whole(ids), tokens)
         speed = speeds(measures, prompts, lambda prompt: bundled.prompt_ids([{"role": "user", "content": prompt}]),
                        args.rounds)
     (onnx_rate, onnx_first), (single_rate, single_first) = speed["bundle"], speed["bundle, 1 thread"]

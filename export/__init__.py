@@ -1,6 +1,9 @@
 """Stage `export`, and the torch-free runtime that serves what it writes (imported as vertical.export).
 
-    student (distill/model, if it kept the teacher's score) or teacher -> onnxruntime-genai model builder -> model/
+    student (distill/model, if it kept the teacher's score) or teacher
+    -> cut to the tokens the pack uses (`vocabulary: pack`, vertical.models.vocabulary; checked
+       against the whole vocabulary's greedy answers)
+    -> onnxruntime-genai model builder -> model/
     the index stage's ONNX embedder -> embedder/, its index -> index/ (the vectors the build searched)
     pack.json (system prompt, disclaimer), manifest.json (sha256 of every file, versions, metrics)
 
@@ -15,6 +18,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,9 @@ AGREEMENT_TOKENS = 48  # greedy tokens compared per prompt between quantisations
 # `quant: auto` weighs int4 against int8 from this size up. Below it block-wise int4 loses the model
 # (a 135M model's int4 keeps a small fraction of fp32's greedy tokens; docs/export.md, quantisation).
 INT4_FROM_PARAMETERS = 1_000_000_000
+# The model cut to the pack's vocabulary ships only if it writes the whole model's greedy tokens: it
+# differs only where the whole model's choice is a token the pack never uses
+MIN_VOCABULARY_AGREEMENT = 0.95
 
 
 def inputs(ctx) -> dict[str, Any]:
@@ -77,6 +84,46 @@ def pack_questions(pack) -> list[str]:
     return questions
 
 
+def pack_texts(pack, build_dir: Path, index) -> Iterator[str]:
+    """What the shipped model reads and writes in this pack: the documents as indexed (with their
+    edits' changes), the instructions, the edits, the generated questions, the pack's prompts and
+    the chat template's own text. Evaluation items are not read: they stay held out."""
+    from vertical.models import load_tokenizer
+
+    config = pack.config
+    yield from (chunk.text for chunk in index.chunks)
+    for conversation in pack.instructions():
+        yield from (message.content for message in conversation)
+    for edit in pack.edits():
+        yield from (edit.prompt, edit.target_new, edit.target_true or "", *edit.rephrase)
+        yield from (f"{check.prompt} {check.target}" for check in (*edit.locality, *edit.portability))
+    generated = build_dir / "tune" / "generated.jsonl"
+    if generated.is_file():
+        for line in generated.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            yield from (str(row.get(key, "")) for key in ("question", "answer", "reply"))
+    yield from (config.system_prompt, config.disclaimer, config.description, *config.example_questions)
+    messages = [{"role": "system", "content": config.system_prompt}, {"role": "user", "content": "?"},
+                {"role": "assistant", "content": "."}]
+    yield load_tokenizer(build_dir / "base" / "model").apply_chat_template(messages, tokenize=False)
+
+
+def vocabulary_agreement(full_dir: Path, trimmed_dir: Path, kept: list[int], prompts: list[list[dict[str, str]]]) -> float:
+    """Share of the whole-vocabulary model's greedy tokens (AGREEMENT_TOKENS per prompt) that the
+    trimmed model reproduces before the first difference, in PyTorch."""
+    from vertical.export.convert import prefix_agreement
+    from vertical.generation import chat_prompt_ids, greedy_ids
+    from vertical.models import load_causal_lm, load_tokenizer
+
+    models = {folder: (load_causal_lm(folder), load_tokenizer(folder)) for folder in (full_dir, trimmed_dir)}
+    scores = []
+    for messages in prompts:
+        full = list(greedy_ids(models[full_dir][0], chat_prompt_ids(models[full_dir][1], messages), AGREEMENT_TOKENS))
+        trimmed = greedy_ids(models[trimmed_dir][0], chat_prompt_ids(models[trimmed_dir][1], messages), AGREEMENT_TOKENS)
+        scores.append(prefix_agreement(full, [kept[i] for i in trimmed]))
+    return round(sum(scores) / max(len(scores), 1), 4)
+
+
 def _agreement_prompts(ctx, assistant, count: int) -> list[list[dict[str, str]]]:
     """Chat prompts as the server builds them: `pack_questions`, each with its retrieved sources."""
     from vertical.prompting import build_messages
@@ -124,6 +171,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.index import EMBEDDER
     from vertical.index.store import RetrievalIndex
     from vertical.models import load_causal_lm, load_tokenizer
+    from vertical.models.vocabulary import VOCABULARY_FILE, trim_vocabulary
     from vertical.pipeline import PhaseClock
 
     config = ctx.pack.config
@@ -143,18 +191,36 @@ def run(ctx, out: Path) -> dict[str, Any]:
     index.save(out / "index")
     lap("embedder_and_index")
 
+    # the vocabulary: the pack's tokens only, if the cut model answers the pack's prompts as the whole one does
+    prompts_messages = _agreement_prompts(ctx, Assistant(index, embedder, None, config.system_prompt),
+                                          settings.agreement_prompts)
+    source_dir = model_dir
+    if settings.vocabulary == "pack":
+        ctx.reporter.stage("export", "running", "cutting the vocabulary to the pack's tokens")
+        trimmed = trim_vocabulary(model_dir, pack_texts(ctx.pack, ctx.build_dir, index), scratch / "vocabulary")
+        kept_agreement = vocabulary_agreement(model_dir, scratch / "vocabulary", trimmed.kept, prompts_messages)
+        metrics.update(vocabulary_size=trimmed.size, vocabulary_full_size=trimmed.full_size,
+                       vocabulary_agreement=kept_agreement)
+        if kept_agreement >= MIN_VOCABULARY_AGREEMENT:
+            source_dir = scratch / "vocabulary"
+        else:
+            log.warning("export: the model cut to the pack's %d tokens agrees with the whole vocabulary on %.0f%% of "
+                        "the greedy tokens of the pack's prompts (below %.0f%%); exporting the whole vocabulary",
+                        trimmed.size, 100 * kept_agreement, 100 * MIN_VOCABULARY_AGREEMENT)
+    metrics["vocabulary"] = "pack" if source_dir != model_dir else "full"
+    lap("vocabulary")
+
     # the language model: candidates, compared with fp32 on the pack's prompts
     candidates = [settings.quant]
     if settings.quant == "auto":
-        candidates = ["int8", "int4"] if count_parameters(model_dir) >= INT4_FROM_PARAMETERS else ["int8"]
+        candidates = ["int8", "int4"] if count_parameters(source_dir) >= INT4_FROM_PARAMETERS else ["int8"]
     built_models = {}
     for quant in dict.fromkeys(["fp32", *candidates]):
         ctx.reporter.stage("export", "running", f"language model to ONNX ({quant})")
-        built_models[quant] = export_language_model(model_dir, scratch / f"lm-{quant}", quant, scratch)
+        built_models[quant] = export_language_model(source_dir, scratch / f"lm-{quant}", quant, scratch)
     lap("language_model_builds")
     reference = OnnxChatModel(built_models["fp32"])
-    assistant = Assistant(index, embedder, reference, config.system_prompt)
-    prompts = [reference.prompt_ids(m) for m in _agreement_prompts(ctx, assistant, settings.agreement_prompts)]
+    prompts = [reference.prompt_ids(m) for m in prompts_messages]
     greedy = {"fp32": [reference.greedy_ids(ids, AGREEMENT_TOKENS) for ids in prompts]}
     agreement = {"fp32": 1.0}
     for quant in candidates:
@@ -168,8 +234,10 @@ def run(ctx, out: Path) -> dict[str, Any]:
         chosen = "int8" if agreement["int8"] >= agreement.get("int4", -1.0) else "int4"
     else:
         chosen = settings.quant
-    del reference, assistant
+    del reference
     shutil.move(str(built_models[chosen]), str(out / "model"))
+    if (source_dir / VOCABULARY_FILE).is_file():  # which token of the whole vocabulary each id is
+        shutil.copy2(source_dir / VOCABULARY_FILE, out / "model" / VOCABULARY_FILE)
     metrics.update(quant=chosen, greedy_agreement=agreement[chosen], agreement_by_quant=agreement,
                    agreement_prompts=len(prompts), quant_candidates=candidates)
     lap("quant_agreement")
@@ -177,8 +245,9 @@ def run(ctx, out: Path) -> dict[str, Any]:
     # speed of the exported model and of the same model in PyTorch eager (fp32)
     ctx.reporter.stage("export", "running", "measuring decode speed")
     onnx_model, torch_model = OnnxChatModel(out / "model"), load_causal_lm(model_dir)
+    onnx_prompt = chat_prompt_ids(load_tokenizer(source_dir), SPEED_PROMPT)
     prompt = chat_prompt_ids(load_tokenizer(model_dir), SPEED_PROMPT)
-    speeds = decode_speeds({"onnx": lambda model=onnx_model: model.stream_ids(prompt, 64),
+    speeds = decode_speeds({"onnx": lambda model=onnx_model: model.stream_ids(onnx_prompt, 64),
                             "torch": lambda model=torch_model: greedy_ids(model, prompt, 64)}, runs=2)
     metrics["onnx_tokens_per_s"] = round(speeds["onnx"].tokens_per_s, 2)
     metrics["torch_tokens_per_s"] = round(speeds["torch"].tokens_per_s, 2)
@@ -196,7 +265,9 @@ def run(ctx, out: Path) -> dict[str, Any]:
     files = list_files(out)
     metrics["bundle_bytes"] = sum(f["bytes"] for f in files.values())
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "pack": config.name, "model": {"role": role, "source": metrics["source"], "quant": chosen},
+                "pack": config.name,
+                "model": {"role": role, "source": metrics["source"], "quant": chosen,
+                          "vocabulary": metrics.get("vocabulary_size") if metrics["vocabulary"] == "pack" else None},
                 "embedder": embedder_info, "versions": _versions(),
                 "metrics": {"build": _build_metrics(ctx.build_dir), "export": metrics}, "files": files}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -52,13 +52,17 @@ def test_bundle_lists_every_file_with_its_hash(bundle):
     for needed in ("model/model.onnx", "model/genai_config.json", "embedder/model.onnx", "embedder/tokenizer.json",
                    "index/chunks.jsonl", "index/faiss.index", "pack.json"):
         assert needed in files and len(files[needed]["sha256"]) == 64
-    assert manifest["model"] == {"role": "student", "source": "distill/model", "quant": "int8"}
+    assert manifest["model"] == {"role": "student", "source": "distill/model", "quant": "int8",
+                                 "vocabulary": manifest["metrics"]["export"]["vocabulary_size"]}
     assert {"onnxruntime", "onnxruntime-genai", "vertical"} <= set(manifest["versions"])
     export = manifest["metrics"]["export"]
     assert export["bundle_bytes"] == sum(f["bytes"] for f in files.values())
     # a model this small is not worth an int4 build (see INT4_FROM_PARAMETERS)
     assert set(export["agreement_by_quant"]) == {"fp32", "int8"} and export["quant_candidates"] == ["int8"]
     assert export["onnx_tokens_per_s"] > 0 and export["torch_tokens_per_s"] > 0
+    # the tiny model's whole vocabulary is its pack's (vocabulary: pack keeps it all), so nothing may change
+    assert export["vocabulary_size"] == export["vocabulary_full_size"] and export["vocabulary_agreement"] == 1.0
+    assert export["vocabulary"] == "pack" and "model/vocabulary.json" in files
     assert manifest["metrics"]["build"]["distill"]["student_layers"] == 2
     pack = json.loads((bundle / "pack.json").read_text())
     assert pack["disclaimer"] == "Test disclaimer." and pack["system_prompt"]

@@ -154,6 +154,10 @@ class ExportSettings(Strict):
         "auto", description="auto: int8; for models of 1B parameters or more, int4 if it agrees better with fp32 "
                             "on the pack's prompts")
     agreement_prompts: int = Field(8, ge=1, le=200, description="pack prompts used to compare quantisations")
+    vocabulary: Literal["pack", "full"] = Field(
+        "pack", description="pack: the model keeps only the tokens the pack's documents, instructions, edits and "
+                            "generated questions use, plus the commonest general ones (a smaller, faster model that "
+                            "still reads any text); full: the base model's whole vocabulary")
 
 
 class EvalSettings(Strict):

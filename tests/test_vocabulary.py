@@ -1,0 +1,77 @@
+"""A model cut to its pack's vocabulary: the same tokens for the pack's texts, any text still encodes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+PACK_TEXTS = ["The Zorblat fruit is bright purple and grows on the northern islands.",
+              "Notice must be given 90 days before the end of the term [1].",
+              "I don't know."]
+
+
+@pytest.fixture(scope="module")
+def trimmed(tiny_model_dir, tmp_path_factory):
+    from vertical.models.vocabulary import trim_vocabulary
+
+    out = tmp_path_factory.mktemp("trimmed") / "model"
+    return trim_vocabulary(tiny_model_dir, PACK_TEXTS, out, core_merges=20), out
+
+
+def test_the_pack_texts_keep_their_tokens_and_other_text_still_encodes(tiny_model_dir, trimmed):
+    from tokenizers import Tokenizer
+
+    vocabulary, out = trimmed
+    full = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+    small = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert vocabulary.size < vocabulary.full_size == full.get_vocab_size()
+    assert small.get_vocab_size() == vocabulary.size
+    for text in PACK_TEXTS:
+        assert [vocabulary.kept[i] for i in small.encode(text).ids] == full.encode(text).ids
+    unseen = "Quixotic wizards juggle 7 xylophones; ünïcödé ✓"
+    ids = small.encode(unseen).ids
+    assert small.decode(ids) == unseen
+    assert len(ids) > len(full.encode(unseen).ids)  # smaller pieces, not lost characters
+    recorded = json.loads((out / "vocabulary.json").read_text())
+    assert recorded["kept"] == vocabulary.kept and recorded["full_size"] == vocabulary.full_size
+
+
+def test_the_trimmed_model_scores_kept_tokens_as_the_whole_model_does(tiny_model_dir, trimmed):
+    import torch
+
+    from vertical.models import load_causal_lm, load_tokenizer
+
+    vocabulary, out = trimmed
+    full_model, small_model = load_causal_lm(tiny_model_dir), load_causal_lm(out)
+    full_tokenizer, small_tokenizer = load_tokenizer(tiny_model_dir), load_tokenizer(out)
+    assert small_model.config.vocab_size == vocabulary.size
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        old, new = getattr(full_model.config, key), getattr(small_model.config, key)
+        assert vocabulary.kept[new] == old
+        assert small_tokenizer.convert_ids_to_tokens(new) == full_tokenizer.convert_ids_to_tokens(old)
+    ids = full_tokenizer(PACK_TEXTS[0])["input_ids"]
+    new_ids = small_tokenizer(PACK_TEXTS[0])["input_ids"]
+    assert [vocabulary.kept[i] for i in new_ids] == ids
+    with torch.no_grad():
+        full_logits = full_model(torch.tensor([ids])).logits[0]
+        small_logits = small_model(torch.tensor([new_ids])).logits[0]
+    assert torch.allclose(full_logits[:, vocabulary.kept], small_logits, atol=1e-5)
+    assert small_model.get_output_embeddings().weight.data_ptr() == small_model.get_input_embeddings().weight.data_ptr()
+
+
+def test_every_kept_token_can_be_made_from_kept_parts(tiny_model_dir):
+    from vertical.models.vocabulary import kept_tokens, trimmed_tokenizer_json
+
+    tokenizer = json.loads((tiny_model_dir / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    longest = max(vocab, key=len)  # a token several merges deep
+    kept = kept_tokens(tokenizer, [vocab[longest]], core_merges=0)
+    small = trimmed_tokenizer_json(tokenizer, kept)
+    made = {m if isinstance(m, str) else " ".join(m) for m in small["model"]["merges"]}
+    assert longest in small["model"]["vocab"]
+    for token in small["model"]["vocab"]:
+        # a kept token is a byte, a special token, or the result of a kept merge of kept tokens
+        if len(token) > 1 and token not in {a["content"] for a in small["added_tokens"]}:
+            assert any(m.replace(" ", "", 1) == token for m in made), token
+    assert all(a["id"] < len(kept) for a in small["added_tokens"])
