@@ -49,7 +49,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from vertical.answer import retrieve
-    from vertical.export import pack_texts
+    from vertical.export import agreement_prompts, pack_texts
     from vertical.export.convert import export_language_model
     from vertical.export.runtime import OnnxChatModel
     from vertical.generation import decode_speeds
@@ -71,7 +71,8 @@ def main() -> int:
     index, embedder = open_index(build)
     scratch = Path(tempfile.mkdtemp(prefix="vocabulary-"))
     started = time.perf_counter()
-    trimmed = trim_vocabulary(model_dir, pack_texts(pack, build, index), scratch / "trimmed")
+    prompts = agreement_prompts(pack, index, embedder, pack.config.stages.export.agreement_prompts)
+    trimmed = trim_vocabulary(model_dir, pack_texts(pack, build, index, prompts), scratch / "trimmed")
     trim_seconds = time.perf_counter() - started
     folders = {"whole": export_language_model(model_dir, scratch / "onnx-whole", "int8", scratch),
                "pack": export_language_model(scratch / "trimmed", scratch / "onnx-pack", "int8", scratch)}

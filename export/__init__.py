@@ -84,28 +84,40 @@ def pack_questions(pack) -> list[str]:
     return questions
 
 
-def pack_texts(pack, build_dir: Path, index) -> Iterator[str]:
-    """What the shipped model reads and writes in this pack: the documents as indexed (with their
-    edits' changes), the instructions, the edits, the generated questions, the pack's prompts and
-    the chat template's own text. Evaluation items are not read: they stay held out."""
+def pack_texts(pack, build_dir: Path, index, prompts: list[list[dict[str, str]]]) -> Iterator[str]:
+    """What the shipped model reads and writes in this pack: the documents as sources are shown to
+    it (with their edits' changes), the instructions, the edits, the generated questions, the
+    pack's prompts, and `prompts` (chat messages with retrieved sources) in the chat template.
+    Each text comes twice more, one word a line and capitalised, because an answer starts with a
+    word as it stands alone ("Meropenem [1]." where the documents say " meropenem"), and the second
+    reading scores evidence spans that way. Evaluation items are not read: they stay held out."""
     from vertical.models import load_tokenizer
+    from vertical.prompting import Source, format_sources
 
-    config = pack.config
-    yield from (chunk.text for chunk in index.chunks)
-    for conversation in pack.instructions():
-        yield from (message.content for message in conversation)
-    for edit in pack.edits():
-        yield from (edit.prompt, edit.target_new, edit.target_true or "", *edit.rephrase)
-        yield from (f"{check.prompt} {check.target}" for check in (*edit.locality, *edit.portability))
-    generated = build_dir / "tune" / "generated.jsonl"
-    if generated.is_file():
-        for line in generated.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
-            yield from (str(row.get(key, "")) for key in ("question", "answer", "reply"))
-    yield from (config.system_prompt, config.disclaimer, config.description, *config.example_questions)
-    messages = [{"role": "system", "content": config.system_prompt}, {"role": "user", "content": "?"},
-                {"role": "assistant", "content": "."}]
-    yield load_tokenizer(build_dir / "base" / "model").apply_chat_template(messages, tokenize=False)
+    def texts() -> Iterator[str]:
+        config = pack.config
+        for chunk in index.chunks:
+            yield format_sources([Source(1, chunk.title, chunk.source, chunk.start, chunk.end, chunk.text)])
+        for conversation in pack.instructions():
+            yield from (message.content for message in conversation)
+        for edit in pack.edits():
+            yield from (edit.prompt, edit.target_new, edit.target_true or "", *edit.rephrase)
+            yield from (f"{check.prompt} {check.target}" for check in (*edit.locality, *edit.portability))
+        generated = build_dir / "tune" / "generated.jsonl"
+        if generated.is_file():
+            for line in generated.read_text(encoding="utf-8").splitlines():
+                row = json.loads(line)
+                yield from (str(row.get(key, "")) for key in ("question", "answer", "reply"))
+        yield from (config.system_prompt, config.disclaimer, config.description, *config.example_questions)
+        tokenizer = load_tokenizer(build_dir / "base" / "model")
+        for messages in prompts:
+            yield tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": "."}], tokenize=False)
+
+    for text in texts():
+        words = text.split()
+        yield text
+        yield "\n".join(words)
+        yield "\n".join(word[:1].upper() + word[1:] for word in words)
 
 
 def vocabulary_agreement(full_dir: Path, trimmed_dir: Path, kept: list[int], prompts: list[list[dict[str, str]]]) -> float:
@@ -124,14 +136,16 @@ def vocabulary_agreement(full_dir: Path, trimmed_dir: Path, kept: list[int], pro
     return round(sum(scores) / max(len(scores), 1), 4)
 
 
-def _agreement_prompts(ctx, assistant, count: int) -> list[list[dict[str, str]]]:
+def agreement_prompts(pack, index, embedder, count: int) -> list[list[dict[str, str]]]:
     """Chat prompts as the server builds them: `pack_questions`, each with its retrieved sources."""
+    from vertical.answer import Assistant
     from vertical.prompting import build_messages
 
+    assistant = Assistant(index, embedder, None, pack.config.system_prompt)
     prompts = []
-    for question in pack_questions(ctx.pack)[:count]:
+    for question in pack_questions(pack)[:count]:
         _, messages = assistant.prepare(question)
-        prompts.append(messages or build_messages(ctx.pack.config.system_prompt, question, None))
+        prompts.append(messages or build_messages(pack.config.system_prompt, question, None))
     return prompts
 
 
@@ -162,7 +176,6 @@ def _versions() -> dict[str, str]:
 
 
 def run(ctx, out: Path) -> dict[str, Any]:
-    from vertical.answer import Assistant
     from vertical.base import count_parameters
     from vertical.export.bundle import FORMAT, FORMAT_VERSION, MANIFEST, list_files
     from vertical.export.convert import export_language_model, prefix_agreement
@@ -192,12 +205,12 @@ def run(ctx, out: Path) -> dict[str, Any]:
     lap("embedder_and_index")
 
     # the vocabulary: the pack's tokens only, if the cut model answers the pack's prompts as the whole one does
-    prompts_messages = _agreement_prompts(ctx, Assistant(index, embedder, None, config.system_prompt),
-                                          settings.agreement_prompts)
+    prompts_messages = agreement_prompts(ctx.pack, index, embedder, settings.agreement_prompts)
     source_dir = model_dir
     if settings.vocabulary == "pack":
         ctx.reporter.stage("export", "running", "cutting the vocabulary to the pack's tokens")
-        trimmed = trim_vocabulary(model_dir, pack_texts(ctx.pack, ctx.build_dir, index), scratch / "vocabulary")
+        trimmed = trim_vocabulary(model_dir, pack_texts(ctx.pack, ctx.build_dir, index, prompts_messages),
+                                  scratch / "vocabulary")
         kept_agreement = vocabulary_agreement(model_dir, scratch / "vocabulary", trimmed.kept, prompts_messages)
         metrics.update(vocabulary_size=trimmed.size, vocabulary_full_size=trimmed.full_size,
                        vocabulary_agreement=kept_agreement)
