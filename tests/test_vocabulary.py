@@ -75,3 +75,27 @@ def test_every_kept_token_can_be_made_from_kept_parts(tiny_model_dir):
         if len(token) > 1 and token not in {a["content"] for a in small["added_tokens"]}:
             assert any(m.replace(" ", "", 1) == token for m in made), token
     assert all(a["id"] < len(kept) for a in small["added_tokens"])
+
+
+def test_the_pack_texts_hold_the_prompt_scaffolding_and_each_word_as_an_answer_starts_it(tiny_pack, tiny_model_dir, tmp_path):
+    from types import SimpleNamespace
+
+    from vertical.export import pack_texts
+    from vertical.pack import load_pack
+    from vertical.prompting import ANSWER_RULE, SOURCES_RULE, Source, build_messages
+
+    pack = load_pack(tiny_pack)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "model").symlink_to(tiny_model_dir)
+    chunk = SimpleNamespace(title="Fruit of the islands", source="documents/fruit.md", start=0, end=40,
+                            text="The zorblat fruit is purple.")
+    source = Source(1, chunk.title, chunk.source, chunk.start, chunk.end, chunk.text)
+    prompt = build_messages(pack.config.system_prompt, "What colour is it?", [source])
+    texts = list(pack_texts(pack, tmp_path, SimpleNamespace(chunks=[chunk]), [prompt]))
+    joined = "\n".join(texts)
+    assert "[1] Fruit of the islands (documents/fruit.md)" in joined  # a source as the model is shown it
+    assert "Zorblat\nFruit\nIs\nPurple." in joined  # each word as an answer would start with it
+    assert "<|im_start|>" in joined and "What colour is it?" in joined  # the chat template's own text
+    assert SOURCES_RULE in joined and ANSWER_RULE in joined  # the answer path's scaffolding
+    assert pack.config.disclaimer in joined and pack.instructions()[0][-1].content in joined
+    assert not any(item.question in joined for item in pack.qa_eval())  # evaluation items stay held out
