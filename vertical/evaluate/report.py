@@ -35,7 +35,7 @@ def markdown(report: dict[str, Any]) -> str:
         bundle = report.get("bundle_model")
         if bundle:
             reason = f" ({bundle['reason']})" if bundle.get("reason") else ""
-            cut = f", cut to the pack's {bundle['vocabulary']} tokens" if bundle.get("vocabulary") else ""
+            cut = f", cut to the pack's {bundle['vocabulary']:,} tokens" if bundle.get("vocabulary") else ""
             lines += ["", f"The bundle holds the {bundle.get('role')}, {bundle.get('quant')}{cut}{reason}."]
         if report.get("student_stopped_early"):
             lines += ["", f"The student's training stopped {report['student_stopped_early']}."]
