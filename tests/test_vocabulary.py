@@ -99,3 +99,15 @@ def test_the_pack_texts_hold_the_prompt_scaffolding_and_each_word_as_an_answer_s
     assert SOURCES_RULE in joined and ANSWER_RULE in joined  # the answer path's scaffolding
     assert pack.config.disclaimer in joined and pack.instructions()[0][-1].content in joined
     assert not any(item.question in joined for item in pack.qa_eval())  # evaluation items stay held out
+
+
+def test_a_templates_special_token_ids_follow_the_renumbering():
+    from vertical.models.vocabulary import trimmed_tokenizer_json
+
+    tokenizer = {"added_tokens": [{"id": 5, "content": "<s>"}],
+                 "post_processor": {"type": "TemplateProcessing", "special_tokens": {"<s>": {"id": "<s>", "ids": [5]}}},
+                 "model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2, "c": 3, "<s>": 5}, "merges": ["a b"]}}
+    small = trimmed_tokenizer_json(tokenizer, [0, 1, 2, 5])
+    assert small["post_processor"]["special_tokens"]["<s>"]["ids"] == [3]
+    assert small["added_tokens"][0]["id"] == 3 and small["model"]["vocab"] == {"a": 0, "b": 1, "ab": 2, "<s>": 3}
+    assert tokenizer["post_processor"]["special_tokens"]["<s>"]["ids"] == [5]  # the whole tokenizer is left as it was

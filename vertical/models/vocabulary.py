@@ -21,6 +21,7 @@ the full model's greedy token is kept, the trimmed model chooses it too.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -82,8 +83,12 @@ def trimmed_tokenizer_json(tokenizer_json: dict, kept: list[int]) -> dict:
         if left + right in vocab and left in vocab and right in vocab:
             merges.append(merge)
     model.update(vocab=vocab, merges=merges)
-    trimmed = dict(tokenizer_json, model=model)
+    trimmed = dict(tokenizer_json, model=model, post_processor=copy.deepcopy(tokenizer_json.get("post_processor")))
     trimmed["added_tokens"] = [dict(added, id=new_id[added["id"]]) for added in tokenizer_json.get("added_tokens", [])]
+    processor = trimmed["post_processor"] or {}
+    for step in [processor, *processor.get("processors", [])]:  # a template's special tokens name their ids
+        for special in (step.get("special_tokens") or {}).values():
+            special["ids"] = [new_id[i] for i in special.get("ids", [])]
     return trimmed
 
 
