@@ -136,6 +136,28 @@ def vocabulary_agreement(full_dir: Path, trimmed_dir: Path, kept: list[int], pro
     return round(sum(scores) / max(len(scores), 1), 4)
 
 
+def cut_vocabulary(ctx, model_dir: Path, index, prompts: list[list[dict[str, str]]], out: Path,
+                   metrics: dict[str, Any]) -> Path:
+    """`out`, the model cut to its pack's tokens, if it writes the whole model's greedy tokens on
+    `prompts`; else `model_dir`, saying why. Its size and agreement go into `metrics`."""
+    from vertical.errors import VerticalError
+    from vertical.models.vocabulary import trim_vocabulary
+
+    try:
+        trimmed = trim_vocabulary(model_dir, pack_texts(ctx.pack, ctx.build_dir, index, prompts), out)
+    except VerticalError as exc:
+        log.warning("export: exporting the whole vocabulary: %s", exc)
+        return model_dir
+    agreement = vocabulary_agreement(model_dir, out, trimmed.kept, prompts)
+    metrics.update(vocabulary_size=trimmed.size, vocabulary_full_size=trimmed.full_size, vocabulary_agreement=agreement)
+    if agreement < MIN_VOCABULARY_AGREEMENT:
+        log.warning("export: the model cut to the pack's %d tokens agrees with the whole vocabulary on %.0f%% of the "
+                    "greedy tokens of the pack's prompts (below %.0f%%); exporting the whole vocabulary",
+                    trimmed.size, 100 * agreement, 100 * MIN_VOCABULARY_AGREEMENT)
+        return model_dir
+    return out
+
+
 def agreement_prompts(pack, index, embedder, count: int) -> list[list[dict[str, str]]]:
     """Chat prompts as the server builds them: `pack_questions`, each with its retrieved sources."""
     from vertical.answer import Assistant
@@ -184,7 +206,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.index import EMBEDDER
     from vertical.index.store import RetrievalIndex
     from vertical.models import load_causal_lm, load_tokenizer
-    from vertical.models.vocabulary import VOCABULARY_FILE, trim_vocabulary
+    from vertical.models.vocabulary import VOCABULARY_FILE
     from vertical.pipeline import PhaseClock
 
     config = ctx.pack.config
@@ -209,17 +231,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     source_dir = model_dir
     if settings.vocabulary == "pack":
         ctx.reporter.stage("export", "running", "cutting the vocabulary to the pack's tokens")
-        trimmed = trim_vocabulary(model_dir, pack_texts(ctx.pack, ctx.build_dir, index, prompts_messages),
-                                  scratch / "vocabulary")
-        kept_agreement = vocabulary_agreement(model_dir, scratch / "vocabulary", trimmed.kept, prompts_messages)
-        metrics.update(vocabulary_size=trimmed.size, vocabulary_full_size=trimmed.full_size,
-                       vocabulary_agreement=kept_agreement)
-        if kept_agreement >= MIN_VOCABULARY_AGREEMENT:
-            source_dir = scratch / "vocabulary"
-        else:
-            log.warning("export: the model cut to the pack's %d tokens agrees with the whole vocabulary on %.0f%% of "
-                        "the greedy tokens of the pack's prompts (below %.0f%%); exporting the whole vocabulary",
-                        trimmed.size, 100 * kept_agreement, 100 * MIN_VOCABULARY_AGREEMENT)
+        source_dir = cut_vocabulary(ctx, model_dir, index, prompts_messages, scratch / "vocabulary", metrics)
     metrics["vocabulary"] = "pack" if source_dir != model_dir else "full"
     lap("vocabulary")
 

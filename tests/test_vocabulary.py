@@ -111,3 +111,13 @@ def test_a_templates_special_token_ids_follow_the_renumbering():
     assert small["post_processor"]["special_tokens"]["<s>"]["ids"] == [3]
     assert small["added_tokens"][0]["id"] == 3 and small["model"]["vocab"] == {"a": 0, "b": 1, "ab": 2, "<s>": 3}
     assert tokenizer["post_processor"]["special_tokens"]["<s>"]["ids"] == [5]  # the whole tokenizer is left as it was
+
+
+def test_only_a_bpe_vocabulary_is_cut(tmp_path):
+    from vertical.errors import VerticalError
+    from vertical.models.vocabulary import kept_tokens, trim_vocabulary
+
+    with pytest.raises(VerticalError, match="WordPiece"):
+        kept_tokens({"model": {"type": "WordPiece", "vocab": {"a": 0}}}, [0])
+    with pytest.raises(VerticalError, match="no tokenizer.json"):
+        trim_vocabulary(tmp_path, ["text"], tmp_path / "out")

@@ -29,6 +29,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vertical.errors import VerticalError
+
 log = logging.getLogger(__name__)
 
 CORE_MERGES = 8192  # the general core: tokens of the commonest merges, kept whatever the pack says
@@ -50,7 +52,7 @@ def kept_tokens(tokenizer_json: dict, used: Iterable[int], core_merges: int = CO
     `core_merges` merges' tokens, and every part they are merged from, ascending."""
     model = tokenizer_json["model"]
     if model.get("type") != "BPE":
-        raise ValueError(f"only a BPE tokenizer can be trimmed, not {model.get('type')}")
+        raise VerticalError(f"its tokenizer is {model.get('type')}, and only a BPE vocabulary can be cut")
     vocab: dict[str, int] = model["vocab"]
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     made_from: dict[str, tuple[str, str]] = {}
@@ -109,6 +111,8 @@ def trim_vocabulary(model_dir: Path, texts: Iterable[str], out: Path, core_merge
 
     from vertical.models.registry import load_causal_lm
 
+    if not (model_dir / "tokenizer.json").is_file():
+        raise VerticalError(f"{model_dir} has no tokenizer.json, and only a fast (tokenizers) vocabulary can be cut")
     tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
     tokenizer = Tokenizer.from_str(json.dumps(tokenizer_json))
     used: set[int] = set()
