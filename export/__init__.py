@@ -88,9 +88,10 @@ def pack_texts(pack, build_dir: Path, index, prompts: list[list[dict[str, str]]]
     """What the shipped model reads and writes in this pack: the documents as sources are shown to
     it (with their edits' changes), the instructions, the edits, the generated questions, the
     pack's prompts, and `prompts` (chat messages with retrieved sources) in the chat template.
-    Each text comes twice more, one word a line and capitalised, because an answer starts with a
-    word as it stands alone ("Meropenem [1]." where the documents say " meropenem"), and the second
-    reading scores evidence spans that way. Evaluation items are not read: they stay held out."""
+    Each text comes again one word a line, and capitalised both ways, because an answer starts with
+    a word as it stands alone ("Meropenem [1]." where the documents say " meropenem"), the second
+    reading scores evidence spans that way, and a question starts capitalised after "Question:".
+    Evaluation items are not read: they stay held out."""
     from vertical.models import load_tokenizer
     from vertical.prompting import Source, format_sources
 
@@ -115,9 +116,8 @@ def pack_texts(pack, build_dir: Path, index, prompts: list[list[dict[str, str]]]
 
     for text in texts():
         words = text.split()
-        yield text
-        yield "\n".join(words)
-        yield "\n".join(word[:1].upper() + word[1:] for word in words)
+        capitalised = [word[:1].upper() + word[1:] for word in words]
+        yield from (text, "\n".join(words), "\n".join(capitalised), " ".join(capitalised))
 
 
 def vocabulary_agreement(full_dir: Path, trimmed_dir: Path, kept: list[int], prompts: list[list[dict[str, str]]]) -> float:
