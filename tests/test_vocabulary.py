@@ -95,6 +95,7 @@ def test_the_pack_texts_hold_the_prompt_scaffolding_and_each_word_as_an_answer_s
     joined = "\n".join(texts)
     assert "[1] Fruit of the islands (documents/fruit.md)" in joined  # a source as the model is shown it
     assert "Zorblat\nFruit\nIs\nPurple." in joined  # each word as an answer would start with it
+    assert "The Zorblat Fruit Is Purple." in joined  # and as a question starts after "Question:"
     assert "<|im_start|>" in joined and "What colour is it?" in joined  # the chat template's own text
     assert SOURCES_RULE in joined and ANSWER_RULE in joined  # the answer path's scaffolding
     assert pack.config.disclaimer in joined and pack.instructions()[0][-1].content in joined
