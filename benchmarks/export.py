@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import socket
-import statistics
 import sys
 import tempfile
 import threading
@@ -39,20 +38,6 @@ PROMPTS = [
     "Explain how sepsis is recognised and what the first steps are.",
     "List the warning signs of a stroke and what to do.",
 ]
-
-
-def speeds(decoders: dict, prompts: list[str], ids_of, rounds: int) -> dict[str, tuple[float, float]]:
-    """Per named decoder (prompt ids -> token iterator): the median over the prompts of its best
-    decode tokens/s and best first-token ms, the decoders taking turns on each prompt
-    (vertical.generation.decode_speeds)."""
-    from vertical.generation import decode_speeds
-
-    per_prompt = []
-    for prompt in prompts:
-        ids = ids_of(prompt)
-        per_prompt.append(decode_speeds({name: (lambda d=decode: d(ids)) for name, decode in decoders.items()}, rounds))
-    return {name: (statistics.median(p[name].tokens_per_s for p in per_prompt),
-                   statistics.median(p[name].first_token_ms for p in per_prompt)) for name in decoders}
 
 
 def free_port() -> int:
@@ -112,7 +97,7 @@ def main() -> None:
     from vertical.export.convert import export_language_model
     from vertical.answer import open_bundle
     from vertical.export.runtime import OnnxChatModel
-    from vertical.generation import greedy_ids
+    from vertical.generation import greedy_ids, median_speeds
     from vertical.paths import best_model_dir
     from vertical.models import load_causal_lm
 
@@ -149,7 +134,7 @@ def main() -> None:
             other_dir = teacher_dir if role == "student" else student_dir
             other = OnnxChatModel(export_language_model(other_dir, Path(scratch) / "other", quant, Path(scratch)))
             measures["other"] = lambda ids: other.stream_ids(whole(ids), tokens)
-        speed = speeds(measures, prompts, lambda prompt: bundled.prompt_ids([{"role": "user", "content": prompt}]),
+        speed = median_speeds(measures, prompts, lambda prompt: bundled.prompt_ids([{"role": "user", "content": prompt}]),
                        args.rounds)
     (onnx_rate, onnx_first), (single_rate, single_first) = speed["bundle"], speed["bundle, 1 thread"]
     torch_rate, torch_first = speed["pytorch"]

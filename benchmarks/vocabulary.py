@@ -52,7 +52,7 @@ def main() -> int:
     from vertical.export import agreement_prompts, pack_texts
     from vertical.export.convert import export_language_model
     from vertical.export.runtime import OnnxChatModel
-    from vertical.generation import decode_speeds
+    from vertical.generation import median_speeds
     from vertical.index import open_index
     from vertical.models.vocabulary import trim_vocabulary
     from vertical.pack import load_pack
@@ -79,15 +79,15 @@ def main() -> int:
     models = {name: OnnxChatModel(folder) for name, folder in folders.items()}
     sizes = {name: folder_bytes(folder) for name, folder in folders.items()}
 
-    # decode speed, taking turns on each prompt; the median over prompts of each model's best round
-    per_prompt = []
-    for question in PROMPTS:
+    # each model reads the prompt in its own token ids, so each decoder takes its own from the dict
+    def ids_of(question: str) -> dict[str, list[int]]:
         messages = [{"role": "system", "content": pack.config.system_prompt}, {"role": "user", "content": question}]
-        ids = {name: model.prompt_ids(messages) for name, model in models.items()}
-        per_prompt.append(decode_speeds({name: (lambda m=model, i=ids[name]: m.stream_ids(i, args.tokens))
-                                         for name, model in models.items()}, runs=args.rounds))
-    speed = {name: sorted(p[name].tokens_per_s for p in per_prompt)[len(per_prompt) // 2] for name in models}
-    first = {name: sorted(p[name].first_token_ms for p in per_prompt)[len(per_prompt) // 2] for name in models}
+        return {name: model.prompt_ids(messages) for name, model in models.items()}
+
+    measured = median_speeds({name: (lambda ids, name=name, m=model: m.stream_ids(ids[name], args.tokens))
+                              for name, model in models.items()}, PROMPTS, ids_of, args.rounds)
+    speed = {name: tokens_per_s for name, (tokens_per_s, _) in measured.items()}
+    first = {name: first_ms for name, (_, first_ms) in measured.items()}
 
     # QA on the eval stage's sample, with retrieval from the build's index
     items = eval_sample(pack, build)

@@ -274,6 +274,21 @@ def decode_speeds(decoders: dict[str, Callable[[], Iterable[Any]]], runs: int = 
     return best
 
 
+def median_speeds(decoders: dict[str, Callable[[Any], Iterable[Any]]], prompts: list, ids_of: Callable[[Any], Any],
+                  runs: int) -> dict[str, tuple[float, float]]:
+    """Per named decoder (prompt ids -> token iterator): the median over `prompts` of its best decode
+    tokens/s and best first-token ms, the decoders taking turns on each prompt (`decode_speeds`), so
+    that one slow prompt or one busy moment does not decide a comparison."""
+    import statistics
+
+    per_prompt = []
+    for prompt in prompts:
+        ids = ids_of(prompt)
+        per_prompt.append(decode_speeds({name: (lambda d=decode: d(ids)) for name, decode in decoders.items()}, runs))
+    return {name: (statistics.median(p[name].tokens_per_s for p in per_prompt),
+                   statistics.median(p[name].first_token_ms for p in per_prompt)) for name in decoders}
+
+
 def greedy_ids(model, prompt_ids: list[int], new_tokens: int) -> Iterator[int]:
     """A torch model's greedy tokens after a prompt, `new_tokens` of them whatever they are (no
     stop at end of text): the loop whose speed is comparable with onnxruntime-genai's."""
