@@ -376,6 +376,27 @@ def test_an_edit_the_documents_contradict_is_warned_naming_the_source(edited_bui
     assert metrics["contradicting_sources"][0]["source"].endswith("quentar.md")
 
 
+def test_a_source_that_tells_of_the_change_is_no_contradiction(edited_build):
+    from vertical.edit import warn_contradictions
+    from vertical.pack.schema import EditRequest
+
+    # "Ada Morrow" stands in quentar.md; a request whose new value the evidence also states is the
+    # change told with its history, and an old value only as part of a longer word is not stated
+    told = EditRequest(prompt="The mayor of Quentar is", subject="Quentar", target_new="Ada Morrow", target_true="mayor")
+    inside = EditRequest(prompt="The mayor of Quentar is", subject="Quentar", target_new="Bram Kett", target_true="Morro")
+    stale = EditRequest(prompt="The mayor of Quentar is", subject="Quentar", target_new="Bram Kett", target_true="Ada Morrow")
+    assert [c["old"] for c in warn_contradictions(edited_build, [told, inside, stale])] == ["Ada Morrow"]
+
+
+def test_a_value_is_stated_as_a_whole_word_or_number():
+    from vertical.edit import states
+
+    assert states("a maximum of 3 g in 24 hours.", "3 g") and states("Extension 5120.", "5120")
+    assert states("The INR target is 3.0.", "3.0") and states("CO-AMOXICLAV first", "co-amoxiclav")
+    assert not states("a maximum of 13 g", "3 g") and not states("INR 13.0", "3.0") and not states("3.05 mg", "3.0")
+    assert not states("every weekday", "week") and not states("extension 51200", "5120")
+
+
 def test_an_edit_with_its_document_change_reindexes_that_document_and_rolls_back_with_it(edited_build, cli, tmp_path):
     requests = tmp_path / "more.jsonl"
     requests.write_text(json.dumps({

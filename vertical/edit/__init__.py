@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -262,10 +263,14 @@ def run(ctx, out: Path) -> dict[str, Any]:
 
 
 def warn_contradictions(build_dir: Path, requests) -> list[dict[str, str]]:
-    """Requests without a document change whose old value (`target_true`) a retrieved source still
-    states without the new one (a source that names both tells of the change): the answer with
-    retrieval would then read the old value beside the edited weights. Each is logged as a warning
-    naming the source; returns them."""
+    """Requests without a document change whose old value (`target_true`) the evidence retrieved for
+    their prompt states while no evidence sentence states the new one: the answer with retrieval
+    would then read the old value beside the edited weights. The evidence is what the answer path
+    reads (`vertical.answer.retrieve`), not the whole chunks, because a chunk often names an old
+    value in another context ("the former 4 g ceiling still applies to adults of 50 kg or more")
+    or tells of the change a few sentences away. Each is logged as a warning naming the source;
+    returns them."""
+    from vertical.answer import retrieve
     from vertical.index import open_index
 
     found = []
@@ -274,16 +279,22 @@ def warn_contradictions(build_dir: Path, requests) -> list[dict[str, str]]:
         return found
     index, embedder = open_index(build_dir)
     for request in asked:
-        for hit in index.search(request.prompt, embedder.encode_query, k=5):
-            text = hit.chunk.text.casefold()
-            if request.target_true.casefold() in text and request.target_new.casefold() not in text:
-                found.append({"prompt": request.prompt, "old": request.target_true, "source": hit.chunk.source,
-                              "doc_id": hit.chunk.doc_id})
-                log.warning("edit %r: the source %s still says %r; give the request a `document` change "
-                            "(doc_id %r, old, new) so that answers with retrieval say %r too",
-                            request.prompt, hit.chunk.source, request.target_true, hit.chunk.doc_id, request.target_new)
-                break
+        sources, _ = retrieve(index, embedder.encode_query, request.prompt)
+        if any(states(source.text, request.target_new) for source in sources):
+            continue
+        stale = next((source for source in sources if states(source.text, request.target_true)), None)
+        if stale is not None:
+            found.append({"prompt": request.prompt, "old": request.target_true, "source": stale.source,
+                          "doc_id": stale.doc_id})
+            log.warning("edit %r: the source %s still says %r; give the request a `document` change "
+                        "(doc_id %r, old, new) so that answers with retrieval say %r too",
+                        request.prompt, stale.source, request.target_true, stale.doc_id, request.target_new)
     return found
+
+
+def states(text: str, value: str) -> bool:
+    """Whether `text` names `value` as a whole word or number (case aside): "3.0" is not in "13.0"."""
+    return re.search(rf"(?<![\w.]){re.escape(value.casefold())}(?!\w|\.\d)", text.casefold()) is not None
 
 
 def documents_as_edited(pack, entries: list[dict], doc_ids: set[str]) -> list:
