@@ -293,6 +293,31 @@ def test_distill_under_torchrun_two_processes(tmp_path):
     assert (out / "distill" / "model" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_distill_under_accelerate_launch_with_the_shipped_deepspeed_zero2_config(tmp_path):
+    """`accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml -m vertical build
+    --steps distill`: two processes on CPU, the student's Trainer under DeepSpeed ZeRO-2."""
+    import os
+    import subprocess
+    import sys
+
+    model = make_tiny_model(tmp_path / "model", layers=4)
+    pack = fast_pack(tmp_path, distill={"steps": 6, "teacher_answers": 2, "answer_tokens": 8, "documents": 2,
+                                        "keep_layers": 0.5})
+    out = tmp_path / "b"
+    pipeline.build(pack, out=out, steps=["index", "base"], base_model=str(model))
+    root = Path(__file__).resolve().parent.parent
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--config_file", "configs/accelerate/deepspeed_zero2.yaml", "-m", "vertical",
+               "build", str(pack), "--out", str(out), "--steps", "distill", "--base-model", str(model)]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600, cwd=root)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    metrics = json.loads((out / "distill" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["deepspeed_zero_stage"] == 2 and metrics["steps"] == 6
+    assert (out / "distill" / "model" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("go_on", [True, False])
 def test_the_check_halfway_can_stop_the_training_there(tmp_path, go_on):
     from vertical.distill.train import train_student

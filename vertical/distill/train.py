@@ -171,6 +171,8 @@ def train_student(student, teacher, sequences: list[dict], settings, pad_id: int
     window = max(1, len(curve) // 5)
     return {"steps": halfway.stopped_at or settings.steps, "stopped_at_step": halfway.stopped_at,
             "resumed_at_step": resumed_at, "train_seconds": round(seconds, 1), "world_size": args.world_size,
+            "deepspeed_zero_stage": trainer.accelerator.deepspeed_plugin.zero_stage
+            if getattr(trainer, "is_deepspeed_enabled", False) else None,
             "train_tokens_per_s": round(tokens / seconds, 1) if seconds > 0 and tokens else None,
             "kd_loss_start": _mean(c[0] for c in curve[:window]), "kd_loss_end": _mean(c[0] for c in curve[-window:]),
             "loss_curve": curve[:: max(1, len(curve) // 50)]}
