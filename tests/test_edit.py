@@ -370,18 +370,15 @@ def _chunks_of(build: Path, doc_id: str) -> str:
 
 
 def test_an_edit_the_documents_contradict_is_warned_naming_the_source(edited_build):
+    from vertical.edit import warn_contradictions
+    from vertical.pack.schema import EditRequest
+
     metrics = json.loads((edited_build / "edit" / "metrics.json").read_text())
     # the tiny pack's edit makes Bram Kett mayor; documents/quentar.md still says Ada Morrow
     assert [(c["doc_id"], c["old"]) for c in metrics["contradicting_sources"]] == [("quentar", "Ada Morrow")]
     assert metrics["contradicting_sources"][0]["source"].endswith("quentar.md")
-
-
-def test_a_source_that_tells_of_the_change_is_no_contradiction(edited_build):
-    from vertical.edit import warn_contradictions
-    from vertical.pack.schema import EditRequest
-
-    # "Ada Morrow" stands in quentar.md; a request whose new value the evidence also states is the
-    # change told with its history, and an old value only as part of a longer word is not stated
+    # evidence that also states the new value tells of the change; an old value met only inside a
+    # longer word is not stated
     told = EditRequest(prompt="The mayor of Quentar is", subject="Quentar", target_new="Ada Morrow", target_true="mayor")
     inside = EditRequest(prompt="The mayor of Quentar is", subject="Quentar", target_new="Bram Kett", target_true="Morro")
     stale = EditRequest(prompt="The mayor of Quentar is", subject="Quentar", target_new="Bram Kett", target_true="Ada Morrow")
