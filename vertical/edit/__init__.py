@@ -34,6 +34,8 @@ def inputs(ctx) -> dict[str, Any]:
     settings = ctx.pack.config.stages.edit
     return {"edits": ctx.pack.fingerprint("edits"), "settings": settings.model_dump(),
             "documents": ctx.pack.fingerprint("documents") if settings.hparams.mom2 == "stats" else None,
+            "conversations": [ctx.pack.fingerprint("instructions"), ctx.pack.config.system_prompt]
+            if settings.hparams.mom2 == "stats" else None,
             "hparams_files": sha256_text("".join(p.read_text() for p in sorted(Path(__file__).with_name("hparams").glob("*.yaml"))))}
 
 
@@ -68,6 +70,16 @@ class Editor:
         model = load_causal_lm(model_dir)
         return cls(model, load_tokenizer(model_dir), ffn_layout(model), load_hparams(model_name, overrides),
                    model_name, documents)
+
+    @classmethod
+    def of_pack(cls, model_dir: Path, model_name: str, pack) -> "Editor":
+        """An editor with the pack's hyperparameters, its key statistics taken from the pack's
+        text (`key_texts`) unless the pack sets `mom2: identity`."""
+        settings = pack.config.stages.edit
+        editor = cls.load(model_dir, model_name, settings.hparams.model_dump(exclude_unset=True), [])
+        if settings.hparams.mom2 == "stats":
+            editor.documents = key_texts(pack, editor.tokenizer)
+        return editor
 
     def moments(self, layers: list[int]):
         """Key statistics of the model as loaded, computed once per layer (later edits in the same
@@ -249,8 +261,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     if not requests:
         log.info("pack '%s' has no knowledge edits; the edit stage copies the model unchanged", ctx.pack.name)
     settings = ctx.pack.config.stages.edit
-    editor = Editor.load(source, _model_name(ctx.build_dir), settings.hparams.model_dump(exclude_unset=True),
-                         _document_texts(ctx.pack) if settings.hparams.mom2 == "stats" else [])
+    editor = Editor.of_pack(source, _model_name(ctx.build_dir), ctx.pack)
     if not requests:
         _write(out, editor, [], [], None)
         return {"method": settings.method, "edits": 0, "source": str(source.relative_to(ctx.build_dir))}
@@ -319,15 +330,24 @@ def _model_name(build_dir: Path) -> str:
     return json.loads(info.read_text())["spec"] if info.is_file() else ""
 
 
-def _document_texts(pack, limit_chars: int = 400_000) -> list[str]:
-    """Plain text of the pack's documents, for the key statistics."""
+def key_texts(pack, tokenizer, limit_chars: int = 400_000) -> list[str]:
+    """The text the key statistics are taken from, in turn: a document of the pack, then one of its
+    instruction conversations in the model's chat template with the pack's system prompt. The
+    statistics then hold the keys of the model reading the documents and of it answering in the
+    product's format: AlphaEdit's null space keeps both, and ROME's and MEMIT's covariance weighs
+    both. With documents alone, AlphaEdit's updates land in the directions the chat answers use,
+    and answers with retrieval on the edited subjects fall apart ("PIP-4.5 [1]. Answer: yes.")."""
     from vertical.index.documents import load_documents
 
     documents, _ = load_documents(pack.document_files(), pack.root)
+    system = [{"role": "system", "content": pack.config.system_prompt}] if pack.config.system_prompt else []
+    conversations = [tokenizer.apply_chat_template(system + [{"role": m.role, "content": m.content} for m in turns],
+                                                   tokenize=False) for turns in pack.instructions()]
     texts, total = [], 0
-    for doc in documents:
-        texts.append(doc.text)
-        total += len(doc.text)
+    for turn in range(max(len(documents), len(conversations))):
+        for text in ([documents[turn].text] if turn < len(documents) else []) + conversations[turn: turn + 1]:
+            texts.append(text)
+            total += len(text)
         if total > limit_chars:
             break
     return texts
@@ -365,8 +385,7 @@ def edit_build(build_dir: Path, requests_file: Path, method: str | None = None) 
     with exclusive_lock(build_dir / ".lock", f"build folder {build_dir}"):
         source = edit_dir / "model" if (edit_dir / "model" / "config.json").is_file() else source_model_dir(build_dir)
         previous = read_log(edit_dir) if source.parent == edit_dir else []
-        editor = Editor.load(source, _model_name(build_dir), settings.hparams.model_dump(exclude_unset=True),
-                             _document_texts(pack) if settings.hparams.mom2 == "stats" else [])
+        editor = Editor.of_pack(source, _model_name(build_dir), pack)
         editor.previous = [EditRequest.model_validate(r) for entry in previous for r in entry["requests"]]
         metrics, applied = _run_edits(editor, requests, method)
         metrics["requests_file"] = str(requests_file)
@@ -487,8 +506,7 @@ def replay_edits(build_dir: Path, pack, model_dir: Path, to_layer: Callable[[int
     model_name = _model_name(build_dir)
     overrides = settings.hparams.model_dump(exclude_unset=True)
     default_layers = load_hparams(model_name, overrides).layers
-    editor = Editor.load(model_dir, model_name, overrides,
-                         _document_texts(pack) if settings.hparams.mom2 == "stats" else [])
+    editor = Editor.of_pack(model_dir, model_name, pack)
     everything = [EditRequest.model_validate(r) for entry in entries for r in entry["requests"]]
     true_targets = _true_targets(editor, everything) if len(groups) > 1 else None
     runs = []
