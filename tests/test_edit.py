@@ -385,6 +385,26 @@ def test_an_edit_the_documents_contradict_is_warned_naming_the_source(edited_bui
     assert [c["old"] for c in warn_contradictions(edited_build, [told, inside, stale])] == ["Ada Morrow"]
 
 
+def test_the_key_statistics_read_documents_and_chat_conversations_in_turn(tiny_pack, tiny_model_dir):
+    from vertical.edit import key_texts
+    from vertical.index.documents import load_documents
+    from vertical.models import load_tokenizer
+    from vertical.pack import load_pack
+
+    pack = load_pack(tiny_pack)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    texts = key_texts(pack, tokenizer)
+    documents = [d.text for d in load_documents(pack.document_files(), pack.root)[0]]
+    conversations = list(pack.instructions())
+    assert texts[0] == documents[0] and texts[2] == documents[1]
+    # a conversation as the model answers in the product: its chat template, the pack's system prompt
+    assert pack.config.system_prompt in texts[1] and conversations[0][0].content in texts[1]
+    assert texts[1] == tokenizer.apply_chat_template(
+        [{"role": "system", "content": pack.config.system_prompt}] + [{"role": m.role, "content": m.content}
+                                                                      for m in conversations[0]], tokenize=False)
+    assert len(texts) == len(documents) + len(conversations)
+
+
 def test_a_value_is_stated_as_a_whole_word_or_number():
     from vertical.edit import states
 
