@@ -403,6 +403,8 @@ def test_the_key_statistics_read_documents_and_chat_conversations_in_turn(tiny_p
         [{"role": "system", "content": pack.config.system_prompt}] + [{"role": m.role, "content": m.content}
                                                                       for m in conversations[0]], tokenize=False)
     assert len(texts) == len(documents) + len(conversations)
+    tokenizer.chat_template = None  # a model without a chat template: its documents alone
+    assert key_texts(pack, tokenizer) == documents
 
 
 def test_a_value_is_stated_as_a_whole_word_or_number():

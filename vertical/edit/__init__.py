@@ -342,7 +342,8 @@ def key_texts(pack, tokenizer, limit_chars: int = 400_000) -> list[str]:
     documents, _ = load_documents(pack.document_files(), pack.root)
     system = [{"role": "system", "content": pack.config.system_prompt}] if pack.config.system_prompt else []
     conversations = [tokenizer.apply_chat_template(system + [{"role": m.role, "content": m.content} for m in turns],
-                                                   tokenize=False) for turns in pack.instructions()]
+                                                   tokenize=False)
+                     for turns in (pack.instructions() if tokenizer.chat_template else [])]
     texts, total = [], 0
     for turn in range(max(len(documents), len(conversations))):
         for text in ([documents[turn].text] if turn < len(documents) else []) + conversations[turn: turn + 1]:
