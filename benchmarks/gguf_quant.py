@@ -55,25 +55,16 @@ def main() -> None:
 
     import torch
 
-    from vertical.answer import retrieve
-    from vertical.export import pack_questions
     from vertical.export.formats import AGREEMENT_TOKENS, _Context, served_answer
     from vertical.generation import greedy_ids
-    from vertical.index import open_index
     from vertical.models import load_causal_lm, load_tokenizer
-    from vertical.prompting import build_messages
 
     torch.set_num_threads(2)
     context = _Context(args.build)
-    index, embedder = open_index(args.build)
     config = context.pack.config
-    ids = []
     tokenizer = load_tokenizer(context.model_dir)
-    for question in pack_questions(context.pack)[args.skip: args.skip + args.prompts]:
-        sources, _ = retrieve(index, embedder.encode_query, question, config.stages.tune.rag_sources)
-        text = tokenizer.apply_chat_template(build_messages(config.system_prompt, question, sources or None),
-                                             add_generation_prompt=True, tokenize=False)
-        ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = [tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                     add_special_tokens=False)["input_ids"] for messages in context.prompts(args.skip, args.prompts)]
     model = load_causal_lm(context.model_dir).eval()
     original = {name: value.clone() for name, value in model.state_dict().items()}
     reference = [list(greedy_ids(model, prompt, AGREEMENT_TOKENS)) for prompt in ids]

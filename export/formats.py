@@ -84,8 +84,9 @@ class _Context:
         self.pack = load_pack(manifest.get("pack_dir") or manifest["pack"])
         self.model_dir, self.role, _ = model_to_export(build_dir, self.pack.config.stages.export)
 
-    def prompts(self) -> list[list[dict[str, str]]]:
-        """The pack's questions with their retrieved sources, as the server asks them."""
+    def prompts(self, start: int = 0, count: int = AGREEMENT_PROMPTS) -> list[list[dict[str, str]]]:
+        """The pack's questions from the `start`-th, `count` of them, with their retrieved sources, as
+        the server asks them."""
         from vertical.export import pack_questions
         from vertical.index import open_index
         from vertical.answer import retrieve
@@ -93,7 +94,7 @@ class _Context:
 
         index, embedder = open_index(self.build_dir)
         prompts = []
-        for question in pack_questions(self.pack)[:AGREEMENT_PROMPTS]:
+        for question in pack_questions(self.pack)[start: start + count]:
             sources, _ = retrieve(index, embedder.encode_query, question, self.pack.config.stages.tune.rag_sources)
             prompts.append(build_messages(self.pack.config.system_prompt, question, sources or None))
         return prompts

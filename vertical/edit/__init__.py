@@ -19,6 +19,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -345,10 +346,9 @@ def key_texts(pack, tokenizer, limit_chars: int = 400_000) -> list[str]:
                                                    tokenize=False)
                      for turns in (pack.instructions() if tokenizer.chat_template else [])]
     texts, total = [], 0
-    for turn in range(max(len(documents), len(conversations))):
-        for text in ([documents[turn].text] if turn < len(documents) else []) + conversations[turn: turn + 1]:
-            texts.append(text)
-            total += len(text)
+    for pair in zip_longest([d.text for d in documents], conversations):
+        texts += [text for text in pair if text is not None]
+        total += sum(len(text) for text in pair if text is not None)
         if total > limit_chars:
             break
     return texts
