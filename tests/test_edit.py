@@ -509,3 +509,24 @@ def test_edit_metrics_carry_easyedit_names(edited_build):
     assert metrics["after"]["rewrite_acc"] == metrics["after"]["efficacy"]
     assert metrics["after"]["rephrase_acc"] == metrics["after"]["generalization"]
     assert "portability" in metrics["after"]
+
+
+def test_fluency_reads_fixed_length_text_whatever_the_end_token_scores(tiny_model_dir, monkeypatch):
+    from vertical.edit import metrics
+    from vertical.models import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    scored = []
+    monkeypatch.setattr(metrics, "ngram_entropy", lambda row: scored.append(list(row)) or 1.0)
+
+    def end_at_once(_module, _args, logits):
+        logits[..., tokenizer.eos_token_id] += 1e4
+        return logits
+
+    handle = model.lm_head.register_forward_hook(end_at_once)
+    try:  # a model that would end every answer at once still has 12 tokens of text scored
+        assert metrics.fluency(model, tokenizer, ["The Zorblat fruit is", "Paris is"], tokens=12) == 1.0
+    finally:
+        handle.remove()
+    assert [len(row) for row in scored] == [12, 12]
+    assert all(tokenizer.eos_token_id not in row for row in scored)

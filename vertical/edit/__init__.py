@@ -197,7 +197,9 @@ def measure(editor: Editor, requests, true_targets: list[str]) -> dict[str, Any]
     from vertical.edit.metrics import fluency, score
 
     result = score(editor.model, editor.tokenizer, requests, true_targets)
-    result["fluency"] = fluency(editor.model, editor.tokenizer, [f"{r.subject} is" for r in requests[:5]])
+    # one continuation per edited subject, up to 20: five were too few to tell a loop from noise
+    subjects = list(dict.fromkeys(r.subject for r in requests))[:20]
+    result["fluency"] = fluency(editor.model, editor.tokenizer, [f"{subject} is" for subject in subjects])
     return result
 
 

@@ -6,7 +6,7 @@ locality        P(locality target) > P(target_new) on the locality prompts (fact
 portability     the greedy continuation of a portability prompt (a consequence of the new fact)
                 starts with its target, token for token
 rewrite_acc, rephrase_acc: EasyEdit's names for efficacy and generalization, reported beside them
-fluency         n-gram entropy of free generations about the subjects (lower = repetitive)
+fluency         n-gram entropy of fixed-length greedy text about the subjects (lower = repetitive)
 P(text) is the mean per-token probability of the target tokens after the prompt (log space).
 """
 
@@ -86,14 +86,13 @@ def ngram_entropy(text_tokens: list[int]) -> float:
 
 def fluency(model, tokenizer, prompts: list[str], tokens: int = 40) -> float | None:
     """Mean n-gram entropy of greedy continuations of `prompts`, generated together in one
-    left-padded batch (a CPU decodes five rows for about the price of one)."""
+    left-padded batch (a CPU decodes twenty rows for about the price of a few). Every continuation
+    is `tokens` long, the end token suppressed, as in ROME's fixed-length measure: a short answer
+    that ends well is not a repetitive one, and cut at its end it would score as one."""
     if not prompts:
         return None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    values = []
-    for row in generate_batch(model, [encode(tokenizer, prompt) for prompt in prompts], pad, tokens,
-                              repetition_penalty=1.0):
-        if tokenizer.eos_token_id in row:  # a finished row is padded to the batch's length
-            row = row[: row.index(tokenizer.eos_token_id) + 1]
-        values.append(ngram_entropy(row))
-    return round(sum(values) / len(values), 4)
+    suppressed = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
+    rows = generate_batch(model, [encode(tokenizer, prompt) for prompt in prompts], pad, tokens,
+                          repetition_penalty=1.0, suppress_tokens=suppressed)
+    return round(sum(ngram_entropy(row) for row in rows) / len(rows), 4)
