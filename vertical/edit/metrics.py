@@ -92,7 +92,10 @@ def fluency(model, tokenizer, prompts: list[str], tokens: int = 40) -> float | N
     if not prompts:
         return None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    suppressed = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
+    # every id that would end generation: the tokenizer's and the generation config's (one or a list)
+    ends = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ends = {tokenizer.eos_token_id, *(ends if isinstance(ends, list) else [ends])} - {None}
+    suppressed = sorted(ends) or None
     rows = generate_batch(model, [encode(tokenizer, prompt) for prompt in prompts], pad, tokens,
                           repetition_penalty=1.0, suppress_tokens=suppressed)
     return round(sum(ngram_entropy(row) for row in rows) / len(rows), 4)
