@@ -81,7 +81,8 @@ def main() -> None:
     args = parser.parse_args()
 
     build = args.build.resolve()
-    pack = json.loads((build / "manifest.json").read_text())["pack"]
+    manifest = json.loads((build / "manifest.json").read_text())
+    pack, pack_dir = manifest["pack"], manifest["pack_dir"]  # a customer's pack is a folder, not a name
     teacher_dir = best_model_dir(build)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="frontier-", dir=build.parent) as scratch:
@@ -89,7 +90,7 @@ def main() -> None:
         students = {}
         for keep in [float(k) for k in args.keep.split(",")]:
             print(f"student keeping {keep:.0%} of the layers: distilling ({args.steps} steps)", flush=True)
-            model_dir, metrics = train_student(pack, build, keep, args.steps, scratch / f"keep-{keep}")
+            model_dir, metrics = train_student(pack_dir, build, keep, args.steps, scratch / f"keep-{keep}")
             students[keep] = (model_dir, metrics)
             print(f"  {metrics['student_layers']} layers, retention {metrics.get('retention')} "
                   f"(student {metrics.get('student_score')} / teacher {metrics.get('teacher_score')}), "
