@@ -107,7 +107,8 @@ def main() -> None:
                                PROMPTS, lambda p: teacher_model.prompt_ids([{"role": "user", "content": p}]),
                                args.rounds)
         teacher_rate, teacher_first = speeds["teacher"]
-        rows.append({"model": "teacher", "layers": None, "retention": 1.0, "score": None,
+        teacher_score = next(iter(students.values()))[1].get("teacher_score") if students else None
+        rows.append({"model": "teacher", "layers": None, "retention": 1.0, "score": teacher_score,
                      "decode_tokens_per_s": round(teacher_rate, 1), "first_token_ms": round(teacher_first, 1),
                      "speedup": 1.0, "onnx_mb": onnx_megabytes(onnx["teacher"])})
         for keep, (_, metrics) in students.items():
@@ -122,8 +123,6 @@ def main() -> None:
                          "speedup": round(rate / teacher_rate, 2), "onnx_mb": onnx_megabytes(onnx[f"keep {keep}"])})
 
     teacher_layers = json.loads((teacher_dir / "config.json").read_text())["num_hidden_layers"]
-    if len(rows) > 1:
-        rows[0]["score"] = rows[1].get("teacher_score")
     lines = [f"Distillation frontier of {pack} ({build.name}): teacher {teacher_dir.relative_to(build)}, "
              f"{teacher_layers} layers; students distilled {args.steps} steps each on {os.cpu_count()} CPUs; "
              "ONNX int8 decode, whole vocabulary",
