@@ -148,7 +148,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     # Under torchrun / accelerate launch every rank trains; only rank 0 measures, decides and saves.
     main = int(os.environ.get("RANK", "0")) == 0
     sequences, counts = training_sequences(ctx, teacher, tokenizer, index, embedder, work)
-    lap("data_andteacher_answers")
+    lap("data_and_teacher_answers")
     # the layout is judged on a few training sequences (every 8th, up to PROBE_SEQUENCES), before any training
     probe = [s["input_ids"] for s in sequences[::8][:PROBE_SEQUENCES]]
     if student_dir is None:
