@@ -1,20 +1,19 @@
-"""Which tensors' Q8_0 rounding changes the GGUF export's greedy answers?
+"""Does the GGUF export's compensated Q8_0 rounding keep the model's greedy answers better than rounding to nearest?
 
-    python benchmarks/gguf_quant.py builds/medical [--prompts 20] [--skip 0]
+    python benchmarks/gguf_quant.py builds/medical [--prompts 40] [--skip 52]
 
-`vertical export --format gguf` checks its Q8_0 file against the build's model on the pack's prompts
-(greedy answers as the server cuts them, export/formats.py). This benchmark asks where the
-disagreements come from. It rounds chosen groups of the model's matrices through gguf's own Q8_0
-quantiser and back (what transformers' GGUF loader reads from the file), leaves the rest as they
-are, and compares greedy answers with the unrounded model on the same prompts, for:
+`vertical export --format gguf` checks its Q8_0 file against the build's model on the pack's first
+20 prompts (greedy answers as the server cuts them, export/formats.py) and calibrates its rounding
+on the 32 after them. This benchmark rounds every matrix of the model to Q8_0 and back (what
+transformers' GGUF loader reads from the file) in two ways and compares greedy answers with the
+unrounded model on other prompts of the pack:
 
-    all                 every matrix rounded (what the export writes)
-    all-but-embedding   the (tied) embedding and head left unrounded, as an F16 embedding would be
-    attention-only      only the attention matrices rounded
-    mlp-only            only the MLP matrices rounded
+    nearest       each weight to its nearest grid point (gguf's own quantiser)
+    compensated   as the export rounds: GPTQ on the layers' inputs over the export's calibration
+                  prompts (export/gptq.py), the tied embedding to nearest
 
-`--skip N` starts at the pack's N-th prompt, so the export's own check prompts (the first 20) can
-be left out. Results go to benchmarks/results/gguf-quant-<pack>.txt and .json.
+`--skip` (default 52) starts past the check's and the calibration's prompts, so neither is among
+those compared. Results go to benchmarks/results/gguf-quant-<pack>.txt and .json.
 """
 
 from __future__ import annotations
@@ -28,12 +27,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 HERE = Path(__file__).resolve().parent
-GROUPS = {
-    "all": lambda name: True,
-    "all-but-embedding": lambda name: "embed_tokens" not in name and "lm_head" not in name,
-    "attention-only": lambda name: "self_attn" in name,
-    "mlp-only": lambda name: ".mlp." in name,
-}
 
 
 def rounded(tensor):
@@ -49,13 +42,16 @@ def rounded(tensor):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("build", type=Path)
-    parser.add_argument("--prompts", type=int, default=20)
-    parser.add_argument("--skip", type=int, default=0, help="start at the pack's N-th prompt")
+    parser.add_argument("--prompts", type=int, default=40)
+    parser.add_argument("--skip", type=int, default=52, help="start at the pack's N-th prompt (past the export's 20 "
+                        "checked and 32 calibration prompts)")
     args = parser.parse_args()
 
     import torch
 
-    from vertical.export.formats import AGREEMENT_TOKENS, _Context, served_answer
+    from vertical.export.formats import (AGREEMENT_PROMPTS, AGREEMENT_TOKENS, CALIBRATION_PROMPTS, _Context,
+                                         served_answer)
+    from vertical.export.gptq import input_moments, round_q8_0
     from vertical.generation import greedy_ids
     from vertical.models import load_causal_lm, load_tokenizer
 
@@ -63,30 +59,47 @@ def main() -> None:
     context = _Context(args.build)
     config = context.pack.config
     tokenizer = load_tokenizer(context.model_dir)
-    ids = [tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
-                     add_special_tokens=False)["input_ids"] for messages in context.prompts(args.skip, args.prompts)]
+
+    def token_ids(prompts):
+        return [tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                          add_special_tokens=False)["input_ids"] for messages in prompts]
+    ids = token_ids(context.prompts(args.skip, args.prompts))
     model = load_causal_lm(context.model_dir).eval()
+    moments = input_moments(model, token_ids(context.prompts(AGREEMENT_PROMPTS, CALIBRATION_PROMPTS)))
+    moments.pop("lm_head", None)  # the head is tied to the embedding, which the export rounds to nearest
+
+    def compensated(name, tensor):
+        scales, values = round_q8_0(tensor.float().numpy(), moments.get(name.removesuffix(".weight")))
+        return torch.from_numpy(scales.astype("float32").repeat(32, axis=1) * values)
     original = {name: value.clone() for name, value in model.state_dict().items()}
     reference = [list(greedy_ids(model, prompt, AGREEMENT_TOKENS)) for prompt in ids]
+
+    def prompt_logits():  # the last 32 positions of each prompt: all of them would not fit in memory
+        with torch.inference_mode():
+            return [model(torch.tensor([prompt])).logits[:, -32:] for prompt in ids]
+    reference_logits = prompt_logits()
     answers = [served_answer(tokenizer, tokens) for tokens in reference]
 
     rows = []
-    for group, chosen in GROUPS.items():
-        state = {name: rounded(value) if value.ndim == 2 and chosen(name) else value for name, value in original.items()}
+    for rounding, round_matrix in (("nearest", lambda name, value: rounded(value)), ("compensated", compensated)):
+        state = {name: round_matrix(name, value) if value.ndim == 2 else value for name, value in original.items()}
         model.load_state_dict(state)
         started = time.perf_counter()
         got = [list(greedy_ids(model, prompt, AGREEMENT_TOKENS)) for prompt in ids]
-        rows.append({"rounded": group, "prompts": len(ids),
+        rows.append({"rounding": rounding, "prompts": len(ids),
                      "same_answers": sum(served_answer(tokenizer, g) == a for g, a in zip(got, answers)),
                      f"same_{AGREEMENT_TOKENS}_tokens": sum(g == r for g, r in zip(got, reference)),
+                     "logit_error": round(max(float((got - expected).norm() / expected.norm())  
+                                              for got, expected in zip(prompt_logits(), reference_logits)), 4),
                      "seconds": round(time.perf_counter() - started, 1)})
         print(rows[-1], flush=True)
 
     lines = [f"# GGUF Q8_0: greedy answers the same as the unrounded model ({config.name}, {context.role}, "
              f"pack prompts {args.skip}-{args.skip + len(ids) - 1})", "",
-             f"| matrices rounded to Q8_0 | same answers | same first {AGREEMENT_TOKENS} tokens |", "|---|---|---|"]
-    lines += [f"| {r['rounded']} | {r['same_answers']} of {r['prompts']} | {r[f'same_{AGREEMENT_TOKENS}_tokens']} "
-              f"of {r['prompts']} |" for r in rows]
+             f"| Q8_0 rounding of every matrix | same answers | same first {AGREEMENT_TOKENS} tokens | "
+             "largest relative change of a prompt's last 32 logits |", "|---|---|---|---|"]
+    lines += [f"| {r['rounding']} | {r['same_answers']} of {r['prompts']} | {r[f'same_{AGREEMENT_TOKENS}_tokens']} "
+              f"of {r['prompts']} | {r['logit_error']} |" for r in rows]
     out = HERE / "results" / f"gguf-quant-{config.name}"
     out.with_suffix(".txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps({"build": str(args.build), "skip": args.skip, "rows": rows},

@@ -14,8 +14,9 @@ The model is the one the ONNX bundle ships (`vertical.export.model_to_export`). 
 back twice before it is kept: by the `gguf` reader and by transformers' GGUF loader, whose greedy
 answers (to the end of the turn, cut by the loop guard as the server cuts them) are compared with
 the source model's on the pack's prompts, beside the share of prompts whose first 48 greedy
-tokens are all the same and how far the prompt's logits moved. The Q8_0 blocks are gguf's own quantiser; Q4_K_M is not offered because the
-package cannot write it.
+tokens are all the same and how far the prompt's logits moved. The Q8_0 blocks are rounded with
+their error on each layer's output compensated over the pack's other prompts (export/gptq.py) and
+written in gguf's layout; Q4_K_M is not offered because the `gguf` package cannot write it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ GGUF_FILE = "model.gguf"
 GGUF_QUANTS = ("q8_0", "f16")  # Q8_0 halves the file; F16 keeps the model's greedy answers
 AGREEMENT_TOKENS = 48  # greedy tokens compared per prompt between the source model and its GGUF
 AGREEMENT_PROMPTS = 20
+CALIBRATION_PROMPTS = 32  # pack prompts after the check's, whose layer inputs steer the Q8_0 rounding
 # Ollama's documented PARAMETER names: the Modelfile uses no other
 OLLAMA_PARAMETERS = ("num_ctx", "repeat_last_n", "repeat_penalty", "temperature", "seed", "stop", "num_predict",
                      "top_k", "top_p", "min_p")
@@ -57,8 +59,10 @@ def export_format(build_dir: Path, fmt: str, out: Path, check: bool = True, quan
         if fmt == "hf":
             _copy_hf_folder(context.model_dir, tmp / "model")
         else:
+            quant = quant or "q8_0"
+            moments = _calibration_moments(context) if quant == "q8_0" else None
             metrics.update(write_gguf(context.model_dir, tmp / GGUF_FILE, name=context.pack.config.name,
-                                      quant=quant or "q8_0"))
+                                      quant=quant, moments=moments))
             (tmp / "Modelfile").write_text(modelfile(context.model_dir, context.pack.config.system_prompt,
                                                      context.pack.config.disclaimer), encoding="utf-8")
             if check:
@@ -98,6 +102,24 @@ class _Context:
             sources, _ = retrieve(index, embedder.encode_query, question, self.pack.config.stages.tune.rag_sources)
             prompts.append(build_messages(self.pack.config.system_prompt, question, sources or None))
         return prompts
+
+
+def _calibration_moments(context: _Context) -> dict | None:
+    """The layers' input moments over the pack's prompts that come after the check's own, or None
+    (rounding to nearest) for a pack with no more prompts."""
+    from vertical.export.gptq import input_moments
+    from vertical.models import load_causal_lm, load_tokenizer
+
+    prompts = context.prompts(AGREEMENT_PROMPTS, CALIBRATION_PROMPTS)
+    if not prompts:
+        log.warning("export: the pack has no prompts beyond the %d the check uses, so Q8_0 rounds to nearest; "
+                    "add example questions or instructions to calibrate it", AGREEMENT_PROMPTS)
+        return None
+    tokenizer = load_tokenizer(context.model_dir)
+    ids = [tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                     add_special_tokens=False)["input_ids"] for messages in prompts]
+    log.info("export: calibrating the Q8_0 rounding on %d pack prompts", len(ids))
+    return input_moments(load_causal_lm(context.model_dir).eval(), ids)
 
 
 def _copy_hf_folder(model_dir: Path, out: Path) -> None:
@@ -158,12 +180,16 @@ def _llama_permute(weight, heads: int):
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_gguf(model_dir: Path, path: Path, name: str = "", quant: str = "q8_0") -> dict[str, Any]:
+def write_gguf(model_dir: Path, path: Path, name: str = "", quant: str = "q8_0",
+               moments: dict | None = None) -> dict[str, Any]:
     """Write a Llama-architecture Hugging Face folder as one GGUF file: matrices Q8_0 (or F16),
-    norms F32."""
+    norms F32. `moments` (`input_moments` of the model, by module name) make the Q8_0 rounding
+    compensate its error on each layer's output (export/gptq.py); without them it rounds to nearest."""
     import gguf
     import numpy as np
     from safetensors import safe_open
+
+    from vertical.export.gptq import BLOCK, q8_0_bytes, round_q8_0
 
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     if config.get("model_type") != "llama":
@@ -220,15 +246,18 @@ def write_gguf(model_dir: Path, path: Path, name: str = "", quant: str = "q8_0")
             if target is None:
                 raise VerticalError(f"{model_dir}: tensor {key} has no GGUF name for a Llama model; use --format hf")
             data = weights.get_tensor(key).astype(np.float32)
-            if key.endswith("q_proj.weight"):
-                data = _llama_permute(data, heads)
-            elif key.endswith("k_proj.weight"):
-                data = _llama_permute(data, kv_heads)
+            order = heads if key.endswith("q_proj.weight") else kv_heads if key.endswith("k_proj.weight") else None
+
+            def permuted(array):
+                return _llama_permute(array, order) if order else array
             if data.ndim == 2 and quant == "f16":
-                writer.add_tensor(target, data.astype(np.float16))
+                writer.add_tensor(target, permuted(data).astype(np.float16))
                 counts["F16"] += 1
-            elif data.ndim == 2 and data.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
-                writer.add_tensor(target, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
+            elif data.ndim == 2 and data.shape[-1] % BLOCK == 0:
+                # The embedding has no input moment and rounds to nearest; compensating it for the
+                # tied head's inputs changed none of its values on medical's build.
+                scales, values = round_q8_0(data, (moments or {}).get(key.removesuffix(".weight")))
+                writer.add_tensor(target, q8_0_bytes(permuted(scales), permuted(values)),
                                   raw_dtype=gguf.GGMLQuantizationType.Q8_0)
                 counts["Q8_0"] += 1
             else:
@@ -238,7 +267,9 @@ def write_gguf(model_dir: Path, path: Path, name: str = "", quant: str = "q8_0")
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"gguf_bytes": path.stat().st_size, "gguf_tensors": counts, "gguf_quant": quant.upper(), "tokenizer_pre": pre_name}
+    rounding = None if quant != "q8_0" else "gptq" if moments else "nearest"
+    return {"gguf_bytes": path.stat().st_size, "gguf_tensors": counts, "gguf_quant": quant.upper(),
+            "gguf_rounding": rounding, "tokenizer_pre": pre_name}
 
 
 def served_answer(tokenizer, tokens: list[int]) -> str:

@@ -58,6 +58,57 @@ def test_gguf_reads_back_with_the_same_greedy_answers_and_tokens(tiny_model_dir,
     assert checked["gguf_logit_error"] < 0.05  # Q8_0's rounding only
 
 
+def test_q8_0_blocks_are_laid_out_as_gguf_reads_them():
+    import gguf
+    import numpy as np
+
+    from vertical.export.gptq import q8_0_bytes, round_q8_0
+
+    weight = np.random.default_rng(0).normal(size=(6, 64)).astype(np.float32)
+    weight[2, :32] = 0.0  # a block of zeros keeps a zero scale
+    scales, values = round_q8_0(weight)
+    read = gguf.quants.dequantize(q8_0_bytes(scales, values), gguf.GGMLQuantizationType.Q8_0)
+    expected = np.repeat(scales.astype(np.float32), 32, axis=1) * values
+    assert read.shape == weight.shape and np.array_equal(read, expected)
+    step = np.repeat(scales.astype(np.float32), 32, axis=1)
+    assert np.all(np.abs(read - weight) <= step / 2 + 1e-6)  # without moments: the nearest grid point
+    assert np.all(read[2, :32] == 0) and np.abs(values).max() == 127
+
+
+def test_compensated_rounding_moves_the_layer_output_less_than_nearest():
+    """On inputs whose features are correlated (as a layer's are), GPTQ's rounding must change the
+    output X W^T less than rounding each weight to nearest; a wrong update order or sign makes it worse."""
+    import gguf
+    import numpy as np
+    import torch
+
+    from vertical.export.gptq import q8_0_bytes, round_q8_0
+
+    rng = np.random.default_rng(1)
+    inputs = rng.normal(size=(512, 64)) @ rng.normal(size=(64, 64)) + rng.normal(size=(1, 64)) * 3
+    weight = rng.normal(size=(48, 64)).astype(np.float32)
+    moment = torch.from_numpy(inputs.T @ inputs)
+
+    def output_error(scales, values):
+        read = gguf.quants.dequantize(q8_0_bytes(scales, values), gguf.GGMLQuantizationType.Q8_0)
+        return np.linalg.norm(inputs @ (read - weight).T)
+    nearest, compensated = output_error(*round_q8_0(weight)), output_error(*round_q8_0(weight, moment))
+    assert compensated < 0.7 * nearest, (compensated, nearest)
+
+
+def test_gguf_rounded_with_the_model_s_own_inputs_reads_back_the_same(tiny_model_dir, tmp_path):
+    from vertical.export.gptq import input_moments
+    from vertical.models import load_causal_lm
+
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    moments = input_moments(load_causal_lm(folder).eval(), [[1, 5, 9, 12, 40, 7], [3, 3, 8, 2]])
+    assert "lm_head" in moments and "model.layers.0.mlp.down_proj" in moments
+    written = write_gguf(folder, folder / "model.gguf", name="tiny", moments=moments)
+    assert written["gguf_rounding"] == "gptq"
+    checked = check_gguf(folder, folder / "model.gguf", PROMPTS)
+    assert checked["gguf_greedy_agreement"] == 1.0 and checked["gguf_logit_error"] < 0.05
+
+
 def test_gguf_with_q_and_k_left_in_hugging_face_order_is_caught(tiny_model_dir, tmp_path, monkeypatch):
     """The check can fail: without llama.cpp's rotary order for Q and K the logits move. A random
     tiny model attends almost uniformly, so its Q and K are sharpened first to make order matter."""

@@ -535,7 +535,7 @@ def _export_format(build: Path, fmt: str, out: Optional[Path], quant: Optional[s
     out = (out or build / f"export-{fmt}").resolve()
     if out.exists():
         raise VerticalError(f"{out} exists; remove it or choose another --out")
-    with console.status(f"exporting {build.name} as {fmt} (writing, then reading it back)"):
+    with console.status(f"exporting {build.name} as {fmt} ({'calibrating, ' if fmt == 'gguf' and quant != 'f16' else ''}writing, then reading it back)"):
         metrics = export_format(build, fmt, out, quant=quant)
     line = f"{fmt}: {out}  ({metrics['model']})"
     if fmt == "gguf":
