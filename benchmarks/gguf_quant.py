@@ -89,7 +89,7 @@ def main() -> None:
         rows.append({"rounding": rounding, "prompts": len(ids),
                      "same_answers": sum(served_answer(tokenizer, g) == a for g, a in zip(got, answers)),
                      f"same_{AGREEMENT_TOKENS}_tokens": sum(g == r for g, r in zip(got, reference)),
-                     "logit_error": round(max(float((got - expected).norm() / expected.norm())  
+                     "logit_error": round(max(float((got - expected).norm() / expected.norm())
                                               for got, expected in zip(prompt_logits(), reference_logits)), 4),
                      "seconds": round(time.perf_counter() - started, 1)})
         print(rows[-1], flush=True)

@@ -15,11 +15,7 @@ With H the identity no column is moved, and the rounding is round-to-nearest.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 BLOCK = 32  # weights per Q8_0 block (one fp16 scale each)
 DAMPING = 0.01  # share of H's mean diagonal added to it, so its inverse exists and stays tame
