@@ -66,7 +66,7 @@ def main() -> None:
     ids = token_ids(context.prompts(args.skip, args.prompts))
     model = load_causal_lm(context.model_dir).eval()
     moments = input_moments(model, token_ids(context.prompts(AGREEMENT_PROMPTS, CALIBRATION_PROMPTS)))
-    moments.pop("lm_head", None)  # the head is tied to the embedding, which the export rounds to nearest
+    moments.pop("lm_head", None)  # as in the file: the tied head is the embedding, rounded to nearest
 
     def compensated(name, tensor):
         scales, values = round_q8_0(tensor.float().numpy(), moments.get(name.removesuffix(".weight")))

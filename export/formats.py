@@ -254,8 +254,8 @@ def write_gguf(model_dir: Path, path: Path, name: str = "", quant: str = "q8_0",
                 writer.add_tensor(target, permuted(data).astype(np.float16))
                 counts["F16"] += 1
             elif data.ndim == 2 and data.shape[-1] % BLOCK == 0:
-                # The embedding has no input moment and rounds to nearest; compensating it for the
-                # tied head's inputs changed none of its values on medical's build.
+                # Only layers that multiply an input have a moment; the embedding is looked up and
+                # rounds to nearest.
                 scales, values = round_q8_0(data, (moments or {}).get(key.removesuffix(".weight")))
                 writer.add_tensor(target, q8_0_bytes(permuted(scales), permuted(values)),
                                   raw_dtype=gguf.GGMLQuantizationType.Q8_0)
