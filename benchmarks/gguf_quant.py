@@ -12,6 +12,9 @@ unrounded model on other prompts of the pack:
     compensated   as the export rounds: GPTQ on the layers' inputs over the export's calibration
                   prompts (export/gptq.py), the tied embedding to nearest
 
+and, as llama.cpp's quantiser can keep some tensors at F16 (`--token-embedding-type`), compensated
+with the embedding at F16, and with the embedding and the first and last layers at F16.
+
 `--skip` (default 52) starts past the check's and the calibration's prompts, so neither is among
 those compared. Results go to benchmarks/results/gguf-quant-<pack>.txt and .json.
 """
@@ -68,9 +71,13 @@ def main() -> None:
     moments = input_moments(model, token_ids(context.prompts(AGREEMENT_PROMPTS, CALIBRATION_PROMPTS)))
     moments.pop("lm_head", None)  # as in the file: the tied head is the embedding, rounded to nearest
 
+    rounded_once: dict = {}
+
     def compensated(name, tensor):
-        scales, values = round_q8_0(tensor.float().numpy(), moments.get(name.removesuffix(".weight")))
-        return torch.from_numpy(scales.astype("float32").repeat(32, axis=1) * values)
+        if name not in rounded_once:
+            scales, values = round_q8_0(tensor.float().numpy(), moments.get(name.removesuffix(".weight")))
+            rounded_once[name] = torch.from_numpy(scales.astype("float32").repeat(32, axis=1) * values)
+        return rounded_once[name]
     original = {name: value.clone() for name, value in model.state_dict().items()}
     reference = [list(greedy_ids(model, prompt, AGREEMENT_TOKENS)) for prompt in ids]
 
@@ -80,8 +87,17 @@ def main() -> None:
     reference_logits = prompt_logits()
     answers = [served_answer(tokenizer, tokens) for tokens in reference]
 
+    last = f"layers.{model.config.num_hidden_layers - 1}."
+
+    def kept_f16(*parts):
+        def round_matrix(name, value):
+            return value.half().float() if any(part in name for part in parts) else compensated(name, value)
+        return round_matrix
     rows = []
-    for rounding, round_matrix in (("nearest", lambda name, value: rounded(value)), ("compensated", compensated)):
+    for rounding, round_matrix in (("nearest", lambda name, value: rounded(value)), ("compensated", compensated),
+                                   ("compensated, embedding F16", kept_f16("embed_tokens")),
+                                   ("compensated, embedding and first and last layers F16",
+                                    kept_f16("embed_tokens", "layers.0.", last))):
         state = {name: round_matrix(name, value) if value.ndim == 2 else value for name, value in original.items()}
         model.load_state_dict(state)
         started = time.perf_counter()
@@ -96,7 +112,7 @@ def main() -> None:
 
     lines = [f"# GGUF Q8_0: greedy answers the same as the unrounded model ({config.name}, {context.role}, "
              f"pack prompts {args.skip}-{args.skip + len(ids) - 1})", "",
-             f"| Q8_0 rounding of every matrix | same answers | same first {AGREEMENT_TOKENS} tokens | "
+             f"| Q8_0 rounding | same answers | same first {AGREEMENT_TOKENS} tokens | "
              "largest relative change of a prompt's last 32 logits |", "|---|---|---|---|"]
     lines += [f"| {r['rounding']} | {r['same_answers']} of {r['prompts']} | {r[f'same_{AGREEMENT_TOKENS}_tokens']} "
               f"of {r['prompts']} | {r['logit_error']} |" for r in rows]
