@@ -88,6 +88,9 @@ def main() -> None:
     answers = [served_answer(tokenizer, tokens) for tokens in reference]
 
     last = f"layers.{model.config.num_hidden_layers - 1}."
+    # The tied head is the embedding: the state dict holds it twice and loads lm_head last, so
+    # keeping the embedding at F16 keeps the head at F16 too.
+    embedding = ("embed_tokens", "lm_head") if model.config.tie_word_embeddings else ("embed_tokens",)
 
     def kept_f16(*parts):
         def round_matrix(name, value):
@@ -95,9 +98,9 @@ def main() -> None:
         return round_matrix
     rows = []
     for rounding, round_matrix in (("nearest", lambda name, value: rounded(value)), ("compensated", compensated),
-                                   ("compensated, embedding F16", kept_f16("embed_tokens")),
+                                   ("compensated, embedding F16", kept_f16(*embedding)),
                                    ("compensated, embedding and first and last layers F16",
-                                    kept_f16("embed_tokens", "layers.0.", last))):
+                                    kept_f16(*embedding, "layers.0.", last))):
         state = {name: round_matrix(name, value) if value.ndim == 2 else value for name, value in original.items()}
         model.load_state_dict(state)
         started = time.perf_counter()
