@@ -53,7 +53,7 @@ def main() -> None:
     import torch
 
     from vertical.export.formats import (AGREEMENT_PROMPTS, AGREEMENT_TOKENS, CALIBRATION_PROMPTS, _Context,
-                                         served_answer)
+                                         chat_ids, served_answer)
     from vertical.export.gptq import input_moments, round_q8_0
     from vertical.generation import greedy_ids
     from vertical.models import load_causal_lm, load_tokenizer
@@ -63,12 +63,9 @@ def main() -> None:
     config = context.pack.config
     tokenizer = load_tokenizer(context.model_dir)
 
-    def token_ids(prompts):
-        return [tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
-                          add_special_tokens=False)["input_ids"] for messages in prompts]
-    ids = token_ids(context.prompts(args.skip, args.prompts))
+    ids = chat_ids(tokenizer, context.prompts(args.skip, args.prompts))
     model = load_causal_lm(context.model_dir).eval()
-    moments = input_moments(model, token_ids(context.prompts(AGREEMENT_PROMPTS, CALIBRATION_PROMPTS)))
+    moments = input_moments(model, chat_ids(tokenizer, context.prompts(AGREEMENT_PROMPTS, CALIBRATION_PROMPTS)))
     moments.pop("lm_head", None)  # as in the file: the tied head is the embedding, rounded to nearest
 
     rounded_once: dict = {}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -92,16 +93,22 @@ class _Context:
         """The pack's questions from the `start`-th, `count` of them, with their retrieved sources, as
         the server asks them."""
         from vertical.export import pack_questions
-        from vertical.index import open_index
         from vertical.answer import retrieve
         from vertical.prompting import build_messages
 
-        index, embedder = open_index(self.build_dir)
+        index, embedder = self._retrieval
         prompts = []
         for question in pack_questions(self.pack)[start: start + count]:
             sources, _ = retrieve(index, embedder.encode_query, question, self.pack.config.stages.tune.rag_sources)
             prompts.append(build_messages(self.pack.config.system_prompt, question, sources or None))
         return prompts
+
+    @cached_property
+    def _retrieval(self):
+        """The build's index and embedder, opened once for the calibration and the check prompts."""
+        from vertical.index import open_index
+
+        return open_index(self.build_dir)
 
 
 def _calibration_moments(context: _Context) -> dict | None:
@@ -115,11 +122,15 @@ def _calibration_moments(context: _Context) -> dict | None:
         log.warning("export: the pack has no prompts beyond the %d the check uses, so Q8_0 rounds to nearest; "
                     "add example questions or instructions to calibrate it", AGREEMENT_PROMPTS)
         return None
-    tokenizer = load_tokenizer(context.model_dir)
-    ids = [tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
-                     add_special_tokens=False)["input_ids"] for messages in prompts]
+    ids = chat_ids(load_tokenizer(context.model_dir), prompts)
     log.info("export: calibrating the Q8_0 rounding on %d pack prompts", len(ids))
     return input_moments(load_causal_lm(context.model_dir).eval(), ids)
+
+
+def chat_ids(tokenizer, prompts: list[list[dict[str, str]]]) -> list[list[int]]:
+    """Each prompt's token ids in the model's chat template, as the server sends it."""
+    return [tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                      add_special_tokens=False)["input_ids"] for messages in prompts]
 
 
 def _copy_hf_folder(model_dir: Path, out: Path) -> None:
@@ -254,8 +265,8 @@ def write_gguf(model_dir: Path, path: Path, name: str = "", quant: str = "q8_0",
                 writer.add_tensor(target, permuted(data).astype(np.float16))
                 counts["F16"] += 1
             elif data.ndim == 2 and data.shape[-1] % BLOCK == 0:
-                # Only layers that multiply an input have a moment; the embedding is looked up and
-                # rounds to nearest.
+                # The embedding has no moment (it is looked up, not multiplied by an input), so its
+                # rounding has no output error to compensate.
                 scales, values = round_q8_0(data, (moments or {}).get(key.removesuffix(".weight")))
                 writer.add_tensor(target, q8_0_bytes(permuted(scales), permuted(values)),
                                   raw_dtype=gguf.GGMLQuantizationType.Q8_0)
