@@ -130,3 +130,45 @@ def test_a_span_must_beat_the_models_answer_by_a_margin():
 
     assert ask({"80 g/L [1]": -4.0 + MARGIN / 2, "70 g/L [1]": -4.0}, "70 g/L [1].")[0] is None
     assert ask({"80 g/L [1]": -4.0 + MARGIN * 2, "70 g/L [1]": -4.0}, "70 g/L [1].")[0] == "80 g/L [1]."
+
+
+@pytest.mark.parametrize("span, expected", [("15 percent", "percent"), ("1.5% of NAV", "percent"), ("GBP 180", "money"),
+                                            ("80 pence", "money"), ("twelve years old", "age"), ("90 days", "duration"),
+                                            ("fifteen years", "duration"), ("10 business days", "duration"),
+                                            ("2016", "year"), ("12 September 2016", "year"), ("289 DR", "year"),
+                                            ("1989-90", "year"), ("300 mg per day", "number"), ("1500 mg", "number"),
+                                            ("extension 6712", "number"), ("Old Brannoc", "text"), ("thirty", "text")])
+def test_the_kind_of_value_a_span_states(span, expected):
+    from vertical.reader import kind
+
+    assert kind(span) == expected
+
+
+def test_a_question_rules_out_only_the_kinds_that_contradict_it():
+    from vertical.reader import AGE, DURATION, MONEY, NUMBER, PERCENT, TEXT, YEAR, ruled_out
+
+    assert YEAR in ruled_out("How old was Orrin when he started mining?")
+    assert YEAR in ruled_out("What was Ilse's tenure as leader?") and DURATION not in ruled_out("How long is the tenure?")
+    assert DURATION in ruled_out("How much salbutamol goes into the nebuliser?")
+    assert DURATION in ruled_out("What daily dose of aspirin is started?") and NUMBER not in ruled_out("What dose?")
+    # the first wording that matches decides: a length of time answers "how long ... to pay"
+    assert DURATION not in ruled_out("How long does the supplier have to pay an invoice?")
+    assert {PERCENT, MONEY, AGE, DURATION, YEAR} <= ruled_out("Who signs off the flight?")
+    assert not {NUMBER, TEXT} & ruled_out("Who signs off the flight?")
+    assert ruled_out("What is the yearly management fee?") == set()  # a fee may be a percentage
+
+
+def test_an_answer_of_a_ruled_out_kind_or_that_repeats_the_question_gives_way_to_a_span():
+    evidence = [source(4, "Orrin Vell went down the Deepvein in 289 DR, twelve years old.",
+                       "Old Brannoc is Jory Thornwick's godfather.")]
+    model = ScoredPrefill({"289 DR [4]": -1.0, "twelve years old [4]": -6.0, "Jory Thornwick [4]": -1.0,
+                           "Old Brannoc [4]": -6.0})
+    chosen = reconsider(lambda: model, model.tokenize, "How old was Orrin Vell when he started mining?", evidence,
+                        "289 DR [4].", False)
+    assert chosen == "twelve years old [4]."
+    chosen = reconsider(lambda: model, model.tokenize, "Who is Jory Thornwick's godfather?", evidence,
+                        "Jory Thornwick [4].", False)
+    assert chosen == "Old Brannoc [4]."
+    # of an allowed kind and likelier, the model's own answer stays
+    chosen = reconsider(lambda: model, model.tokenize, "In what year did Orrin start mining?", evidence, "289 DR [4].", False)
+    assert chosen is None

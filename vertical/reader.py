@@ -4,8 +4,9 @@
     -> the model's own greedy answer, as before; its head ("70 g/L" of "70 g/L [1]. ...")
     -> candidate spans of the evidence: 1..MAX_SPAN_WORDS words, starting at the STARTS words the
        model most expects to write first, not ending in a stopword or in a number whose unit
-       follows, not made only of the question's own words, and holding a number when the question
-       asks for one
+       follows, not made only of the question's own words, holding a number when the question
+       asks for one, and of a kind the question allows (`kind`: no year for "how old", no length
+       of time for "what dose", no figure for "who")
     -> each candidate and the head score log P("<text> [n]") under the same model, plus how well
        the words around it match the question (CONTEXT_WEIGHT x the question's words within
        CONTEXT_WORDS of the span, SENTENCE_WEIGHT x the share of the question's words in its
@@ -13,7 +14,7 @@
     -> the best span replaces the model's answer when it scores MARGIN higher than the head (a
        head of at most MAX_SPAN_WORDS words: a sentence-long answer is not weighed against short
        spans), or when the model's answer states what its evidence does not
-       (vertical.evidence.check_answer)
+       (vertical.evidence.check_answer) or is of a kind the question rules out
 
 A 135M-parameter reader that writes freely commits to its first token greedily and garbles
 figures ("133 mg" for the evidence's "5 mg twice daily" beside "133 micromol/L"); scored as whole
@@ -65,6 +66,50 @@ _CURRENCY = re.compile(r"^(?:[A-Z]{3}|[$£€¥])$")
 _DIGIT = re.compile(r"\d")
 # where the model's own short answer ends: at its citation, a line break or a sentence's end
 _HEAD_END = re.compile(r"\s*\[|\n|(?<=[A-Za-z0-9%)])[.,;](?:\s|$)")
+
+
+# The kind of value a span states, tried in this order: "15 percent", "GBP 180" / "80 pence",
+# "12 years old", "90 days" / "every 3 months" / "fifteen years", "2016" / "12 September 2016" /
+# "289 DR" / "1989-90", any other figure, text.
+PERCENT, MONEY, AGE, DURATION, YEAR, NUMBER, TEXT = "percent", "money", "age", "duration", "year", "number", "text"
+_TIME_UNIT = r"(?:seconds?|minutes?|mins?|hours?|hrs?|days?|weeks?|fortnights?|months?|years?|decades?)"
+_MONTH = r"(?:January|February|March|April|May|June|July|August|September|October|November|December)"
+_SPAN_KINDS = (
+    (PERCENT, re.compile(r"%|\bper ?cent\b", re.IGNORECASE)),
+    (MONEY, re.compile(r"[£$€¥]|\b(?:GBP|USD|EUR|pence|pounds?|dollars?|euros?)\b")),
+    (AGE, re.compile(r"\byears? old\b|\baged? \d", re.IGNORECASE)),
+    # a count of time units ("per day" of "300 mg per day" is a rate, not a length of time)
+    (DURATION, re.compile(r"\d[ -](?:business |working |calendar )?" + _TIME_UNIT + r"\b", re.IGNORECASE)),
+    (YEAR, re.compile(r"^(?:in |since |from |by |until )?(?:1[5-9]\d\d|20\d\d)(?:[-/]\d{2,4})?$|\b\d+ (?:DR|AD|BC|BCE|CE)\b"
+                      r"|\b" + _MONTH + r",? \d{4}\b")),
+)
+# What a question's wording rules out: the first pattern that matches gives the span kinds that
+# cannot answer it. Only contradictions are ruled out, not every kind but the expected one: a fee
+# may be a percentage, "how long" may be answered "until the end of the term".
+_RULED_OUT = (
+    (re.compile(r"\bhow old\b|\bat what age\b|\bwhat age\b", re.IGNORECASE), {YEAR, MONEY, PERCENT}),
+    (re.compile(r"\bhow long\b|\bhow soon\b|\bhow many (?:business |working )?" + _TIME_UNIT + r"|\btenure\b",
+                re.IGNORECASE), {YEAR, MONEY, PERCENT}),
+    (re.compile(r"\b(?:what|which) year\b|\bon what date\b", re.IGNORECASE), {DURATION, AGE, MONEY, PERCENT}),
+    (re.compile(r"\bdose\b|\bhow much (?!time\b)\w+ (?:goes|is given|is used)\b", re.IGNORECASE), {DURATION, YEAR, AGE}),
+    (re.compile(r"\b(?:cost|costs|price|pay|pays|paid|charge|charges|sell|sells|fine|salary|spend)\b", re.IGNORECASE),
+     {DURATION, YEAR, AGE}),
+    (re.compile(r"^\W*(?:who|whom)\b", re.IGNORECASE), {PERCENT, MONEY, AGE, DURATION, YEAR}),
+)
+
+
+def kind(span: str) -> str:
+    """The kind of value `span` states (PERCENT ... TEXT, see _SPAN_KINDS)."""
+    span = digits(span.strip(_EDGE))
+    for name, pattern in _SPAN_KINDS:
+        if pattern.search(span):
+            return name
+    return NUMBER if _DIGIT.search(span) else TEXT
+
+
+def ruled_out(question: str) -> set[str]:
+    """The kinds of value that cannot answer `question` (none where its wording says nothing)."""
+    return next((kinds for pattern, kinds in _RULED_OUT if pattern.search(question)), set())
 
 
 def is_factoid(question: str) -> bool:
@@ -160,7 +205,7 @@ def _spans(words: list[str], start: int) -> list[str]:
 
 def candidates(question: str, sources: Sequence[Source]) -> list[list[Candidate]]:
     """The evidence's candidate answers, grouped by the word they start at."""
-    asked, wants_number = _words(question), asks_for_number(question)
+    asked, wants_number, excluded = _words(question), asks_for_number(question), ruled_out(question)
     stems = _question_words(question)
     groups: list[list[Candidate]] = []
     loose: list[list[Candidate]] = []  # the same, without asking for a number: when none holds one
@@ -175,7 +220,8 @@ def candidates(question: str, sources: Sequence[Source]) -> list[list[Candidate]
                 if i and _NUMBER_WORD.match(head) and _CURRENCY.match(words[i - 1]):
                     continue  # "100" of "GBP 100": the amount starts at its currency
                 found = [Candidate(text, source.number, context(stems, words, i, len(text.split())))
-                         for text in _spans(words, i) if not _words(text) <= asked and (source.number, text) not in seen]
+                         for text in _spans(words, i)
+                         if not _words(text) <= asked and kind(text) not in excluded and (source.number, text) not in seen]
                 seen.update((c.source, c.text) for c in found)
                 if found:
                     loose.append(found)
@@ -237,7 +283,10 @@ def read(prefill: Callable[[], Prefilled], tokenize: Callable[[str], list[int]],
     texts = [f"{c.text} [{c.source}]" for c in chosen] + ([f"{head} [{cited}]"] if head else [])
     scores = [sum(row) for row in prefilled.follow([tokenize(text) for text in texts])]
     cited_source = next((s for s in sources if s.number == cited), None)
-    own = scores[-1] + _head_context(_question_words(question), head, cited_source) if head else -np.inf
+    # a head that only repeats the question ("Jory Thornwick" for Jory Thornwick's godfather) or
+    # is of a kind the question rules out ("289 DR" for how old) is no answer: any span is better
+    answers = head and not _words(head) <= _words(question) and kind(head) not in ruled_out(question)
+    own = scores[-1] + _head_context(_question_words(question), head, cited_source) if answers else -np.inf
     return Reading(chosen, scores[:len(chosen)], head, own, unsupported)
 
 
