@@ -169,6 +169,10 @@ def test_an_answer_of_a_ruled_out_kind_or_that_repeats_the_question_gives_way_to
     chosen = reconsider(lambda: model, model.tokenize, "Who is Jory Thornwick's godfather?", evidence,
                         "Jory Thornwick [4].", False)
     assert chosen == "Old Brannoc [4]."
+    # an answer whose second sentence holds more than the question's words is weighed as usual
+    chosen = reconsider(lambda: model, model.tokenize, "Who is Jory Thornwick's godfather?", evidence,
+                        "Jory Thornwick [4]. His godfather is Old Brannoc.", False)
+    assert chosen is None
     # of an allowed kind and likelier, the model's own answer stays
     chosen = reconsider(lambda: model, model.tokenize, "In what year did Orrin start mining?", evidence, "289 DR [4].", False)
     assert chosen is None

@@ -65,6 +65,7 @@ _NUMBER_WORD = re.compile(r"^[\d.,:/%-]+$")
 _CURRENCY = re.compile(r"^(?:[A-Z]{3}|[$£€¥])$")
 _DIGIT = re.compile(r"\d")
 # where the model's own short answer ends: at its citation, a line break or a sentence's end
+_CITATION = re.compile(r"\[\d{1,2}\]")
 _HEAD_END = re.compile(r"\s*\[|\n|(?<=[A-Za-z0-9%)])[.,;](?:\s|$)")
 
 
@@ -283,9 +284,11 @@ def read(prefill: Callable[[], Prefilled], tokenize: Callable[[str], list[int]],
     texts = [f"{c.text} [{c.source}]" for c in chosen] + ([f"{head} [{cited}]"] if head else [])
     scores = [sum(row) for row in prefilled.follow([tokenize(text) for text in texts])]
     cited_source = next((s for s in sources if s.number == cited), None)
-    # a head that only repeats the question ("Jory Thornwick" for Jory Thornwick's godfather) or
-    # is of a kind the question rules out ("289 DR" for how old) is no answer: any span is better
-    answers = head and not _words(head) <= _words(question) and kind(head) not in ruled_out(question)
+    # an answer that only repeats the question ("Jory Thornwick [1]." for Jory Thornwick's
+    # godfather; the whole answer, as a second sentence may hold what the head does not) or whose
+    # head is of a kind the question rules out ("289 DR" for how old) is no answer: any span is better
+    repeats = _words(_CITATION.sub(" ", answer)) <= _words(question)
+    answers = head and not repeats and kind(head) not in ruled_out(question)
     own = scores[-1] + _head_context(_question_words(question), head, cited_source) if answers else -np.inf
     return Reading(chosen, scores[:len(chosen)], head, own, unsupported)
 
