@@ -14,7 +14,8 @@
     -> the best span replaces the model's answer when it scores MARGIN higher than the head (a
        head of at most MAX_SPAN_WORDS words: a sentence-long answer is not weighed against short
        spans), or when the model's answer states what its evidence does not
-       (vertical.evidence.check_answer) or is of a kind the question rules out
+       (vertical.evidence.check_answer), only repeats the question, or is of a kind the
+       question rules out
 
 A 135M-parameter reader that writes freely commits to its first token greedily and garbles
 figures ("133 mg" for the evidence's "5 mg twice daily" beside "133 micromol/L"); scored as whole
@@ -64,8 +65,8 @@ _EDGE = "\"'()[]{},;:.!?*"
 _NUMBER_WORD = re.compile(r"^[\d.,:/%-]+$")
 _CURRENCY = re.compile(r"^(?:[A-Z]{3}|[$£€¥])$")
 _DIGIT = re.compile(r"\d")
+_CITATION = re.compile(r"\[\d{1,2}\]")  # "[2]": not a word of the answer
 # where the model's own short answer ends: at its citation, a line break or a sentence's end
-_CITATION = re.compile(r"\[\d{1,2}\]")
 _HEAD_END = re.compile(r"\s*\[|\n|(?<=[A-Za-z0-9%)])[.,;](?:\s|$)")
 
 
