@@ -70,9 +70,9 @@ _CITATION = re.compile(r"\[\d{1,2}\]")  # "[2]": not a word of the answer
 _HEAD_END = re.compile(r"\s*\[|\n|(?<=[A-Za-z0-9%)])[.,;](?:\s|$)")
 
 
-# The kind of value a span states, tried in this order: "15 percent", "GBP 180" / "80 pence",
-# "12 years old", "90 days" / "every 3 months" / "fifteen years", "2016" / "12 September 2016" /
-# "289 DR" / "1989-90", any other figure, text.
+# The kinds of value a span can state, tried in this order so that an amount of money "a day" is
+# money and an age in years is an age, not a length of time: a percentage, money, an age, a count
+# of time units, a year or calendar date (a year of an era included), any other figure, text.
 PERCENT, MONEY, AGE, DURATION, YEAR, NUMBER, TEXT = "percent", "money", "age", "duration", "year", "number", "text"
 _TIME_UNIT = r"(?:seconds?|minutes?|mins?|hours?|hrs?|days?|weeks?|fortnights?|months?|years?|decades?)"
 _MONTH = r"(?:January|February|March|April|May|June|July|August|September|October|November|December)"
