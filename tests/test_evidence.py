@@ -103,6 +103,16 @@ def test_generated_questions_ask_for_a_span_of_their_sentence_and_skip_held_out_
     assert all("warden" not in q.question.lower() and "draught" not in q.question.lower() for q in near)
 
 
+def test_a_small_pack_gets_a_question_from_every_sentence_that_holds_a_fact():
+    text = ("The ferry to Skelda leaves at 07:40 on weekdays. A return ticket for a car costs £38 in winter. "
+            "The harbour office closes at 17:00 on Saturdays. Form IC-3 is signed by Captain Niamh Ferrier each year. "
+            "The linkspan at the quay carries vehicles of up to 44 tonnes.")
+    chunk = FakeChunk("f#0", "ferry", "Ferry", "f.md", 0, len(text), text)
+    found = generate_questions([chunk], 10, 0, held_out_facts=set(), held_out_questions=[])
+    assert len(found) == 5 and len({q.sentence for q in found}) == 5  # not two: the chunk is visited again
+    assert len(generate_questions([chunk], 3, 0, held_out_facts=set(), held_out_questions=[])) == 3
+
+
 def test_how_much_questions_favour_sentences_that_state_a_number():
     assert asks_for_number("How long can step-in last?") and asks_for_number("What is the fee cap?")
     assert not asks_for_number("Who owns the travel policy?")

@@ -54,7 +54,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("index", "embedder to ONNX; chunk, embed and index the pack's documents; measure retrieval", (), "vertical.index:run", "vertical.index:inputs",
           version=3),
     Stage("tune", "LoRA fine-tuning on the pack's instructions and questions generated from its documents, "
-          "reading retrieved evidence", ("base", "index"), "vertical.tune:run", "vertical.tune:inputs", version=6,
+          "reading retrieved evidence", ("base", "index"), "vertical.tune:run", "vertical.tune:inputs", version=7,
           distributed=True),
     Stage("edit", "write the pack's knowledge edits into the FFN weights (ROME / MEMIT)", ("base",), "vertical.edit:run",
           "vertical.edit:inputs", uses=("tune",)),

@@ -36,6 +36,7 @@ _NO_QUESTION = re.compile(r"[=|+^\"“”]|^['‘(]")
 _MONEY = re.compile(r"^(?:£|\$|€|USD|GBP|EUR)")
 _CLAUSE_BREAK = re.compile(r";|:| — | - |, (?=and |but |while |which |whereas |so )")
 MIN_WORDS, MAX_WORDS = 5, 28
+SENTENCES_PER_PASS = 2  # sentences of a chunk tried before the next chunk's
 
 
 @dataclass
@@ -146,39 +147,55 @@ def _chunks_in_turns(chunks: list, rng: random.Random) -> list:
 
 def generate_questions(chunks: list, count: int, seed: int, held_out_facts: set[tuple[str, str]],
                        held_out_questions: list[str]) -> list[GeneratedQuestion]:
-    """Up to `count` template questions, one per sentence and at most two per chunk, the pack's
-    files taking turns; none about a fact of `held_out_facts` ((doc_id, normalised answer) pairs of
-    the pack's evaluation items) or close to one of `held_out_questions` (half or more of its
-    content words)."""
+    """Up to `count` template questions, one per sentence, the pack's files taking turns; none
+    about a fact of `held_out_facts` ((doc_id, normalised answer) pairs of the pack's evaluation
+    items) or close to one of `held_out_questions` (half or more of its content words).
+
+    The chunks are visited in passes of SENTENCES_PER_PASS sentences each: a large pack has its
+    questions from many chunks, while a pack of a dozen documents, which the first pass leaves
+    short, still gets as many as its sentences hold."""
     from vertical.scoring import normalize
 
     rng = random.Random(seed)
     held_words = [content_words(q) for q in held_out_questions]
     found: list[GeneratedQuestion] = []
     seen_sentences: set[str] = set()
-    for chunk in _chunks_in_turns(chunks, rng):
-        # a chunk that starts inside a sentence (its overlap) begins with a fragment
-        sentences = [s for s in split_sentences(chunk.text, chunk.start) if not s.text[0].islower()]
-        rng.shuffle(sentences)
-        for sentence in sentences[:2]:
-            if sentence.text in seen_sentences:
-                continue
-            spans = _answer_spans(sentence.text)
-            rng.shuffle(spans)
-            for start, end, kind in spans:
-                answer = sentence.text[start:end]
-                made = question_for(sentence.text, start, end, kind)
-                if made is None or (chunk.doc_id, normalize(answer)) in held_out_facts:
+    visits = [[chunk, None] for chunk in _chunks_in_turns(chunks, rng)]
+    for first in itertools.count(0, SENTENCES_PER_PASS):
+        if first and not any(len(sentences) > first for _, sentences in visits):
+            return found
+        for visit in visits:
+            chunk, sentences = visit
+            if sentences is None:  # shuffled when first visited, so a pass draws as it always has
+                # a chunk that starts inside a sentence (its overlap) begins with a fragment
+                sentences = visit[1] = [s for s in split_sentences(chunk.text, chunk.start) if not s.text[0].islower()]
+                rng.shuffle(sentences)
+            for sentence in sentences[first:first + SENTENCES_PER_PASS]:
+                if sentence.text in seen_sentences:
                     continue
-                question, reply = made
-                words = content_words(question)
-                if any(h and len(words & h) >= len(h) / 2 for h in held_words):
-                    continue
-                seen_sentences.add(sentence.text)
-                found.append(GeneratedQuestion(question, answer, reply, chunk.doc_id, chunk.id,
-                                               (sentence.start + start, sentence.start + end), sentence.text,
-                                               f"wh-{kind}"))
-                break
-            if len(found) >= count:
-                return found
+                made = _question_about(sentence, chunk, rng, held_out_facts, held_words, normalize)
+                if made is not None:
+                    seen_sentences.add(sentence.text)
+                    found.append(made)
+                if len(found) >= count:
+                    return found
     return found
+
+
+def _question_about(sentence, chunk, rng: random.Random, held_out_facts: set[tuple[str, str]],
+                    held_words: list[set[str]], normalize) -> GeneratedQuestion | None:
+    """A question about one fact of `sentence` (tried in random order), or None."""
+    spans = _answer_spans(sentence.text)
+    rng.shuffle(spans)
+    for start, end, kind in spans:
+        answer = sentence.text[start:end]
+        made = question_for(sentence.text, start, end, kind)
+        if made is None or (chunk.doc_id, normalize(answer)) in held_out_facts:
+            continue
+        question, reply = made
+        words = content_words(question)
+        if any(h and len(words & h) >= len(h) / 2 for h in held_words):
+            continue
+        return GeneratedQuestion(question, answer, reply, chunk.doc_id, chunk.id,
+                                 (sentence.start + start, sentence.start + end), sentence.text, f"wh-{kind}")
+    return None
