@@ -16,7 +16,7 @@ import yaml
 from vertical import pipeline
 from vertical.pack.schema import TuneSettings
 from vertical.tune import _verdict, hyperparameters
-from vertical.tune.data import IGNORE, build_examples, share_evenly, tokenize
+from vertical.tune.data import IGNORE, READING_CORE, build_examples, reading_core_examples, share_evenly, tokenize
 
 
 @pytest.fixture(scope="module")
@@ -238,6 +238,8 @@ def test_a_docs_only_pack_trains_on_generated_questions_and_is_scored_on_held_ou
     trained = [json.loads(line) for line in (out / "tune" / "generated.jsonl").read_text().splitlines()]
     held = [json.loads(line) for line in (out / "tune" / "heldout_qa.jsonl").read_text().splitlines()]
     assert trained and held and metrics["examples_by_kind"]["generated"] == len(trained) <= 6
+    # the shipped worked examples stand in for the instruction data the pack lacks
+    assert metrics["examples_by_kind"]["reading-core"] == len(READING_CORE.read_text().splitlines())
     assert (out / "tune" / "merged" / "model.safetensors").is_file()
     # every generated answer is a span of its document, and no held-out fact is trained on
     for record in trained:
@@ -246,6 +248,19 @@ def test_a_docs_only_pack_trains_on_generated_questions_and_is_scored_on_held_ou
                                                                          for t in trained}
     # the build has a score: the later stages score the held-out questions
     assert [i.question for i in eval_sample(load_pack(tiny_pack), out)] and metrics["qa_questions"] > 0
+
+
+def test_the_shipped_worked_examples_answer_from_their_cited_source():
+    rows = [json.loads(line) for line in READING_CORE.read_text(encoding="utf-8").splitlines()]
+    examples = reading_core_examples("Answer from the sources.")
+    assert len(examples) == len(rows) >= 60 and {e.kind for e in examples} == {"reading-core"}
+    for row, example in zip(rows, examples):
+        prompt, reply = example.messages[-2]["content"], example.messages[-1]["content"]
+        assert reply.startswith(f"{row['answer']} [{row['source']}].\n") and reply.endswith(f" [{row['source']}].")
+        assert f"Question: {row['question']}" in prompt and row["answer"] not in row["question"]
+        cited = row["sources"][row["source"] - 1]
+        assert f"[{row['source']}] {cited['title']}" in prompt
+        assert any(row["answer"] in sentence for sentence in cited["sentences"])
 
 
 def test_pack_without_instructions_or_generated_questions_skips_training(tiny_pack, tmp_path, tiny_model_dir):

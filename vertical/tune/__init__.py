@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vertical.errors import VerticalError
-from vertical.io import sha256_text
+from vertical.io import sha256_file, sha256_text
 from vertical.models.training import last_complete_checkpoint
 
 log = logging.getLogger(__name__)
@@ -35,12 +35,15 @@ log = logging.getLogger(__name__)
 
 def inputs(ctx) -> dict[str, Any]:
     from vertical.scoring import sample_inputs
+    from vertical.tune.data import READING_CORE
 
     pack = ctx.pack
     return {
         "instructions": pack.fingerprint("instructions"),
         "system_prompt": sha256_text(pack.config.system_prompt),
         "settings": pack.config.stages.tune.model_dump(),
+        # the worked examples train only a pack without instruction data
+        **({} if pack.config.data.instructions else {"reading_core": sha256_file(READING_CORE)}),
         **sample_inputs(pack),
     }
 
@@ -254,7 +257,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.index import open_index
     from vertical.models import load_causal_lm, load_tokenizer, save_tokenizer
     from vertical.pipeline import PhaseClock
-    from vertical.tune.data import build_examples, share_evenly
+    from vertical.tune.data import build_examples, reading_core_examples, share_evenly
 
     settings = ctx.pack.config.stages.tune
     clock = PhaseClock()
@@ -286,6 +289,8 @@ def run(ctx, out: Path) -> dict[str, Any]:
 
     train_examples = build_examples(train, system_prompt, index, embedder, settings, settings.seed, tokenizer)
     train_examples += generated
+    if not ctx.pack.config.data.instructions:  # the worked examples stand in for hand-written ones
+        train_examples += reading_core_examples(system_prompt)
     eval_examples = build_examples(held_out, system_prompt, index, embedder, settings, settings.seed + 1, tokenizer)
     train_features, truncated, dropped = _features(tokenizer, train_examples, settings.max_length)
     eval_features, _, _ = _features(tokenizer, eval_examples, settings.max_length)
@@ -298,8 +303,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
         files = ", ".join(ctx.pack.config.data.instructions)
         log.warning("tune: only %d training examples (%s), fewer than one batch of %d; add examples or lower "
                     "stages.tune.batch_size", len(train_features), files, settings.batch_size)
-    kinds = {kind: sum(e.kind == kind for e in train_examples)
-             for kind in ("plain", "rag", "no-answer", "given-sources", "generated")}
+    kinds = dict(Counter(e.kind for e in train_examples))
     clock.lap("examples")
 
     qa_items = stage_questions(ctx.pack, settings.eval_questions, ctx.pack.qa_eval() or held_out_items)
