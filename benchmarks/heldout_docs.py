@@ -7,9 +7,10 @@ What a customer does with a folder of documents: `vertical packs init NAME --doc
 bundle. Each set (DIR/documents, DIR/questions.jsonl) was written before any build of it and is
 in no training file; the build only ever sees the documents (the tune stage trains on questions it
 generates from them and scores a held-out split of those). A set whose results have been looked at
-while changing the product is no longer held out: benchmarks/heldout_docs/ (a water utility) and
-benchmarks/heldout_docs_v2/ (a veterinary group) have been; benchmarks/heldout_docs_v3/ (a ferry
-operator) is the current one, and the default.
+while changing the product is no longer held out: benchmarks/heldout_docs/ (a water utility),
+benchmarks/heldout_docs_v2/ (a veterinary group) and benchmarks/heldout_docs_v3/ (a ferry operator,
+the default, for development) have been; benchmarks/heldout_docs_v4/ (a brewery) is the current
+held-out one: run it only to report, never to choose.
 
 An answer counts when it is right by the eval stage's rule (the gold span in an answer of at most
 40 words) and cites the question's document. Writes benchmarks/results/<set>.txt and .json.
