@@ -154,8 +154,6 @@ def generate_questions(chunks: list, count: int, seed: int, held_out_facts: set[
     The chunks are visited in passes of SENTENCES_PER_PASS sentences each: a large pack has its
     questions from many chunks, while a pack of a dozen documents, which the first pass leaves
     short, still gets as many as its sentences hold."""
-    from vertical.scoring import normalize
-
     rng = random.Random(seed)
     held_words = [content_words(q) for q in held_out_questions]
     found: list[GeneratedQuestion] = []
@@ -166,14 +164,16 @@ def generate_questions(chunks: list, count: int, seed: int, held_out_facts: set[
             return found
         for visit in visits:
             chunk, sentences = visit
-            if sentences is None:  # shuffled when first visited, so a pass draws as it always has
-                # a chunk that starts inside a sentence (its overlap) begins with a fragment
+            if sentences is None:
+                # shuffled on the first visit, so the first pass draws the same questions whether or
+                # not later passes follow; a chunk that starts inside a sentence (its overlap)
+                # begins with a fragment, which is left out
                 sentences = visit[1] = [s for s in split_sentences(chunk.text, chunk.start) if not s.text[0].islower()]
                 rng.shuffle(sentences)
             for sentence in sentences[first:first + SENTENCES_PER_PASS]:
                 if sentence.text in seen_sentences:
                     continue
-                made = _question_about(sentence, chunk, rng, held_out_facts, held_words, normalize)
+                made = _question_about(sentence, chunk, rng, held_out_facts, held_words)
                 if made is not None:
                     seen_sentences.add(sentence.text)
                     found.append(made)
@@ -183,8 +183,10 @@ def generate_questions(chunks: list, count: int, seed: int, held_out_facts: set[
 
 
 def _question_about(sentence, chunk, rng: random.Random, held_out_facts: set[tuple[str, str]],
-                    held_words: list[set[str]], normalize) -> GeneratedQuestion | None:
+                    held_words: list[set[str]]) -> GeneratedQuestion | None:
     """A question about one fact of `sentence` (tried in random order), or None."""
+    from vertical.scoring import normalize
+
     spans = _answer_spans(sentence.text)
     rng.shuffle(spans)
     for start, end, kind in spans:
