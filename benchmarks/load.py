@@ -34,6 +34,9 @@ QUESTIONS = [
 ]
 
 
+DRAIN_SECONDS = 10.0  # how long the server may take to finish what disconnected clients left
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,7 +167,15 @@ def run_load(bundle: Path, rounds: int = 5, clients: int = 8, requests: int = 4,
                 thread.join()
             memory.append(round(rss_mb(proc.pid), 1))
         seconds = time.perf_counter() - started
+        # A disconnected client's request ends when the server next writes to it, so the server may
+        # still hold one just after the clients are done: wait for it to drain, and say how long
+        # that took. A request that never ends leaves `running` above zero after DRAIN_SECONDS.
+        drained = time.perf_counter()
         health = json_get(f"{url}/health")
+        while (health.get("running") or health.get("waiting")) and time.perf_counter() - drained < DRAIN_SECONDS:
+            time.sleep(0.2)
+            health = json_get(f"{url}/health")
+        drain_seconds = time.perf_counter() - drained
     finally:
         proc.terminate()
         try:
@@ -181,7 +192,7 @@ def run_load(bundle: Path, rounds: int = 5, clients: int = 8, requests: int = 4,
         "p50_ms": round(1000 * latencies[len(latencies) // 2]) if latencies else None,
         "p99_ms": round(1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]) if latencies else None,
         "rss_mb_by_round": memory, "rss_growth_mb": round(memory[-1] - memory[0], 1) if memory else None,
-        "server_after": health, "server_exit_code": proc.returncode,
+        "server_after": health, "drain_seconds": round(drain_seconds, 2), "server_exit_code": proc.returncode,
     }
 
 
