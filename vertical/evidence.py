@@ -230,13 +230,15 @@ def cut_answer(raw: str, max_sentences: int = MAX_ANSWER_SENTENCES, ngram: int =
 
 
 _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
-_CITATION = re.compile(r"\[\s*\d+(?:\s*[,;\u2013-]\s*\d+)*\s*\]")
+# a citation of the numbered sources, "[2]" or "[1, 3]": without removing it first, an answer
+# citing source 2 would "contain" the number 2
+CITATION = re.compile(r"\[\s*\d+(?:\s*[,;\u2013-]\s*\d+)*\s*\]")
 
 
 def key_content(answer: str) -> tuple[set[str], set[str]]:
     """(numbers, names) an answer states: what must be in its evidence for it to be faithful.
     A name is a capitalised word that does not start a sentence."""
-    text = _CITATION.sub(" ", answer)
+    text = CITATION.sub(" ", answer)
     numbers = {n.replace(",", "") for n in _NUMBER.findall(text)}
     names = set()
     for sentence in re.split(r"(?<=[.!?:])\s+|\n+", text):

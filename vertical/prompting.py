@@ -21,7 +21,7 @@ ANSWER_RULE = (
     "If they do not contain the answer, say that you do not know."
 )
 
-_CITATION = re.compile(r"\[(\d{1,2})\]")
+CITED_NUMBER = re.compile(r"\[(\d{1,2})\]")  # one source cited: "[2]"
 # What untrusted text (documents, their titles and sources, questions, earlier turns) must not
 # contain: the data block's own tags, and chat-template control tokens written as text (ChatML's
 # <|im_start|>, Llama 3's <|start_header_id|>, Gemma's <start_of_turn>, Mistral's [INST] and <s>),
@@ -98,5 +98,5 @@ def prompt_length(messages: list[dict[str, str]]) -> int:
 
 def cited_numbers(answer: str, available: int) -> list[int]:
     """The source numbers an answer cites, in order of first citation, ignoring invented ones."""
-    seen = dict.fromkeys(int(n) for n in _CITATION.findall(answer) if 1 <= int(n) <= available)
+    seen = dict.fromkeys(int(n) for n in CITED_NUMBER.findall(answer) if 1 <= int(n) <= available)
     return list(seen)

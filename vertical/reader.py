@@ -42,7 +42,7 @@ from typing import Protocol
 import numpy as np
 
 from vertical.evidence import STOPWORDS, asks_for_number, content_words, digits, is_abstention
-from vertical.prompting import Source, cited_numbers
+from vertical.prompting import CITED_NUMBER, Source, cited_numbers
 
 MAX_SPAN_WORDS = 8  # "the direct answer alone": a longer span is a quote
 STARTS = 12  # start words followed per question: those with the likeliest first tokens
@@ -65,7 +65,6 @@ _EDGE = "\"'()[]{},;:.!?*"
 _NUMBER_WORD = re.compile(r"^[\d.,:/%-]+$")
 _CURRENCY = re.compile(r"^(?:[A-Z]{3}|[$£€¥])$")
 _DIGIT = re.compile(r"\d")
-_CITATION = re.compile(r"\[\d{1,2}\]")  # "[2]": not a word of the answer
 # where the model's own short answer ends: at its citation, a line break or a sentence's end
 _HEAD_END = re.compile(r"\s*\[|\n|(?<=[A-Za-z0-9%)])[.,;](?:\s|$)")
 
@@ -288,7 +287,7 @@ def read(prefill: Callable[[], Prefilled], tokenize: Callable[[str], list[int]],
     # an answer that only repeats the question ("Jory Thornwick [1]." for Jory Thornwick's
     # godfather; the whole answer, as a second sentence may hold what the head does not) or whose
     # head is of a kind the question rules out ("289 DR" for how old) is no answer: any span is better
-    repeats = _words(_CITATION.sub(" ", answer)) <= _words(question)
+    repeats = _words(CITED_NUMBER.sub(" ", answer)) <= _words(question)
     answers = head and not repeats and kind(head) not in ruled_out(question)
     own = scores[-1] + _head_context(_question_words(question), head, cited_source) if answers else -np.inf
     return Reading(chosen, scores[:len(chosen)], head, own, unsupported)

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vertical.evidence import allowed_numbers, check_answer, cut_answer, digits
+from vertical.evidence import CITATION, allowed_numbers, check_answer, cut_answer, digits
 from vertical.pack.schema import QAItem
 from vertical.prompting import Source, build_messages, prompt_length
 from vertical.reader import log_softmax, reconsider
@@ -39,11 +39,6 @@ def normalize(text: str) -> str:
     text = re.sub(r"[£$€¥]", " ", text)  # "£60" and "60" are the same amount
     text = re.sub(r"(\d)\.0+(?!\d)", r"\1", text)  # "86.0" and "86" are the same number
     return " ".join(text.split())
-
-
-# a citation of the numbered sources, "[2]" or "[1, 3]": without removing it first, an answer
-# citing source 2 would "contain" the gold answer "2"
-CITATION = re.compile(r"\[\s*\d+(?:\s*[,;\u2013-]\s*\d+)*\s*\]")
 
 
 def is_correct(prediction: str, gold: str) -> bool:
