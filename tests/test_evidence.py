@@ -162,3 +162,18 @@ def test_the_torch_logits_processor_holds_each_row_to_its_own_numbers(tiny_model
     out = processors(ids, scores.clone())
     assert int(out[0].argmax()) == digit["2"]  # "47" is not in the evidence, "42" is
     assert int(out[1].argmax()) == digit["7"]  # no constraint on the second row
+
+
+def test_a_number_the_question_gives_or_the_answer_works_out_from_known_numbers_is_faithful():
+    question = "Over 4 years, earnings grow from 250 to 400. What is the CAGR, to one decimal place?"
+    assert is_faithful("12.5%. CAGR = (400 / 250)^(1/4) - 1 = 12.5%.", "CAGR is the yearly growth rate.", question)
+    assert is_faithful("From 250 to 400 [1].", "", question)  # restating the question's figures
+    # the working is checked: a wrong result, an operand from nowhere, or a sum cut off derive nothing
+    assert not is_faithful("13.5%. CAGR = (400 / 250)^(1/4) - 1 = 13.5%.", "", question)
+    assert not is_faithful("12.5%. CAGR = (400 / 260)^(1/4) - 1 = 12.5%.", "", question)
+    assert not is_faithful("12.5%. CAGR = (400 / 250)^(1/", "", question)
+    assert is_faithful("Net 1,115.57 - 1,000 = 115.57 [1].", "PV 1,115.57 against 1,000 invested.", "What is the NPV?")
+    assert not is_faithful("Tax 20 x 3 = 70 [1].", "A rate of 20 on 3 items.", "What tax?")
+    assert not is_faithful("2 ** 2 ** 99 = 5.", "2 and 99", "What?")  # only small powers are evaluated
+    checked = check_answer("12.5%. CAGR = (400 / 250)^(1/4) - 1 = 12.5%.", question, [])
+    assert checked.faithful and not checked.fallback

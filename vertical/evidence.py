@@ -17,6 +17,8 @@ a model is served with exactly the evidence it was tuned and measured on.
 
 from __future__ import annotations
 
+import ast
+import operator
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -265,13 +267,68 @@ def answers_the_question(answer: str, question: str) -> bool:
     return not (first and first.group(1).lower() in ("yes", "no") and _WH_QUESTION.match(question))
 
 
+# The sum that ends a step of an answer's own arithmetic: numbers, brackets and operators ("(400 / 250)^(1/4) - 1")
+_ARITHMETIC = re.compile(r"[\d.,\s()+\-*/x\u00d7^]+$")
+_FORMULA_CONSTANTS = {"1", "100"}  # "1 + r", "x 100": a formula's own figures, not facts
+_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+              ast.Pow: operator.pow}
+
+
+def _evaluate(node: ast.AST) -> float:
+    """The value of a parsed arithmetic expression: numbers and + - * / ** only, nothing callable."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+        return float(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _evaluate(node.operand)
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+        left, right = _evaluate(node.left), _evaluate(node.right)
+        if isinstance(node.op, ast.Pow) and (abs(right) > 64 or abs(left) > 1e6):
+            raise ValueError("power out of range")
+        return _OPERATORS[type(node.op)](left, right)
+    raise ValueError("not arithmetic")
+
+
+def _states(number: str, value: float) -> bool:
+    """Whether `number` ("12.5") writes `value` (0.1247 or 12.47) at its own precision, as a
+    figure or as a percentage."""
+    places = len(number.partition(".")[2])
+    return any(abs(float(number) - candidate) <= 0.5 * 10 ** -places + 1e-9 for candidate in (value, 100 * value))
+
+
+def worked_numbers(answer: str, known: set[str]) -> set[str]:
+    """The numbers an answer computes and shows its working for ("CAGR = (400 / 250)^(1/4) - 1 =
+    12.5%"): the arithmetic before each "=" whose operands are all `known` (or a formula's 1 and
+    100) is evaluated, and its operands and every number of the answer that states its value are
+    derived. A sum written out but done wrong derives nothing."""
+    text = CITATION.sub(" ", digits(answer))
+    numbers = {n.replace(",", "") for n in _NUMBER.findall(text)}
+    derived: set[str] = set()
+    for step in text.split("=")[:-1]:
+        expression = _ARITHMETIC.search(step.rstrip())
+        written = re.sub(r"^[^\d(]+", "", expression.group()).strip(" .,") if expression else ""  # from "tax 20 x 3": "20 x 3"
+        operands = {n.replace(",", "") for n in _NUMBER.findall(written)}
+        if len(operands) < 2 or not operands <= known | _FORMULA_CONSTANTS:
+            continue  # "current assets / current liabilities", or a figure the answer made up
+        python = re.sub(r"(?<=\d),(?=\d{3})", "", written).replace("^", "**").replace("\u00d7", "*").replace("x", "*")
+        try:
+            value = _evaluate(ast.parse(python, mode="eval").body)
+        except (SyntaxError, ValueError, ZeroDivisionError, OverflowError):
+            continue  # not a whole sum
+        derived |= operands | {n for n in numbers if _states(n, value)}
+    return derived
+
+
 def is_faithful(answer: str, evidence: str, question: str = "") -> bool:
-    """Every number and name the answer states occurs in the evidence (or, for a name, in the
-    question it answers). An abstention is faithful: it claims nothing."""
+    """Every number and name the answer states occurs in the evidence or in the question it
+    answers, or, for a number, is the result of the answer's own shown arithmetic on such numbers
+    (`worked_numbers`). An abstention is faithful: it claims nothing."""
     if is_abstention(answer):
         return True
     numbers, names = key_content(digits(answer))
-    known_numbers = {n.replace(",", "") for n in _NUMBER.findall(digits(evidence))}
+    known_numbers = {n.replace(",", "") for n in _NUMBER.findall(digits(f"{evidence} {question}"))}
+    if not numbers <= known_numbers:
+        known_numbers |= worked_numbers(answer, known_numbers)
     known_words = {w.lower().strip(".'-") for w in _WORD.findall(f"{evidence} {question}")}
     known_words |= {part for w in known_words for part in w.split("-")}
     return numbers <= known_numbers and all(name.strip(".'-") in known_words for name in names)

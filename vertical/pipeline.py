@@ -63,7 +63,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("export", "ONNX model + ONNX embedder + index + manifest: the deployable bundle", ("base", "index"),
           "vertical.export:run", "vertical.export:inputs", version=3, uses=("tune", "edit", "distill")),
     Stage("eval", "QA, edits, retrieval and speed for every model of the build: the report", ("base", "index"),
-          "vertical.evaluate:run", "vertical.evaluate:inputs", version=4, uses=("tune", "edit", "distill", "export")),
+          "vertical.evaluate:run", "vertical.evaluate:inputs", version=5, uses=("tune", "edit", "distill", "export")),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 

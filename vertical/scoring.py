@@ -26,7 +26,7 @@ from vertical.reader import log_softmax, reconsider
 
 Retriever = Callable[[str], list[Source]]
 ANSWER_PREFIX = "Answer:"
-SCORING_VERSION = 10  # part of a reusable answer's key: raise it when normalize / is_correct / choose / check_answer / vertical.reader change
+SCORING_VERSION = 11  # part of a reusable answer's key: raise it when normalize / is_correct / choose / check_answer / vertical.reader change
 MAX_ANSWER_WORDS = 40  # a longer answer is wrong whatever it contains: quoting whole passages cannot pass
 GENERATION_BATCH = 8  # short answers generated together (see TorchLM.generate_batch)
 
