@@ -177,3 +177,4 @@ def test_a_number_the_question_gives_or_the_answer_works_out_from_known_numbers_
     assert not is_faithful("2 ** 2 ** 99 = 5.", "2 and 99", "What?")  # only small powers are evaluated
     checked = check_answer("12.5%. CAGR = (400 / 250)^(1/4) - 1 = 12.5%.", question, [])
     assert checked.faithful and not checked.fallback
+    assert not is_faithful("1. Net margin = 182.0 / 305.0 = 1.", "Net income 182.0, revenue 305.0.", "Net margin?")

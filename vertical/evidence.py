@@ -291,9 +291,11 @@ def _evaluate(node: ast.AST) -> float:
 
 def _states(number: str, value: float) -> bool:
     """Whether `number` ("12.5") writes `value` (0.1247 or 12.47) at its own precision, as a
-    figure or as a percentage."""
+    figure or as a percentage, and within 5% of it: "1" is no statement of 0.6 or 1.33."""
     places = len(number.partition(".")[2])
-    return any(abs(float(number) - candidate) <= 0.5 * 10 ** -places + 1e-9 for candidate in (value, 100 * value))
+    written = float(number)
+    return any(abs(written - candidate) <= 0.5 * 10 ** -places + 1e-9 and abs(written - candidate) <= 0.05 * abs(candidate)
+               for candidate in (value, 100 * value))
 
 
 def worked_numbers(answer: str, known: set[str]) -> set[str]:
