@@ -315,7 +315,7 @@ def worked_numbers(answer: str, known: set[str]) -> set[str]:
         python = re.sub(r"(?<=\d),(?=\d{3})", "", written).replace("^", "**").replace("\u00d7", "*").replace("x", "*")
         try:
             value = _evaluate(ast.parse(python, mode="eval").body)
-        except (SyntaxError, ValueError, ZeroDivisionError, OverflowError):
+        except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError):
             continue  # not a whole sum
         derived |= operands | {n for n in numbers if _states(n, value)}
     return derived
