@@ -237,11 +237,16 @@ _NUMBER = re.compile(r"\d+(?:[.,:]\d+)*")
 CITATION = re.compile(r"\[\s*\d+(?:\s*[,;\u2013-]\s*\d+)*\s*\]")
 
 
+def numbers_in(text: str) -> set[str]:
+    """The numbers `text` writes, thousands separators dropped ("1,250" -> "1250")."""
+    return {n.replace(",", "") for n in _NUMBER.findall(text)}
+
+
 def key_content(answer: str) -> tuple[set[str], set[str]]:
     """(numbers, names) an answer states: what must be in its evidence for it to be faithful.
     A name is a capitalised word that does not start a sentence."""
     text = CITATION.sub(" ", answer)
-    numbers = {n.replace(",", "") for n in _NUMBER.findall(text)}
+    numbers = numbers_in(text)
     names = set()
     for sentence in re.split(r"(?<=[.!?:])\s+|\n+", text):
         for position, word in enumerate(sentence.split()):
@@ -303,13 +308,12 @@ def worked_numbers(answer: str, known: set[str]) -> set[str]:
     12.5%"): the arithmetic before each "=" whose operands are all `known` (or a formula's 1 and
     100) is evaluated, and its operands and every number of the answer that states its value are
     derived. A sum written out but done wrong derives nothing."""
-    text = CITATION.sub(" ", digits(answer))
-    numbers = {n.replace(",", "") for n in _NUMBER.findall(text)}
+    numbers = key_content(digits(answer))[0]
     derived: set[str] = set()
-    for step in text.split("=")[:-1]:
+    for step in CITATION.sub(" ", digits(answer)).split("=")[:-1]:
         expression = _ARITHMETIC.search(step.rstrip())
         written = re.sub(r"^[^\d(]+", "", expression.group()).strip(" .,") if expression else ""  # from "tax 20 x 3": "20 x 3"
-        operands = {n.replace(",", "") for n in _NUMBER.findall(written)}
+        operands = numbers_in(written)
         if len(operands) < 2 or not operands <= known | _FORMULA_CONSTANTS:
             continue  # "current assets / current liabilities", or a figure the answer made up
         python = re.sub(r"(?<=\d),(?=\d{3})", "", written).replace("^", "**").replace("\u00d7", "*").replace("x", "*")
@@ -328,7 +332,7 @@ def is_faithful(answer: str, evidence: str, question: str = "") -> bool:
     if is_abstention(answer):
         return True
     numbers, names = key_content(digits(answer))
-    known_numbers = {n.replace(",", "") for n in _NUMBER.findall(digits(f"{evidence} {question}"))}
+    known_numbers = numbers_in(digits(f"{evidence} {question}"))
     if not numbers <= known_numbers:
         known_numbers |= worked_numbers(answer, known_numbers)
     known_words = {w.lower().strip(".'-") for w in _WORD.findall(f"{evidence} {question}")}
