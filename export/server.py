@@ -37,7 +37,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import anyio
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vertical.evidence import LoopGuard
@@ -236,6 +238,21 @@ def _parse(raw: bytes, limits: Limits, model_name: str) -> tuple[ChatRequest, in
     return request, _check_max_tokens(max_tokens, limits)
 
 
+class ClosingStreamingResponse(StreamingResponse):
+    """A stream that closes its generator when the response ends, however it ends.
+
+    When the client leaves while a chunk is being sent, Starlette cancels the sending task and
+    leaves the generator suspended at its `yield`; its `finally`, which frees the generation
+    slot, would then run only when the garbage collector finds the generator."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+
+
 def guarded(pieces):
     """The model's pieces until it starts repeating itself or has said two sentences (LoopGuard)."""
     guard = LoopGuard()
@@ -259,7 +276,7 @@ def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: L
     request on the `vertical.access` logger."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response, StreamingResponse
+    from fastapi.responses import JSONResponse, Response
     from starlette.requests import ClientDisconnect
     from starlette.exceptions import HTTPException
     from starlette.concurrency import run_in_threadpool
@@ -483,7 +500,7 @@ def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: L
             chunk = {"id": reply_id, "object": "text_completion", "created": created, "model": assistant.name,
                      "choices": [choice]}
             yield f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n"
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return ClosingStreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -617,7 +634,7 @@ def create_app(assistant, api_keys: str | Sequence[str] | None = None, limits: L
 
         stream = events()
         weakref.finalize(stream, leave_queue)  # a stream whose client left before it started never runs its finally
-        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return ClosingStreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
     return app

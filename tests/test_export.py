@@ -606,3 +606,44 @@ def test_a_bundle_that_names_native_code_is_refused(bundle, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleInvalid, match="custom_ops_library"):
         verify(copy)
+
+
+
+def test_a_stream_whose_client_leaves_while_a_chunk_is_sent_is_closed_at_once():
+    """The client leaves while the server waits to send a chunk (a full socket): the stream's
+    generator, whose `finally` frees the generation slot, is closed when the response ends, not
+    whenever the garbage collector finds it."""
+    import asyncio
+
+    from vertical.export.server import ClosingStreamingResponse
+
+    freed = []
+
+    async def chunks():
+        try:
+            for n in range(100):
+                yield f"data: {n}\n\n"
+        finally:
+            freed.append(True)
+
+    async def leave_mid_stream() -> None:
+        second_chunk, gone = asyncio.Event(), asyncio.Event()
+        sent = []
+
+        async def receive() -> dict:
+            await second_chunk.wait()
+            gone.set()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:  # as uvicorn's: waits until a full socket drains or closes
+            sent.append(message)
+            if len(sent) == 3:
+                second_chunk.set()
+                await gone.wait()
+                await asyncio.sleep(3600)  # cancelled by the response once it sees the disconnect
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}}
+        await asyncio.wait_for(ClosingStreamingResponse(chunks())(scope, receive, send), 30)
+        assert freed, "the generator was left open"
+
+    asyncio.run(leave_mid_stream())
