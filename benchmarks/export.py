@@ -5,7 +5,8 @@ model's best round counts, because noise on a shared machine only ever slows a r
 
     python benchmarks/export.py [--build builds/medical] [--tokens 128] [--rounds 5] [--requests 16]
 
-Needs a build taken through `distill` and `export` (`vertical build medical`). It measures:
+Needs a build taken through `export` (`vertical build medical`), and through `distill` with
+`stages.distill.steps` set for the student's rows (a CPU build makes no student by default). It measures:
 
 1. decode tokens/s (tokens after the first, per second) and time to first token of the bundle's
    model (ONNX, its quantisation; on every CPU as the runtime runs it, and on one thread as

@@ -51,11 +51,16 @@ def model_to_export(build_dir: Path, settings) -> tuple[Path, str, str]:
 
     student = build_dir / "distill" / "model"
     teacher = best_model_dir(build_dir)
+    distill = json.loads((student.parent / "metrics.json").read_text()) if (student.parent / "metrics.json").is_file() else {}
     if not (student / "config.json").is_file():
+        if distill.get("skipped") and settings.model == "student":
+            raise VerticalError(f"stages.export.model is student, but the distill stage made none ({distill['skipped']})")
+        if distill.get("skipped"):
+            log.info("export: no distilled student (%s); exporting %s", distill["skipped"], teacher.relative_to(build_dir))
+            return teacher, "teacher", f"no distilled student: {distill['skipped']}"
         if settings.model != "teacher":
             log.warning("export: the build has no distilled student (the distill stage has not run); exporting the teacher")
         return teacher, "teacher", "no distilled student"
-    distill = json.loads((student.parent / "metrics.json").read_text()) if (student.parent / "metrics.json").is_file() else {}
     ships, reason = student_ships(settings, distill.get("retention"))
     if not ships:
         if settings.model == "auto" and distill.get("retention") is None:

@@ -337,3 +337,37 @@ def test_the_check_halfway_can_stop_the_training_there(tmp_path, go_on):
     assert calls == [False]  # called once, the student in eval mode
     assert result["steps"] == (6 if go_on else 3) and len(result["loss_curve"]) == result["steps"]
     assert result["stopped_at_step"] == (None if go_on else 3)
+
+
+def test_unset_steps_train_on_a_gpu_and_skip_the_student_on_a_cpu(monkeypatch):
+    import torch
+
+    from vertical.distill import GPU_STEPS, training_steps
+    from vertical.pack.schema import DistillSettings
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    steps, why = training_steps(DistillSettings())
+    assert steps == 0 and "skipped on a CPU" in why and "stages.distill.steps" in why
+    assert training_steps(DistillSettings(steps=12))[0] == 12  # asked for: trained on a CPU too
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training_steps(DistillSettings())[0] == GPU_STEPS
+
+
+def test_a_cpu_build_with_unset_steps_makes_no_student_and_ships_the_teacher(exported_build, tmp_path, cli):
+    import yaml
+
+    build = Path(shutil.copytree(exported_build, tmp_path / "build"))
+    manifest = json.loads((build / "manifest.json").read_text())
+    pack = Path(shutil.copytree(manifest["pack_dir"], tmp_path / "pack"))
+    config = yaml.safe_load((pack / "pack.yaml").read_text())
+    del config["stages"]["distill"]["steps"]
+    config["stages"]["export"]["model"] = "auto"
+    (pack / "pack.yaml").write_text(yaml.safe_dump(config))
+    results = pipeline.build(pack, out=build, steps=["distill", "export"],
+                             base_model=manifest["stages"]["base"]["inputs"]["base_model"])
+    distilled, exported = results[-2], results[-1]
+    assert distilled.status == "ran" and "skipped on a CPU" in distilled.metrics["skipped"]
+    assert not (build / "distill" / "model").exists()
+    assert exported.metrics["model"] == "teacher" and "skipped on a CPU" in exported.metrics["model_reason"]
+    code, output = cli("export", build, "--model", "student")
+    assert code == 1 and "made none" in output and "Traceback" not in output

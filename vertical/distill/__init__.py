@@ -38,6 +38,26 @@ EDITS_SKIPPED = "edits_skipped"  # metrics key: why the edits were not re-applie
 PROBE_SEQUENCES = 8  # sequences on which the candidate layer layouts are compared
 
 
+GPU_STEPS = 40  # optimizer steps when stages.distill.steps is unset and a GPU trains the student
+
+
+def training_steps(settings) -> tuple[int, str]:
+    """How many steps the student trains (0: the stage makes no student), and why.
+
+    On a CPU the default is none: every shape measured on 2 cores either loses the pack's answers
+    (12 of 30 layers keep a third of the teacher's score) or is barely faster (24 keep 0.92 at
+    1.14x) after minutes of training (benchmarks/frontier.py), and a student the export stage
+    passes over is minutes of every build spent for nothing."""
+    import torch
+
+    if settings.steps is not None:
+        return settings.steps, f"stages.distill.steps: {settings.steps}"
+    if torch.cuda.is_available():
+        return GPU_STEPS, f"{GPU_STEPS} steps on the GPU"
+    return 0, ("skipped on a CPU: no student measured on a CPU keeps the teacher's answers at a speed worth its "
+               "minutes (docs/distill.md); set stages.distill.steps to distil one anyway")
+
+
 def inputs(ctx) -> dict[str, Any]:
     from vertical.scoring import sample_inputs
 
@@ -45,6 +65,7 @@ def inputs(ctx) -> dict[str, Any]:
     teacher = pack.config.stages.distill.teacher
     return {"instructions": pack.fingerprint("instructions"), "system_prompt": sha256_text(pack.config.system_prompt),
             "settings": pack.config.stages.distill.model_dump(), "tune_settings": pack.config.stages.tune.model_dump(),
+            "steps": training_steps(pack.config.stages.distill)[0],  # unset steps depend on the machine
             # whether the student ships decides whether it is given the edits
             "export_choice": pack.config.stages.export.model_dump(include={"model", "min_retention"}),
             # new weights at the same path are another teacher
@@ -136,6 +157,11 @@ def run(ctx, out: Path) -> dict[str, Any]:
     from vertical.pipeline import PhaseClock
 
     settings = ctx.pack.config.stages.distill
+    steps, why = training_steps(settings)
+    if steps == 0:
+        log.info("distill: no student: %s", why)
+        return {"skipped": why}
+    settings = settings.model_copy(update={"steps": steps})
     student_dir = own_model_dir(ctx.build_dir) if settings.teacher else None
     teacher_dir = external_teacher(settings.teacher, student_dir, ctx.pack.root) if settings.teacher else best_model_dir(ctx.build_dir)
     tokenizer = load_tokenizer(teacher_dir)
@@ -223,7 +249,7 @@ def run(ctx, out: Path) -> dict[str, Any]:
 
     # the check only matters where retention decides what ships (stages.export.model: auto)
     check = worth_finishing if main and qa_items and teacher_score and export.model == "auto" else None
-    if sequences and settings.steps:
+    if sequences:
         metrics.update(train_student(student, teacher, sequences, settings, tokenizer.pad_token_id, work, check))
     del teacher
     if not main:

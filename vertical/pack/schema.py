@@ -125,9 +125,12 @@ class DistillSettings(Strict):
 
     keep_layers: float = Field(0.4, gt=0, le=1, description="fraction of the teacher's layers the student keeps (0.4: 12 of 30; the layout is chosen on pack text). 10 of 30 decodes faster but kept only 0.88 of the medical teacher's QA score, its int8 bundle 0.72")
     temperature: float = Field(2.0, gt=0, le=20, description="softens both distributions for the token-level KL")
-    steps: int = Field(40, ge=0, description="optimizer steps (medical's student had its final retention, 0.90, "
-                                             "at step 20 of 60). With stages.export.model auto, a student below half "
-                                             "of min_retention halfway stops there")
+    steps: int | None = Field(None, ge=0, description="optimizer steps; unset: 40 where a GPU trains the student, and "
+                                                      "none on a CPU, where no student keeps min_retention at a speed "
+                                                      "worth its minutes (docs/distill.md), so the stage is skipped; set "
+                                                      "it to distil on a CPU anyway (0: no student). With "
+                                                      "stages.export.model auto, a student below half of min_retention "
+                                                      "halfway stops there")
     batch_size: int = Field(4, ge=1, le=512)
     learning_rate: float = Field(1e-3, gt=0, lt=1, description="AdamW peak rate (warmup, then cosine decay)")
     max_length: int = Field(512, ge=32, le=32768, description="tokens per training sequence (retrieved sources are shortened to fit, as in tune)")
