@@ -44,10 +44,9 @@ GPU_STEPS = 40  # optimizer steps when stages.distill.steps is unset and a GPU t
 def training_steps(settings) -> tuple[int, str]:
     """How many steps the student trains (0: the stage makes no student), and why.
 
-    On a CPU the default is none: every shape measured on 2 cores either loses the pack's answers
-    (12 of 30 layers keep a third of the teacher's score) or is barely faster (24 keep 0.92 at
-    1.14x) after minutes of training (benchmarks/frontier.py), and a student the export stage
-    passes over is minutes of every build spent for nothing."""
+    On a CPU the default is none: no student shape measured there keeps the teacher's answers at a
+    speed worth the minutes it trains (benchmarks/frontier.py, docs/distill.md), and a student the
+    export stage passes over costs every build those minutes for nothing."""
     import torch
 
     if settings.steps is not None:
