@@ -127,17 +127,31 @@ def pack_texts(pack, build_dir: Path, index, prompts: list[list[dict[str, str]]]
 
 def vocabulary_agreement(full_dir: Path, trimmed_dir: Path, kept: list[int], prompts: list[list[dict[str, str]]]) -> float:
     """Share of the whole-vocabulary model's greedy tokens (AGREEMENT_TOKENS per prompt) that the
-    trimmed model reproduces before the first difference, in PyTorch."""
+    trimmed model reproduces before the first difference, in PyTorch.
+
+    The trimmed model reads the whole model's greedy tokens in one forward pass: while the two
+    agree, its argmax at each position is the token it would generate itself, so the first
+    difference is the one generating would find, for one pass instead of AGREEMENT_TOKENS."""
+    import itertools
+
+    import torch
+
     from vertical.export.convert import prefix_agreement
     from vertical.generation import chat_prompt_ids, greedy_ids
     from vertical.models import load_causal_lm, load_tokenizer
 
-    models = {folder: (load_causal_lm(folder), load_tokenizer(folder)) for folder in (full_dir, trimmed_dir)}
+    full_model, full_tokenizer = load_causal_lm(full_dir), load_tokenizer(full_dir)
+    trimmed_model, trimmed_tokenizer = load_causal_lm(trimmed_dir), load_tokenizer(trimmed_dir)
+    trimmed_id = {token: i for i, token in enumerate(kept)}
     scores = []
     for messages in prompts:
-        full = list(greedy_ids(models[full_dir][0], chat_prompt_ids(models[full_dir][1], messages), AGREEMENT_TOKENS))
-        trimmed = greedy_ids(models[trimmed_dir][0], chat_prompt_ids(models[trimmed_dir][1], messages), AGREEMENT_TOKENS)
-        scores.append(prefix_agreement(full, [kept[i] for i in trimmed]))
+        full = list(greedy_ids(full_model, chat_prompt_ids(full_tokenizer, messages), AGREEMENT_TOKENS))
+        prompt = chat_prompt_ids(trimmed_tokenizer, messages)
+        # up to the first token the trimmed vocabulary lacks, which it cannot write
+        readable = [trimmed_id[t] for t in itertools.takewhile(trimmed_id.__contains__, full)]
+        with torch.inference_mode():
+            logits = trimmed_model(torch.tensor([prompt + readable])).logits[0, len(prompt) - 1:]
+        scores.append(prefix_agreement(full, [kept[i] for i in logits.argmax(-1).tolist()]))
     return round(sum(scores) / max(len(scores), 1), 4)
 
 

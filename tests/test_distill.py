@@ -349,6 +349,7 @@ def test_unset_steps_train_on_a_gpu_and_skip_the_student_on_a_cpu(monkeypatch):
     steps, why = training_steps(DistillSettings())
     assert steps == 0 and "skipped on a CPU" in why and "stages.distill.steps" in why
     assert training_steps(DistillSettings(steps=12))[0] == 12  # asked for: trained on a CPU too
+    assert training_steps(DistillSettings(teacher="bigger"))[0] == GPU_STEPS  # so is a named teacher's student
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert training_steps(DistillSettings())[0] == GPU_STEPS
 

@@ -647,3 +647,43 @@ def test_a_stream_whose_client_leaves_while_a_chunk_is_sent_is_closed_at_once():
         assert freed, "the generator was left open"
 
     asyncio.run(leave_mid_stream())
+
+
+def test_the_vocabulary_check_read_in_one_pass_finds_the_first_difference_generating_finds(tmp_path, tiny_model_dir):
+    import torch
+
+    from vertical.export import AGREEMENT_TOKENS, vocabulary_agreement
+    from vertical.export.convert import prefix_agreement
+    from vertical.generation import chat_prompt_ids, greedy_ids
+    from vertical.models import load_causal_lm, load_tokenizer
+    from vertical.models.vocabulary import trim_vocabulary
+
+    def shaken(model, scale: float):  # the fixture's model writes one token forever; shaken, it writes many
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for weight in layer.parameters():
+                    if weight.dim() == 2:
+                        weight.add_(scale * torch.randn_like(weight))
+        return model
+
+    torch.manual_seed(0)
+    full_dir = tmp_path / "full"
+    shutil.copytree(tiny_model_dir, full_dir)
+    full_model = shaken(load_causal_lm(full_dir), 0.5)
+    full_model.save_pretrained(full_dir)
+    prompts = [[{"role": "user", "content": text}] for text in ("What colour is the Zorblat fruit?", "blue blue",
+                                                                 "Who is the mayor of Quentar?", "Quentar")]
+    # the prompts read the same in both vocabularies; what the model writes may leave the cut one
+    texts = [load_tokenizer(full_dir).apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in prompts]
+    trimmed = trim_vocabulary(full_dir, texts, tmp_path / "cut", core_merges=0)
+    assert trimmed.size < trimmed.full_size
+    cut_model = load_causal_lm(tmp_path / "cut")
+    full_tokenizer, cut_tokenizer = load_tokenizer(full_dir), load_tokenizer(tmp_path / "cut")
+    generated = []
+    for messages in prompts:  # what generating with each model gives
+        full = list(greedy_ids(full_model, chat_prompt_ids(full_tokenizer, messages), AGREEMENT_TOKENS))
+        cut = list(greedy_ids(cut_model, chat_prompt_ids(cut_tokenizer, messages), AGREEMENT_TOKENS))
+        generated.append(prefix_agreement(full, [trimmed.kept[i] for i in cut]))
+    assert 0 < max(generated) and min(generated) < 1  # differences to find, some after agreeing a while
+    expected = round(sum(generated) / len(generated), 4)
+    assert vocabulary_agreement(full_dir, tmp_path / "cut", trimmed.kept, prompts) == expected

@@ -38,7 +38,7 @@ EDITS_SKIPPED = "edits_skipped"  # metrics key: why the edits were not re-applie
 PROBE_SEQUENCES = 8  # sequences on which the candidate layer layouts are compared
 
 
-GPU_STEPS = 40  # optimizer steps when stages.distill.steps is unset and a GPU trains the student
+GPU_STEPS = 40  # optimizer steps when stages.distill.steps is unset and a GPU or a named teacher trains the student
 
 
 def training_steps(settings) -> tuple[int, str]:
@@ -53,6 +53,8 @@ def training_steps(settings) -> tuple[int, str]:
         return settings.steps, f"stages.distill.steps: {settings.steps}"
     if torch.cuda.is_available():
         return GPU_STEPS, f"{GPU_STEPS} steps on the GPU"
+    if settings.teacher:  # a named teacher is a request to distil, whatever the machine
+        return GPU_STEPS, f"{GPU_STEPS} steps from stages.distill.teacher"
     return 0, ("skipped on a CPU: no student measured on a CPU keeps the teacher's answers at a speed worth its "
                "minutes (docs/distill.md); set stages.distill.steps to distil one anyway")
 
