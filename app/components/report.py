@@ -15,8 +15,8 @@ def report_tables(metrics: dict[str, dict]) -> list[list]:
         "index": ["recall@1", "recall@5", "mrr@10", "chunks", "mode"],
         "tune": ["eval_loss_base", "eval_loss_tuned", "accuracy_base", "accuracy_tuned", "verdict"],
         "edit": ["efficacy", "generalization", "locality", "edits", "method"],
-        "distill": ["teacher_score", "student_score", "retention", "speedup", "edit_efficacy", "student_layers"],
-        "export": ["model", "quant", "bundle_bytes", "onnx_tokens_per_s", "torch_tokens_per_s", "onnx_speedup"],
+        "distill": ["skipped", "teacher_score", "student_score", "retention", "speedup", "edit_efficacy", "student_layers"],
+        "export": ["model", "model_reason", "quant", "bundle_bytes", "onnx_tokens_per_s", "torch_tokens_per_s", "onnx_speedup"],
     }
     rows = []
     for stage, keys in picks.items():
@@ -79,7 +79,8 @@ def report_figure(metrics: dict[str, dict]) -> "Figure":
         axes[3].bar(i + 0.2, student / top, 0.4, color="#c44e52", label="student" if i == 0 else None)
         axes[3].text(i - 0.2, teacher / top, f"{teacher:g}", ha="center", va="bottom", fontsize=7)
         axes[3].text(i + 0.2, student / top, f"{student:g}", ha="center", va="bottom", fontsize=7)
-    axes[3].set(title="student vs teacher (relative)", xticks=range(len(pairs)), ylim=(0, 1.2))
+    title = "no student (see the distill stage)" if distill.get("skipped") else "student vs teacher (relative)"
+    axes[3].set(title=title, xticks=range(len(pairs)), ylim=(0, 1.2))
     axes[3].set_xticklabels([p[0] for p in pairs], fontsize=8)
     if pairs:
         axes[3].legend(fontsize=7)
