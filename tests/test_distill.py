@@ -354,8 +354,12 @@ def test_unset_steps_train_on_a_gpu_and_skip_the_student_on_a_cpu(monkeypatch):
     assert training_steps(DistillSettings())[0] == GPU_STEPS
 
 
-def test_a_cpu_build_with_unset_steps_makes_no_student_and_ships_the_teacher(exported_build, tmp_path, cli):
+def test_a_cpu_build_with_unset_steps_makes_no_student_and_ships_the_teacher(exported_build, tmp_path, cli,
+                                                                            monkeypatch):
+    import torch
     import yaml
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU build, on any test machine
 
     build = Path(shutil.copytree(exported_build, tmp_path / "build"))
     manifest = json.loads((build / "manifest.json").read_text())
