@@ -132,41 +132,6 @@ class DistillSettings(Strict):
                                                       "on a CPU anyway (0: no student). With stages.export.model "
                                                       "auto, a student below half of min_retention halfway stops there")
     batch_size: int = Field(4, ge=1, le=512)
-    gradient_accumulation: int = Field(2, ge=1, le=512)
-    max_examples: int | None = Field(96, ge=1, description="cap on training examples (null: all), shared evenly between the instruction files (one smaller than its share gives all it has); sized for ~10 min on 2 CPU cores")
-    generated_questions: int = Field(96, ge=0, le=2000, description="training examples generated from the documents "
-                                     "(a fact of a sentence, a template question, the exact span as the answer), on "
-                                     "top of max_examples; a pack without qa_eval holds out 30 more to be scored on")
-    rag_fraction: float = Field(0.9, ge=0, le=1, description="share of examples given retrieved evidence (every "
-                                "answer the product gives reads evidence; the rest teach answering from memory)")
-    no_answer_fraction: float = Field(0.1, ge=0, le=1, description="share of extra examples with unrelated sources")
-    rag_sources: int = Field(4, ge=1, le=10, description="chunks retrieved per training example and "
-                             "scored question (their evidence sentences are what the model reads)")
-    eval_holdout: int = Field(16, ge=0, description="instruction examples held out for eval loss")
-    eval_questions: int = Field(20, ge=0, description="QA items scored for base vs tuned (0: none), from the eval stage's sample")
-    save_steps: int = Field(20, ge=1, description="checkpoint every N optimizer steps (resume after a kill)")
-    seed: int = 0
-
-
-class EditSettings(Strict):
-    """Knowledge editing of the pack's edits; `hparams` overrides the model's tuned values."""
-
-    method: Literal["rome", "memit", "alphaedit", "ft"] = "rome"
-    hparams: EditHyperParams = Field(default_factory=EditHyperParams)
-
-
-class DistillSettings(Strict):
-    """A smaller student of the same family, initialised from the teacher's layers, trained to match it."""
-
-    keep_layers: float = Field(0.4, gt=0, le=1, description="fraction of the teacher's layers the student keeps (0.4: 12 of 30; the layout is chosen on pack text). 10 of 30 decodes faster but kept only 0.88 of the medical teacher's QA score, its int8 bundle 0.72")
-    temperature: float = Field(2.0, gt=0, le=20, description="softens both distributions for the token-level KL")
-    steps: int | None = Field(None, ge=0, description="optimizer steps; unset: 40 where a GPU trains the student or a "
-                                                      "teacher is named, and none on a CPU, where no student keeps min_retention at a speed "
-                                                      "worth its minutes (docs/distill.md), so the stage is skipped; set "
-                                                      "it to distil on a CPU anyway (0: no student). With "
-                                                      "stages.export.model auto, a student below half of min_retention "
-                                                      "halfway stops there")
-    batch_size: int = Field(4, ge=1, le=512)
     learning_rate: float = Field(1e-3, gt=0, lt=1, description="AdamW peak rate (warmup, then cosine decay)")
     max_length: int = Field(512, ge=32, le=32768, description="tokens per training sequence (retrieved sources are shortened to fit, as in tune)")
     teacher_answers: int = Field(16, ge=0, description="pack prompts the teacher answers for sequence-level distillation "
