@@ -53,9 +53,9 @@ def model_to_export(build_dir: Path, settings) -> tuple[Path, str, str]:
     teacher = best_model_dir(build_dir)
     distill = json.loads((student.parent / "metrics.json").read_text()) if (student.parent / "metrics.json").is_file() else {}
     if not (student / "config.json").is_file():
-        if distill.get("skipped") and settings.model == "student":
-            raise VerticalError(f"stages.export.model is student, but the distill stage made none ({distill['skipped']})")
         if distill.get("skipped"):
+            if settings.model == "student":
+                raise VerticalError(f"stages.export.model is student, but the distill stage made none ({distill['skipped']})")
             log.info("export: no distilled student (%s); exporting %s", distill["skipped"], teacher.relative_to(build_dir))
             return teacher, "teacher", f"no distilled student: {distill['skipped']}"
         if settings.model != "teacher":
