@@ -1,9 +1,9 @@
 """Peer benchmark: the bundle's runtime (onnxruntime-genai, its int8 model) beside llama.cpp
-(llama-cpp-python, Q8_0 GGUF of the same weights from `vertical export --format gguf`), on the same
-prompt token ids, in one run, taking turns.
+(llama-cpp-python, a GGUF of the same weights from `vertical export --format gguf --quant QUANT`), on the
+same prompt token ids, in one run, taking turns.
 
     bash benchmarks/peers_setup.sh          # once: llama-cpp-python in benchmarks/.venv-peers (~5-10 min)
-    python benchmarks/peers.py [--build builds/medical] [--tokens 64] [--rounds 3] [--threads 2]
+    python benchmarks/peers.py [--build builds/medical] [--quant q8_0|f16] [--tokens 64] [--rounds 3] [--threads 2]
 
 llama.cpp runs in its own process and environment (it is not a project dependency) and streams
 each token id back over a pipe the moment it has it; the bundle's model runs in this process. Each
@@ -76,13 +76,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (the bundle uses every usable CPU)")
     parser.add_argument("--prompts", type=int, default=4, help="pack questions timed, besides the long-answer prompt")
     parser.add_argument("--check-prompts", type=int, default=20, help="pack questions whose answers are compared")
+    parser.add_argument("--quant", choices=("q8_0", "f16"), default="q8_0", help="the GGUF llama.cpp runs (written to "
+                        "BUILD/export-gguf-QUANT unless it is there)")
     args = parser.parse_args()
 
     build = args.build.resolve()
-    gguf_dir = build / "export-gguf"
+    gguf_dir = build / f"export-gguf-{args.quant}"
     if not (gguf_dir / GGUF_FILE).is_file():
-        print(f"writing {gguf_dir} (vertical export {args.build} --format gguf)")
-        export_format(build, "gguf", gguf_dir)
+        print(f"writing {gguf_dir} (vertical export {args.build} --format gguf --quant {args.quant})")
+        export_format(build, "gguf", gguf_dir, quant=args.quant)
     export_metrics = json.loads((gguf_dir / "metrics.json").read_text())
     assistant = open_bundle(build / "export")
     bundle_manifest = json.loads((build / "export" / "manifest.json").read_text())
@@ -147,7 +149,7 @@ def main() -> None:
              f"{result['llama_cpp_tokenizer_agreement']:.0%}, greedy answers (cut as the server cuts them) the same as "
              f"PyTorch's on {result['llama_cpp_answer_agreement_with_source']:.0%} (target >= 90%)"]
     print("\n".join(lines))
-    out = ROOT / "results" / f"peers-{pack.config.name}"
+    out = ROOT / "results" / f"peers-{pack.config.name}{'' if args.quant == 'q8_0' else '-' + args.quant}"
     out.with_suffix(".txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 

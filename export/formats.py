@@ -14,9 +14,13 @@ The model is the one the ONNX bundle ships (`vertical.export.model_to_export`). 
 back twice before it is kept: by the `gguf` reader and by transformers' GGUF loader, whose greedy
 answers (to the end of the turn, cut by the loop guard as the server cuts them) are compared with
 the source model's on the pack's prompts, beside the share of prompts whose first 48 greedy
-tokens are all the same and how far the prompt's logits moved. The Q8_0 blocks are rounded with
+tokens are all the same and how far the logits of the prompt's last positions moved. The Q8_0 blocks are rounded with
 their error on each layer's output compensated over the pack's other prompts (export/gptq.py) and
 written in gguf's layout; Q4_K_M is not offered because the `gguf` package cannot write it.
+
+By default (`auto`) the file is Q8_0 when its greedy answers agree with the source model's on at
+least MIN_AGREEMENT of the prompts, and F16 otherwise: the customer's engine then gives the answers
+the build measured, at twice the file size, instead of a smaller file whose answers differ.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 FORMATS = ("onnx", "gguf", "hf")
 GGUF_FILE = "model.gguf"
 GGUF_QUANTS = ("q8_0", "f16")  # Q8_0 halves the file; F16 keeps the model's greedy answers
+MIN_AGREEMENT = 0.9  # share of the check's greedy answers a Q8_0 file must keep to be chosen by `auto`
 AGREEMENT_TOKENS = 48  # greedy tokens compared per prompt between the source model and its GGUF
 AGREEMENT_PROMPTS = 20
 CALIBRATION_PROMPTS = 32  # pack prompts after the check's, whose layer inputs steer the Q8_0 rounding
@@ -47,31 +52,54 @@ HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "token
 
 def export_format(build_dir: Path, fmt: str, out: Path, check: bool = True, quant: str | None = None) -> dict[str, Any]:
     """Write the build's model in format `fmt` ("hf" or "gguf") into the new folder `out`;
-    `quant`: q8_0 (default) or f16 for gguf."""
+    `quant` for gguf: auto (default: Q8_0 if it keeps MIN_AGREEMENT of the checked greedy answers,
+    else F16), q8_0 or f16. Without `check`, auto means Q8_0."""
     from vertical.io import atomic_dir
 
     if fmt not in ("gguf", "hf"):
         raise VerticalError(f"--format {fmt}: use onnx, gguf or hf")
-    if quant is not None and (fmt != "gguf" or quant not in GGUF_QUANTS):
-        raise VerticalError(f"--quant {quant}: a GGUF export is {' or '.join(GGUF_QUANTS)}; an HF export is not quantised")
+    if quant is not None and (fmt != "gguf" or quant not in ("auto", *GGUF_QUANTS)):
+        raise VerticalError(f"--quant {quant}: a GGUF export is auto, {' or '.join(GGUF_QUANTS)}; an HF export is not quantised")
     context = _Context(build_dir)
     with atomic_dir(out) as tmp:
         metrics: dict[str, Any] = {"format": fmt, "model": context.role, "source": str(context.model_dir.relative_to(build_dir))}
         if fmt == "hf":
             _copy_hf_folder(context.model_dir, tmp / "model")
         else:
-            quant = quant or "q8_0"
-            moments = _calibration_moments(context) if quant == "q8_0" else None
-            metrics.update(write_gguf(context.model_dir, tmp / GGUF_FILE, name=context.pack.config.name,
-                                      quant=quant, moments=moments))
+            metrics.update(_write_checked_gguf(context, tmp / GGUF_FILE, quant or "auto", check))
             (tmp / "Modelfile").write_text(modelfile(context.model_dir, context.pack.config.system_prompt,
                                                      context.pack.config.disclaimer), encoding="utf-8")
-            if check:
-                metrics.update(check_gguf(context.model_dir, tmp / GGUF_FILE, context.prompts()))
         _copy_retrieval(context, tmp / "retrieval")
-        (tmp / "README.md").write_text(_readme(fmt, context.pack.config.name, out), encoding="utf-8")
+        (tmp / "README.md").write_text(_readme(fmt, context.pack.config.name, out, metrics.get("gguf_quant")), encoding="utf-8")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return metrics
+
+
+def _write_checked_gguf(context: "_Context", path: Path, quant: str, check: bool) -> dict[str, Any]:
+    """Write `path` at `quant` and read it back; `auto` falls back from Q8_0 to F16 when Q8_0's
+    greedy answers agree with the source model's on fewer than MIN_AGREEMENT of the prompts."""
+    chosen = "q8_0" if quant == "auto" else quant
+    moments = _calibration_moments(context) if chosen == "q8_0" else None
+    metrics = write_gguf(context.model_dir, path, name=context.pack.config.name, quant=chosen, moments=moments)
+    if not check:
+        return metrics
+    prompts = context.prompts()
+    source = SourceAnswers(context.model_dir, prompts)
+    metrics.update(check_gguf(context.model_dir, path, prompts, source))
+    if quant != "auto":
+        return {**metrics, "gguf_quant_reason": f"--quant {quant}"}
+    agreement = metrics["gguf_greedy_agreement"]
+    if agreement >= MIN_AGREEMENT:
+        return {**metrics, "gguf_quant_reason": f"Q8_0 keeps {agreement:.0%} of the checked greedy answers "
+                                                f"(at least {MIN_AGREEMENT:.0%})"}
+    log.warning("export: Q8_0 keeps %.0f%% of the checked greedy answers (below %.0f%%); writing F16 instead",
+                100 * agreement, 100 * MIN_AGREEMENT)
+    path.unlink()
+    metrics = {**write_gguf(context.model_dir, path, name=context.pack.config.name, quant="f16"),
+               **check_gguf(context.model_dir, path, prompts, source)}
+    return {**metrics, "gguf_q8_0_greedy_agreement": agreement,
+            "gguf_quant_reason": f"Q8_0 kept {agreement:.0%} of the checked greedy answers (below "
+                                 f"{MIN_AGREEMENT:.0%}); F16 keeps {metrics['gguf_greedy_agreement']:.0%}"}
 
 
 class _Context:
@@ -292,20 +320,41 @@ def served_answer(tokenizer, tokens: list[int]) -> str:
     return cut_answer(tokenizer.decode(tokens[:end]))[0]
 
 
-def check_gguf(model_dir: Path, path: Path, prompts: list[list[dict[str, str]]]) -> dict[str, Any]:
+LOGIT_POSITIONS = 32  # a prompt's last positions whose logits the check compares
+
+
+class SourceAnswers:
+    """The source model's side of the check, computed once however many files are checked: each
+    prompt's token ids, greedy tokens and last LOGIT_POSITIONS logits."""
+
+    def __init__(self, model_dir: Path, prompts: list[list[dict[str, str]]]):
+        import torch
+
+        from vertical.generation import greedy_ids
+        from vertical.models import load_causal_lm, load_tokenizer
+
+        model, self.tokenizer = load_causal_lm(model_dir).eval(), load_tokenizer(model_dir)
+        self.texts = [self.tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts]
+        self.ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in self.texts]
+        self.tokens = [list(greedy_ids(model, ids, AGREEMENT_TOKENS)) for ids in self.ids]
+        with torch.inference_mode():
+            self.logits = [model(torch.tensor([ids]), logits_to_keep=LOGIT_POSITIONS).logits for ids in self.ids]
+
+
+def check_gguf(model_dir: Path, path: Path, prompts: list[list[dict[str, str]]],
+               source: SourceAnswers | None = None) -> dict[str, Any]:
     """Read the file back (the `gguf` reader, then transformers' GGUF loader) and compare its greedy
-    answers and tokenisation with the source model's on `prompts`."""
+    answers and tokenisation with the source model's on `prompts` (`source`: already computed)."""
     import gguf
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vertical.generation import greedy_ids
-    from vertical.models import load_causal_lm, load_tokenizer
 
     reader = gguf.GGUFReader(str(path))
     if reader.fields["general.architecture"].contents() != "llama":
         raise VerticalError(f"{path}: the GGUF reader does not read back a llama model")
-    source_model, source_tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    source = source or SourceAnswers(model_dir, prompts)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         loaded_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -314,18 +363,16 @@ def check_gguf(model_dir: Path, path: Path, prompts: list[list[dict[str, str]]])
     loaded.eval()
     same_answers = same_tokens = same_ids = 0
     errors = []
-    for messages in prompts:
-        text = source_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ids = source_tokenizer(text, add_special_tokens=False)["input_ids"]
+    for text, ids, expected_ids, expected in zip(source.texts, source.ids, source.tokens, source.logits):
         same_tokens += loaded_tokenizer(text, add_special_tokens=False)["input_ids"] == ids
-        expected_ids, got_ids = list(greedy_ids(source_model, ids, AGREEMENT_TOKENS)), list(greedy_ids(loaded, ids, AGREEMENT_TOKENS))
+        got_ids = list(greedy_ids(loaded, ids, AGREEMENT_TOKENS))
         same_ids += expected_ids == got_ids
-        same_answers += served_answer(source_tokenizer, expected_ids) == served_answer(source_tokenizer, got_ids)
-        with torch.inference_mode():  # how far the prompt's logits moved, relative to their size
-            expected, got = source_model(torch.tensor([ids])).logits, loaded(torch.tensor([ids])).logits
+        same_answers += served_answer(source.tokenizer, expected_ids) == served_answer(source.tokenizer, got_ids)
+        with torch.inference_mode():  # how far the prompt's last logits moved, relative to their size
+            got = loaded(torch.tensor([ids]), logits_to_keep=LOGIT_POSITIONS).logits
         errors.append(float((got - expected).norm() / expected.norm()))
-    count = max(len(prompts), 1)
-    return {"gguf_tensors_read": len(reader.tensors), "gguf_agreement_prompts": len(prompts),
+    count = max(len(source.ids), 1)
+    return {"gguf_tensors_read": len(reader.tensors), "gguf_agreement_prompts": len(source.ids),
             "gguf_greedy_agreement": round(same_answers / count, 4),
             f"gguf_same_{AGREEMENT_TOKENS}_tokens": round(same_ids / count, 4),
             "gguf_tokenizer_agreement": round(same_tokens / count, 4), "gguf_logit_error": round(max(errors, default=0.0), 4)}
@@ -361,7 +408,7 @@ def modelfile(model_dir: Path, system_prompt: str, disclaimer: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _readme(fmt: str, name: str, out: Path) -> str:
+def _readme(fmt: str, name: str, out: Path, quant: str | None = None) -> str:
     retrieval = ("`retrieval/` holds the build's ONNX embedder and index. Beside these engines, `vertical serve`\n"
                  "on the build's ONNX bundle answers `/v1/search` and `/v1/embeddings` from them.\n")
     if fmt == "hf":
@@ -369,5 +416,5 @@ def _readme(fmt: str, name: str, out: Path) -> str:
                 f"chat template.\n\n```\nvllm serve {out}/model --served-model-name {name}\n"
                 f"docker run -p 8080:80 -v {out}/model:/data/model ghcr.io/huggingface/text-generation-inference "
                 f"--model-id /data/model\n```\n\n{retrieval}")
-    return (f"# {name}: GGUF (Q8_0)\n\n```\nollama create {name} -f {out}/Modelfile && ollama run {name}\n"
+    return (f"# {name}: GGUF ({quant})\n\n```\nollama create {name} -f {out}/Modelfile && ollama run {name}\n"
             f"llama-server -m {out}/{GGUF_FILE} --jinja -c 4096\n```\n\n{retrieval}")

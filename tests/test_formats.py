@@ -162,6 +162,7 @@ def test_export_formats_from_the_cli(exported_build, tmp_path, cli):
     assert code == 0, out
     metrics = json.loads((tmp_path / "gguf" / "metrics.json").read_text())
     assert metrics["gguf_greedy_agreement"] >= 0.9 and metrics["gguf_agreement_prompts"] >= 2
+    assert metrics["gguf_quant"] == "Q8_0" and "keeps" in metrics["gguf_quant_reason"]  # auto kept Q8_0
     assert {p.name for p in (tmp_path / "gguf").iterdir()} >= {"model.gguf", "Modelfile", "README.md", "retrieval"}
     assert (tmp_path / "gguf" / "retrieval" / "index" / "chunks.jsonl").is_file()
     parse_modelfile((tmp_path / "gguf" / "Modelfile").read_text())
@@ -176,8 +177,25 @@ def test_export_formats_from_the_cli(exported_build, tmp_path, cli):
     code, out = cli("export", str(exported_build), "--format", "hf", "--out", str(tmp_path / "hf"))
     assert code != 0 and "exists" in out and "Traceback" not in out
     code, out = cli("export", str(exported_build), "--format", "gguf", "--quant", "int4")
-    assert code != 0 and "q8_0 or f16" in out and "Traceback" not in out
+    assert code != 0 and "auto, q8_0 or f16" in out and "Traceback" not in out
     code, out = cli("export", str(exported_build), "--format", "gguf", "--quant", "f16", "--out", str(tmp_path / "f16"))
     assert code == 0, out
     f16 = json.loads((tmp_path / "f16" / "metrics.json").read_text())
     assert f16["gguf_quant"] == "F16" and f16["gguf_greedy_agreement"] == 1.0 and f16["gguf_logit_error"] < 0.01
+
+
+def test_auto_writes_f16_when_q8_0_changes_greedy_answers(exported_build, tmp_path, monkeypatch, cli):
+    import gguf
+
+    from vertical.export import formats
+
+    monkeypatch.setattr(formats, "MIN_AGREEMENT", 1.01)  # no Q8_0 file can keep more than every answer
+    code, out = cli("export", str(exported_build), "--format", "gguf", "--out", str(tmp_path / "gguf"))
+    assert code == 0, out
+    metrics = json.loads((tmp_path / "gguf" / "metrics.json").read_text())
+    assert metrics["gguf_quant"] == "F16" and "gguf_q8_0_greedy_agreement" in metrics
+    assert "below" in metrics["gguf_quant_reason"] and metrics["gguf_greedy_agreement"] == 1.0
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "gguf" / "model.gguf")).tensors}
+    assert types["blk.0.attn_q.weight"] == "F16"
+    assert "GGUF (F16)" in (tmp_path / "gguf" / "README.md").read_text()
+    assert [p.name for p in (tmp_path / "gguf").glob("*.gguf")] == ["model.gguf"]

@@ -464,15 +464,16 @@ def models_pull(name: str = typer.Argument(..., help="Registry name, HF model fo
 def export_cmd(
     build: Path = typer.Argument(..., help="Build folder (builds/<pack>)."),
     quant: Optional[str] = typer.Option(None, "--quant", help="int4, int8 or fp32 (default: the pack's setting, "
-                                        "auto = int8 unless int4 agrees better with fp32); with --format gguf: q8_0 "
-                                        "(default) or f16."),
+                                        "auto = int8 unless int4 agrees better with fp32); with --format gguf: auto "
+                                        "(default: q8_0 if it keeps 90% of the model's greedy answers, else f16), "
+                                        "q8_0 or f16."),
     model: Optional[str] = typer.Option(None, "--model", help="auto (default: the student if it kept the teacher's "
                                         "QA score, see stages.export.min_retention), student or teacher."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also copy the bundle here (default: BUILD/export)."),
     sign: Optional[Path] = typer.Option(None, "--sign", help="Sign the bundle with this Ed25519 private key (PEM); "
                                         "`vertical verify --key PUB` and `serve --require-signature PUB` check it."),
     fmt: str = typer.Option("onnx", "--format", help="onnx: the bundle `vertical serve` runs (default); gguf: "
-                            "model.gguf (Q8_0) and an Ollama Modelfile for llama.cpp / Ollama; hf: the safetensors "
+                            "model.gguf (Q8_0 or F16) and an Ollama Modelfile for llama.cpp / Ollama; hf: the safetensors "
                             "folder vLLM and TGI serve. gguf and hf go to BUILD/export-FORMAT (or --out) with the "
                             "index and embedder beside the model."),
 ) -> None:
@@ -525,7 +526,7 @@ def export_cmd(
 
 
 def _export_format(build: Path, fmt: str, out: Optional[Path], quant: Optional[str], **onnx_only) -> None:
-    from vertical.export.formats import FORMATS, export_format
+    from vertical.export.formats import FORMATS, MIN_AGREEMENT, export_format
 
     if fmt not in FORMATS:
         raise VerticalError(f"--format {fmt}: use {', '.join(FORMATS)}")
@@ -539,13 +540,13 @@ def _export_format(build: Path, fmt: str, out: Optional[Path], quant: Optional[s
         metrics = export_format(build, fmt, out, quant=quant)
     line = f"{fmt}: {out}  ({metrics['model']})"
     if fmt == "gguf":
-        line += (f"  {metrics['gguf_bytes'] / 1e6:.1f} MB {metrics['gguf_quant']}; read back: greedy answers agree with the "
-                 f"source model on {metrics['gguf_greedy_agreement']:.0%} of {metrics['gguf_agreement_prompts']} prompts, "
-                 f"tokenizer on {metrics['gguf_tokenizer_agreement']:.0%}")
+        line += (f"  {metrics['gguf_bytes'] / 1e6:.1f} MB {metrics['gguf_quant']} ({metrics['gguf_quant_reason']}); read "
+                 f"back: greedy answers agree with the source model on {metrics['gguf_greedy_agreement']:.0%} of "
+                 f"{metrics['gguf_agreement_prompts']} prompts, tokenizer on {metrics['gguf_tokenizer_agreement']:.0%}")
     console.print(line)
-    if fmt == "gguf" and metrics["gguf_greedy_agreement"] < 0.9 and metrics["gguf_quant"] == "Q8_0":
-        console.print("note: Q8_0's rounding changes some of this model's greedy answers; `--quant f16` (twice the "
-                      "size) keeps them")
+    if fmt == "gguf" and metrics["gguf_quant"] == "Q8_0" and metrics["gguf_greedy_agreement"] < MIN_AGREEMENT:
+        console.print("note: Q8_0's rounding changes some of this model's greedy answers; the default (auto) or "
+                      "`--quant f16` (twice the size) keeps them")
     console.print(f"how to serve it: {out / 'README.md'}")
 
 
