@@ -11,7 +11,8 @@ The key statistics and context templates are one-time costs per model and are no
 
 --sequential N applies N edits in rounds of --step (MEMIT and AlphaEdit one batch per round, ROME
 one edit at a time, every round on top of the previous ones) and scores all edits so far after
-each round: the curve of efficacy, generalization, locality and fluency, and the seconds per edit,
+each round: the curve of efficacy, generalization, locality, fluency (ROME's sampled measure) and
+the greedy variant (vertical.edit.metrics), and the seconds per edit,
 written to benchmarks/results/edit-sequential-<method>.{txt,json}.
 
 Requests are built CounterFact-style from benchmarks/data/known_1000.json (ROME, MIT):
@@ -151,7 +152,7 @@ def run_rome(model_dir, overrides, documents, requests, count) -> None:
 
 def run_sequential(model_dir, overrides, documents, requests, method: str, count: int, step: int) -> None:
     from vertical.edit import Editor
-    from vertical.edit.metrics import fluency, score
+    from vertical.edit.metrics import fluency, greedy_fluency, score
 
     editor = Editor.load(model_dir, "smollm2-135m-instruct", overrides, documents)
     chosen = known(editor, requests, count)
@@ -160,9 +161,10 @@ def run_sequential(model_dir, overrides, documents, requests, method: str, count
     prompts = [f"{r.subject} is" for r in chosen[:10]]
     start = score(editor.model, editor.tokenizer, chosen, [r.target_true for r in chosen])
     rows = [{"edits": 0, **{k: start[k] for k in ("efficacy", "generalization", "locality")},
-             "fluency": fluency(editor.model, editor.tokenizer, prompts), "seconds_per_edit": None}]
+             "fluency": fluency(editor.model, editor.tokenizer, prompts),
+             "fluency_greedy": greedy_fluency(editor.model, editor.tokenizer, prompts), "seconds_per_edit": None}]
     lines = [f"{method}, {len(chosen)} sequential edits of known facts in rounds of {step}, layers {layers}",
-             f"{'edits':>6}{'efficacy':>10}{'general.':>10}{'locality':>10}{'fluency':>9}{'s/edit':>8}"]
+             f"{'edits':>6}{'efficacy':>10}{'general.':>10}{'locality':>10}{'fluency':>9}{'greedy':>8}{'s/edit':>8}"]
     print(lines[0], flush=True)
     seconds = 0.0
     for first in range(0, len(chosen), step):
@@ -180,10 +182,11 @@ def run_sequential(model_dir, overrides, documents, requests, method: str, count
               f"locality {now['locality']:.3f}, {seconds / len(done):.2f} s/edit", flush=True)
         rows.append({"edits": len(done), **{k: now[k] for k in ("efficacy", "generalization", "locality")},
                      "fluency": fluency(editor.model, editor.tokenizer, prompts),
+                     "fluency_greedy": greedy_fluency(editor.model, editor.tokenizer, prompts),
                      "seconds_per_edit": round(seconds / len(done), 2)})
     for row in rows:
         lines.append(f"{row['edits']:>6}{row['efficacy']:>10.3f}{row['generalization']:>10.3f}{row['locality']:>10.3f}"
-                     f"{row['fluency']:>9.3f}{row['seconds_per_edit'] or 0:>8.2f}")
+                     f"{row['fluency']:>9.3f}{row['fluency_greedy']:>8.3f}{row['seconds_per_edit'] or 0:>8.2f}")
     print("\n".join(lines[1:]), flush=True)
     out = Path(__file__).with_name("results") / f"edit-sequential-{method}"
     out.with_suffix(".txt").write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -511,7 +511,7 @@ def test_edit_metrics_carry_easyedit_names(edited_build):
     assert "portability" in metrics["after"]
 
 
-def test_fluency_reads_fixed_length_text_whatever_the_end_token_scores(tiny_model_dir, monkeypatch):
+def test_greedy_fluency_reads_fixed_length_text_whatever_the_end_token_scores(tiny_model_dir, monkeypatch):
     from vertical.edit import metrics
     from vertical.models import load_causal_lm, load_tokenizer
 
@@ -525,8 +525,36 @@ def test_fluency_reads_fixed_length_text_whatever_the_end_token_scores(tiny_mode
 
     handle = model.lm_head.register_forward_hook(end_at_once)
     try:  # a model that would end every answer at once still has 12 tokens of text scored
-        assert metrics.fluency(model, tokenizer, ["The Zorblat fruit is", "Paris is"], tokens=12) == 1.0
+        assert metrics.greedy_fluency(model, tokenizer, ["The Zorblat fruit is", "Paris is"], tokens=12) == 1.0
     finally:
         handle.remove()
     assert [len(row) for row in scored] == [12, 12]
     assert all(tokenizer.eos_token_id not in row for row in scored)
+
+
+def test_fluency_samples_the_same_text_for_the_same_model_and_scores_a_loop_lower(tiny_model_dir):
+    import torch
+
+    from vertical.edit import metrics
+    from vertical.models import load_causal_lm, load_tokenizer
+
+    model, tokenizer = load_causal_lm(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    prompts = ["The Zorblat fruit is", "Paris is"]
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first = metrics.fluency(model, tokenizer, prompts, tokens=24)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is left alone
+    assert metrics.fluency(model, tokenizer, prompts, tokens=24) == first > 0
+    assert metrics.fluency(model, tokenizer, prompts, tokens=24, seed=1) != first
+
+    looped = tokenizer("the", add_special_tokens=False)["input_ids"][0]
+
+    def always_the(_module, _args, logits):  # a model that writes one word over and over
+        logits[..., looped] += 1e4
+        return logits
+
+    handle = model.lm_head.register_forward_hook(always_the)
+    try:
+        assert metrics.fluency(model, tokenizer, prompts, tokens=24) < first / 2
+    finally:
+        handle.remove()

@@ -131,6 +131,15 @@ def test_verdict_says_worse_loudly(caplog):
     assert "at least as good" in _verdict({"eval_loss_base": 1.0, "eval_loss_tuned": 0.8, "accuracy_base": 0.5, "accuracy_tuned": 0.5})
 
 
+def test_verdict_calls_fewer_right_answers_worse_only_beyond_chance(caplog):
+    scored = {"eval_loss_base": 1.0, "eval_loss_tuned": 0.8, "accuracy_base": 0.5, "qa_questions": 20}
+    noise = _verdict({**scored, "accuracy_tuned": 0.4, "qa_lost": 4, "qa_gained": 2})
+    assert not noise.startswith("TUNED MODEL IS WORSE") and "within chance" in noise and "4 lost, 2 gained" in noise
+    assert "0.5 -> 0.4" in caplog.text
+    clear = _verdict({**scored, "accuracy_tuned": 0.2, "qa_lost": 6, "qa_gained": 0})
+    assert clear.startswith("TUNED MODEL IS WORSE THAN THE BASE") and "p = 0.02" in clear
+
+
 def test_defaults_by_model_size():
     settings = TuneSettings()
     assert hyperparameters(settings, 135_000_000)["learning_rate"] == 1e-3

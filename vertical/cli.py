@@ -378,7 +378,7 @@ def index_migrate(
 
 def _print_edit_metrics(metrics: dict) -> None:
     table = Table("metric", "before", "after")
-    for key in ("efficacy", "generalization", "locality", "portability", "fluency"):
+    for key in ("efficacy", "generalization", "locality", "portability", "fluency", "fluency_greedy"):
         if metrics["after"].get(key) is not None or key != "portability":
             table.add_row(key, str(metrics["before"].get(key)), str(metrics["after"].get(key)))
     console.print(table)

@@ -37,7 +37,7 @@ def apply_edit(source: DemoSource, prompt: str, subject: str, target: str) -> tu
         source.reload_model()
         after = complete(source, prompt)
     rows = [[key, metrics["before"].get(key), metrics["after"].get(key)]
-            for key in ("efficacy", "generalization", "locality", "fluency")]
+            for key in ("efficacy", "generalization", "locality", "fluency", "fluency_greedy")]
     return before, after, rows
 
 

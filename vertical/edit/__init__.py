@@ -194,12 +194,13 @@ class Editor:
 
 
 def measure(editor: Editor, requests, true_targets: list[str]) -> dict[str, Any]:
-    from vertical.edit.metrics import fluency, score
+    from vertical.edit.metrics import fluency, greedy_fluency, score
 
     result = score(editor.model, editor.tokenizer, requests, true_targets)
-    # one continuation per edited subject, up to 20: five were too few to tell a loop from noise
-    subjects = list(dict.fromkeys(r.subject for r in requests))[:20]
-    result["fluency"] = fluency(editor.model, editor.tokenizer, [f"{subject} is" for subject in subjects])
+    # text about each edited subject, up to 20: five were too few to tell a loop from noise
+    prompts = [f"{subject} is" for subject in list(dict.fromkeys(r.subject for r in requests))[:20]]
+    result["fluency"] = fluency(editor.model, editor.tokenizer, prompts)
+    result["fluency_greedy"] = greedy_fluency(editor.model, editor.tokenizer, prompts)
     return result
 
 

@@ -6,13 +6,15 @@ locality        P(locality target) > P(target_new) on the locality prompts (fact
 portability     the greedy continuation of a portability prompt (a consequence of the new fact)
                 starts with its target, token for token
 rewrite_acc, rephrase_acc: EasyEdit's names for efficacy and generalization, reported beside them
-fluency         n-gram entropy of fixed-length greedy text about the subjects (lower = repetitive)
+fluency         ROME's measure: n-gram entropy of the words of text sampled about the subjects
+                (lower = repetitive); fluency_greedy: the same of fixed-length greedy text
 P(text) is the mean per-token probability of the target tokens after the prompt (log space).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 
 
@@ -73,7 +75,7 @@ def score(model, tokenizer, requests: list[EditRequest], true_targets: list[str]
             "n_portability": sum(len(r.portability) for r in requests)}
 
 
-def ngram_entropy(text_tokens: list[int]) -> float:
+def ngram_entropy(text_tokens: list) -> float:
     """ROME's fluency measure: weighted bi- and tri-gram entropy (weights 2/3 and 4/3, halved)."""
     entropies = []
     for n, weight in ((2, 2 / 3), (3, 4 / 3)):
@@ -84,18 +86,49 @@ def ngram_entropy(text_tokens: list[int]) -> float:
     return sum(entropies) / 2
 
 
-def fluency(model, tokenizer, prompts: list[str], tokens: int = 40) -> float | None:
-    """Mean n-gram entropy of greedy continuations of `prompts`, generated together in one
-    left-padded batch (a CPU decodes twenty rows for about the price of a few). Every continuation
-    is `tokens` long, the end token suppressed, as in ROME's fixed-length measure: a short answer
-    that ends well is not a repetitive one, and cut at its end it would score as one."""
+WORD = re.compile(r"\w+|[^\w\s]")  # words and punctuation marks, as nltk's word_tokenize splits English
+
+
+def _end_tokens(model, tokenizer) -> list[int] | None:
+    """Every id that would end generation: the tokenizer's and the generation config's."""
+    ends = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ends = {tokenizer.eos_token_id, *(ends if isinstance(ends, list) else [ends])} - {None}
+    return sorted(ends) or None
+
+
+def fluency(model, tokenizer, prompts: list[str], tokens: int = 80, samples: int = 2, seed: int = 0) -> float | None:
+    """ROME's fluency (Meng et al. 2022, as its evaluation computes it): the mean n-gram entropy of
+    the words of each prompt's text, sampled from the 5 likeliest tokens at each step, `samples`
+    texts per prompt, every continuation `tokens` long (the end token suppressed). The seed is
+    fixed, so the same model draws the same text and a model before and after an edit draws the
+    same random numbers: their difference is the edit's, not the sampler's."""
+    import torch
+
     if not prompts:
         return None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # every id that would end generation: the tokenizer's and the generation config's (one or a list)
-    ends = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ends = {tokenizer.eos_token_id, *(ends if isinstance(ends, list) else [ends])} - {None}
-    suppressed = sorted(ends) or None
+    asked = [prompt for prompt in prompts for _ in range(samples)]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        rows = generate_batch(model, [encode(tokenizer, prompt) for prompt in asked], pad, tokens,
+                              do_sample=True, top_k=5, top_p=1.0, temperature=1.0, repetition_penalty=1.0,
+                              suppress_tokens=_end_tokens(model, tokenizer),
+                              # a broken model's NaN logits would stop the sampler; the edit's own
+                              # finiteness check is the one that names the problem
+                              remove_invalid_values=True)
+    texts = [prompt + tokenizer.decode(row, skip_special_tokens=True) for prompt, row in zip(asked, rows)]
+    return round(sum(ngram_entropy(WORD.findall(text)) for text in texts) / len(texts), 4)
+
+
+def greedy_fluency(model, tokenizer, prompts: list[str], tokens: int = 40) -> float | None:
+    """Mean n-gram entropy of greedy continuations of `prompts` (token ids), generated together in
+    one left-padded batch. Every continuation is `tokens` long, the end token suppressed: a short
+    answer that ends well is not a repetitive one, and cut at its end it would score as one. A
+    small model's greedy text falls into loops that the smallest change of weights starts or
+    stops, so this moves far more, either way, than `fluency`."""
+    if not prompts:
+        return None
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = generate_batch(model, [encode(tokenizer, prompt) for prompt in prompts], pad, tokens,
-                          repetition_penalty=1.0, suppress_tokens=suppressed)
+                          repetition_penalty=1.0, suppress_tokens=_end_tokens(model, tokenizer))
     return round(sum(ngram_entropy(row) for row in rows) / len(rows), 4)

@@ -371,6 +371,9 @@ def run(ctx, out: Path) -> dict[str, Any]:
                             answer_tokens)
         metrics["accuracy_tuned"] = tuned_qa["accuracy"]
         metrics["qa_questions"] = len(qa_items)
+        pairs = [(b["correct"], t["correct"]) for b, t in zip(base_qa["items"], tuned_qa["items"])]
+        metrics["qa_lost"] = sum(b and not t for b, t in pairs)  # right before tuning, wrong after
+        metrics["qa_gained"] = sum(t and not b for b, t in pairs)
         write_predictions(out / "qa_predictions.json", [("base + retrieval", base_dir, base_qa),
                                                         ("tuned + retrieval", out / "merged", tuned_qa)])
     metrics["verdict"] = _verdict(metrics)
@@ -380,14 +383,28 @@ def run(ctx, out: Path) -> dict[str, Any]:
 
 
 def _verdict(metrics: dict[str, Any]) -> str:
-    """One line that says whether tuning helped; a regression is logged as an error, not hidden."""
-    worse = []
+    """One line that says whether tuning helped; a regression is logged as an error, not hidden.
+    Fewer right answers count as a regression when the questions the tuned model lost outnumber
+    those it gained beyond chance (a one-sided sign test on the same questions, p < 0.05); on a
+    handful of questions a loss of one or two is noise, and is said to be."""
+    from scipy.stats import binomtest
+
+    worse, notes = [], []
     if metrics.get("eval_loss_base") is not None and metrics["eval_loss_tuned"] > metrics["eval_loss_base"]:
         worse.append(f"held-out loss rose {metrics['eval_loss_base']} -> {metrics['eval_loss_tuned']}")
     if metrics.get("accuracy_base") is not None and metrics["accuracy_tuned"] < metrics["accuracy_base"]:
-        worse.append(f"QA accuracy fell {metrics['accuracy_base']} -> {metrics['accuracy_tuned']}")
+        lost, gained = metrics.get("qa_lost", 0), metrics.get("qa_gained", 0)
+        p_value = binomtest(lost, lost + gained, 0.5, alternative="greater").pvalue if lost + gained else 1.0
+        fell = (f"QA accuracy fell {metrics['accuracy_base']} -> {metrics['accuracy_tuned']} on "
+                f"{metrics.get('qa_questions')} questions ({lost} lost, {gained} gained; sign test p = {p_value:.2f})")
+        (worse if p_value < 0.05 else notes).append(fell)
     if worse:
-        message = "TUNED MODEL IS WORSE THAN THE BASE: " + "; ".join(worse)
+        message = "TUNED MODEL IS WORSE THAN THE BASE: " + "; ".join(worse + notes)
         log.error(message)
+        return message
+    if notes:
+        message = (f"tuned model: {notes[0]}, within chance; the eval stage's report measures it on the whole "
+                   "sample")
+        log.warning(message)
         return message
     return "tuned model is at least as good as the base on held-out loss and QA accuracy"
