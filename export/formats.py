@@ -82,7 +82,7 @@ def _write_checked_gguf(context: "_Context", path: Path, quant: str, check: bool
     moments = _calibration_moments(context) if chosen == "q8_0" else None
     metrics = write_gguf(context.model_dir, path, name=context.pack.config.name, quant=chosen, moments=moments)
     if not check:
-        return metrics
+        return {**metrics, "gguf_quant_reason": f"--quant {quant}, not read back"}
     prompts = context.prompts()
     source = SourceAnswers(context.model_dir, prompts)
     metrics.update(check_gguf(context.model_dir, path, prompts, source))

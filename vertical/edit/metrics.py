@@ -86,7 +86,7 @@ def ngram_entropy(text_tokens: list) -> float:
     return sum(entropies) / 2
 
 
-WORD = re.compile(r"\w+|[^\w\s]")  # words and punctuation marks, as nltk's word_tokenize splits English
+WORD = re.compile(r"\w+|[^\w\s]")  # words and punctuation marks, close to nltk's word_tokenize on English
 
 
 def _end_tokens(model, tokenizer) -> list[int] | None:
