@@ -28,7 +28,7 @@ def test_fp32_bundle_model_decodes_as_pytorch_on_a_retrieval_prompt(default_mode
     assert onnx_lm.chat_ids(messages) == torch_lm.chat_ids(messages)
     answer = torch_lm.generate(messages, 32)
     assert len(answer) > 40 and onnx_lm.generate(messages, 32) == answer
-    # the second, extractive reading scores spans alike: the runtime walks them as a trie, torch in batches
+    # the second, extractive reading scores spans alike: the runtime walks them as a trie, torch reads the trie in one pass
     ids = torch_lm.chat_ids(messages)
     paths = [torch_lm.piece_ids(text) for text in ("45 days [1]", "45 days' written notice [1]", "45 [1]", "Clause 14.2")]
     onnx_rows, torch_rows = onnx_lm.prefill(ids).follow(paths), torch_lm.prefill(ids).follow(paths)

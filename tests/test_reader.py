@@ -103,7 +103,11 @@ def test_torch_prefill_scores_paths_as_a_full_forward_pass(tiny_model_dir):
     model = load_causal_lm(tiny_model_dir)
     prompt = [5, 9, 13, 2, 7]
     paths = [[4], [4, 8, 15], [16, 23], [4, 8, 15, 16, 23, 42, 7, 3, 1, 2, 9, 11, 12, 14]]
-    scored = TorchPrefilled(model, prompt, batch_size=3).follow(paths)
+    prefilled = TorchPrefilled(model, prompt)
+    scored = prefilled.follow(paths)
+    again = prefilled.follow(paths[::-1])[::-1]  # a second call: the prompt's cache is intact
+    assert [value for row in again for value in row] == pytest.approx([value for row in scored for value in row],
+                                                                       abs=1e-5)
     for path, row in zip(paths, scored):
         with torch.inference_mode():
             full = model(torch.tensor([prompt + path])).logits[0].float().log_softmax(-1)

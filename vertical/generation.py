@@ -195,15 +195,20 @@ def mean_logprobs(model, rows: list[tuple[list[int], list[int]]], pad: int, batc
 
 class TorchPrefilled:
     """A torch causal LM after one pass over a prompt (vertical.reader.Prefilled): the prompt's KV
-    cache is kept, and the paths that follow it run together in right-padded batches over copies
-    of that cache, so twelve candidate answers cost about one short prefill, not twelve."""
+    cache is kept, and the paths that follow it run in one forward pass as a token tree.
 
-    def __init__(self, model, prompt_ids: list[int], precision=None, batch_size: int = 12):
+    Candidate spans share their beginnings ("5 mg [1]", "5 mg twice [1]", "5 mg twice daily [1]"),
+    so the paths are merged into a trie, each shared prefix is one input token, and a tree
+    attention mask lets a token see the prompt and its own ancestors only. A question's hundred
+    paths cost one pass over their few hundred distinct tokens, not a pass per path with its own
+    copy of the prompt's cache."""
+
+    def __init__(self, model, prompt_ids: list[int], precision=None):
         import contextlib
 
         import torch
 
-        self.model, self.batch_size = model, batch_size
+        self.model, self._prompt_length = model, len(prompt_ids)
         self._precision = precision or contextlib.nullcontext
         with torch.inference_mode(), self._precision():
             out = model(torch.tensor([prompt_ids]), use_cache=True, logits_to_keep=1)
@@ -211,26 +216,42 @@ class TorchPrefilled:
         self.first = out.logits[0, -1].float().log_softmax(-1).numpy()
 
     def follow(self, paths: list[list[int]]) -> list[list[float]]:
-        import copy
-
         import torch
 
-        rows: list[list[float]] = []
-        for begin in range(0, len(paths), self.batch_size):
-            batch = paths[begin:begin + self.batch_size]
-            width = max(len(p) for p in batch) - 1
-            if width == 0:  # one-token paths: the prompt's own next-token distribution scores them
-                rows.extend([float(self.first[p[0]])] for p in batch)
-                continue
-            # a path's last token is never input; padding after a path changes none of its logits
-            ids = torch.tensor([p[:-1] + [p[0]] * (width - len(p) + 1) for p in batch])
-            cache = copy.deepcopy(self._cache)
-            cache.batch_repeat_interleave(len(batch))
-            with torch.inference_mode(), self._precision():
-                logits = self.model(ids, cache=cache, use_cache=True).logits.float().log_softmax(-1)
-            for row, path in enumerate(batch):
-                rows.append([float(self.first[path[0]])] +
-                            [float(logits[row, j, path[j + 1]]) for j in range(len(path) - 1)])
+        # the trie of the paths' inputs (a path's last token is never input): node -> (token, parent)
+        tokens: list[int] = []
+        parents: list[int] = []
+        children: dict[tuple[int, int], int] = {}
+        path_nodes: list[list[int]] = []
+        for path in paths:
+            node, nodes = -1, []
+            for token in path[:-1]:
+                if (node, token) not in children:
+                    children[(node, token)] = len(tokens)
+                    tokens.append(token)
+                    parents.append(node)
+                node = children[(node, token)]
+                nodes.append(node)
+            path_nodes.append(nodes)
+        rows = [[float(self.first[path[0]])] for path in paths]
+        if not tokens:  # one-token paths: the prompt's own next-token distribution scores them
+            return rows
+        count, prompt = len(tokens), self._prompt_length
+        # a node sees itself and its ancestors (parents come before their children)
+        sees = torch.zeros((count, count), dtype=torch.bool)
+        depth = torch.zeros(count, dtype=torch.long)
+        for node, parent in enumerate(parents):
+            if parent >= 0:
+                sees[node] = sees[parent]
+                depth[node] = depth[parent] + 1
+            sees[node, node] = True
+        mask = torch.cat([torch.ones((count, prompt), dtype=torch.bool), sees], dim=1)[None, None]
+        with torch.inference_mode(), self._precision():
+            logits = self.model(torch.tensor([tokens]), attention_mask=mask, position_ids=(prompt + depth)[None],
+                                cache=self._cache, use_cache=True).logits[0].float().log_softmax(-1)
+        self._cache.crop(-count)  # back to the prompt alone, for another call
+        for row, path, nodes in zip(rows, paths, path_nodes):
+            row.extend(float(logits[node, token]) for node, token in zip(nodes, path[1:]))
         return rows
 
 
