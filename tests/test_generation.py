@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import make_tiny_model
+from vertical.evidence import LoopGuard
 from vertical.generation import (SPEED_PROMPT, chat_prompt_ids, decode_speeds, generate_batch, greedy_ids,
-                                 time_decoding)
+                                 stop_when_answered, time_decoding)
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +25,22 @@ def test_a_batch_gives_each_prompt_its_own_greedy_answer(tiny):
     together = generate_batch(model, prompts, tokenizer.pad_token_id, 6)
     alone = [generate_batch(model, [p], tokenizer.pad_token_id, 6)[0] for p in prompts]
     assert [row[:len(a)] for row, a in zip(together, alone)] == alone
+
+
+@pytest.mark.parametrize("answer", ["Twelve [1]. It is twelve. More", "Twelve [1]. It is",
+                                    "take the dose, take the dose, take the dose"])
+def test_a_batch_row_ends_where_the_assistant_stops_streaming_its_answer(tiny, answer):
+    import torch
+
+    _, tokenizer = tiny
+    prompt = [tokenizer.pad_token_id] * 3
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    criterion = stop_when_answered(tokenizer, len(prompt))
+    guard = LoopGuard()
+    for end in range(1, len(ids) + 1):  # token by token, as generation and the stream see it
+        stopped = guard.feed(tokenizer.decode(ids[end - 1:end]))
+        assert bool(criterion(torch.tensor([prompt + ids[:end]]), None)[0]) == stopped
+    assert guard.stopped == (answer != "Twelve [1]. It is")
 
 
 def test_the_speed_loop_writes_the_greedy_tokens(tiny):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vertical.errors import VerticalError
-from vertical.evidence import NumberCopy, NumberVocabulary
+from vertical.evidence import NumberCopy, NumberVocabulary, cut_answer
 from vertical.prompting import register_special_tokens
 
 log = logging.getLogger(__name__)
@@ -107,12 +107,14 @@ def left_padded(rows: list[list[int]], pad: int):
 
 
 def generate_batch(model, prompts: list[list[int]], pad: int, max_new_tokens: int, *, tokenizer=None,
-                   numbers: list[set[str] | None] | None = None, precision=None, **options) -> list[list[int]]:
+                   numbers: list[set[str] | None] | None = None, until_answered: bool = False, precision=None,
+                   **options) -> list[list[int]]:
     """The new tokens of each prompt (token ids), the prompts run together in one left-padded batch:
     on a CPU their prefill dominates and the decoding steps are shared, so 8 answers cost about half
     of 8 separate ones. Greedy unless `options` (transformers' generate arguments) say otherwise; a
     row that ends early is padded with `pad` to the batch's length. `numbers[i]`: the only numbers
-    row i may write (vertical.evidence.NumberCopy; needs `tokenizer`)."""
+    row i may write (vertical.evidence.NumberCopy); `until_answered`: a row ends where an answer
+    stops being read (vertical.evidence.LoopGuard). Both need `tokenizer`."""
     import contextlib
 
     import torch
@@ -121,6 +123,8 @@ def generate_batch(model, prompts: list[list[int]], pad: int, max_new_tokens: in
     width = ids.shape[1]
     if numbers is not None:
         options["logits_processor"] = copy_numbers(tokenizer, numbers, width)
+    if until_answered:
+        options["stopping_criteria"] = stop_when_answered(tokenizer, width)
     options.setdefault("do_sample", False)
     with torch.inference_mode(), (precision or contextlib.nullcontext)():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad,
@@ -165,6 +169,22 @@ def copy_numbers(tokenizer, allowed: list[set[str] | None], prompt_width: int):
             return scores
 
     return LogitsProcessorList([CopyNumbers()])
+
+
+def stop_when_answered(tokenizer, prompt_width: int):
+    """A transformers stopping-criteria list that ends each row of a (left-padded) batch at the
+    token where the assistant stops streaming an answer (vertical.evidence.LoopGuard: a repeat, or
+    two sentences said). A scored answer is then the text a user gets, and the batch stops once
+    every row has answered instead of writing words that are cut anyway."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Answered(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, prompt_width:], skip_special_tokens=True)
+            return torch.tensor([cut_answer(text, final=False)[1] for text in texts], device=input_ids.device)
+
+    return StoppingCriteriaList([Answered()])
 
 
 def mean_logprobs(model, rows: list[tuple[list[int], list[int]]], pad: int, batch_size: int = 16) -> list[float]:

@@ -19,14 +19,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vertical.evidence import CITATION, allowed_numbers, check_answer, cut_answer, digits
+from vertical.evidence import CITATION, LoopGuard, allowed_numbers, check_answer, cut_answer, digits
 from vertical.pack.schema import QAItem
 from vertical.prompting import Source, build_messages, prompt_length
 from vertical.reader import log_softmax, reconsider
 
 Retriever = Callable[[str], list[Source]]
 ANSWER_PREFIX = "Answer:"
-SCORING_VERSION = 11  # part of a reusable answer's key: raise it when normalize / is_correct / choose / check_answer / vertical.reader change
+SCORING_VERSION = 12  # part of a reusable answer's key: raise it when normalize / is_correct / choose / check_answer / vertical.reader change
 MAX_ANSWER_WORDS = 40  # a longer answer is wrong whatever it contains: quoting whole passages cannot pass
 GENERATION_BATCH = 8  # short answers generated together (see TorchLM.generate_batch)
 
@@ -125,12 +125,14 @@ class TorchLM:
                        numbers: list[set[str] | None] | None = None) -> list[str]:
         """Greedy answers to several prompts in one left-padded batch: on a CPU the prompts' prefill
         dominates and the decoding steps are shared, so 8 answers cost about half of 8 separate ones.
+        Each answer ends where the assistant stops streaming it (a repeat, or two sentences said).
         `numbers[i]`: the only numbers answer i may write (vertical.evidence.NumberCopy)."""
         from vertical.generation import chat_prompt_ids, generate_batch
 
         rows = generate_batch(self.model, [chat_prompt_ids(self.tokenizer, c) for c in conversations],
                               self.tokenizer.pad_token_id, max_new_tokens, tokenizer=self.tokenizer,
-                              numbers=numbers or [None] * len(conversations), precision=self._precision)
+                              numbers=numbers or [None] * len(conversations), until_answered=True,
+                              precision=self._precision)
         return [self.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
 
@@ -199,7 +201,11 @@ class OnnxLM:
         return self.chat.prefill(ids)
 
     def generate(self, messages: list[dict[str, str]], max_new_tokens: int, numbers: set[str] | None = None) -> str:
-        return self.chat.generate(messages, max_new_tokens, numbers)
+        guard = LoopGuard()  # the answer as the assistant streams it: up to a repeat or two sentences
+        for piece in self.chat.stream(messages, max_new_tokens, numbers=numbers):
+            if guard.feed(piece):
+                break
+        return guard.raw
 
     def generate_batch(self, conversations: list[list[dict[str, str]]], max_new_tokens: int,
                        numbers: list[set[str] | None] | None = None) -> list[str]:
