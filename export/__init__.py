@@ -137,15 +137,17 @@ def vocabulary_agreement(full_dir: Path, trimmed_dir: Path, kept: list[int], pro
     import torch
 
     from vertical.export.convert import prefix_agreement
-    from vertical.generation import chat_prompt_ids, greedy_ids
+    from vertical.generation import chat_prompt_ids, greedy_rows
     from vertical.models import load_causal_lm, load_tokenizer
 
     full_model, full_tokenizer = load_causal_lm(full_dir), load_tokenizer(full_dir)
     trimmed_model, trimmed_tokenizer = load_causal_lm(trimmed_dir), load_tokenizer(trimmed_dir)
     trimmed_id = {token: i for i, token in enumerate(kept)}
+    # the whole model's greedy tokens for all prompts in one batch: the decoding steps are shared
+    greedy = greedy_rows(full_model, [chat_prompt_ids(full_tokenizer, m) for m in prompts],
+                         full_tokenizer.pad_token_id, AGREEMENT_TOKENS)
     scores = []
-    for messages in prompts:
-        full = list(greedy_ids(full_model, chat_prompt_ids(full_tokenizer, messages), AGREEMENT_TOKENS))
+    for messages, full in zip(prompts, greedy):
         prompt = chat_prompt_ids(trimmed_tokenizer, messages)
         # up to the first token the trimmed vocabulary lacks, which it cannot write
         readable = [trimmed_id[t] for t in itertools.takewhile(trimmed_id.__contains__, full)]

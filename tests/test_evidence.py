@@ -66,6 +66,10 @@ def test_loops_are_cut_and_answers_keep_to_two_sentences():
     guard = LoopGuard()
     stops = [guard.feed(p) for p in ["The dose", " is 3 g.", " The dose", " is 3 g."]]
     assert stops == [False, False, False, True] and guard.text == "The dose is 3 g."
+    # a number's decimal point does not end the second sentence: the stream goes on to read "3.5"
+    guard = LoopGuard()
+    stops = [guard.feed(p) for p in ["3", ".", "5", " [1].", " Answer: 3", ".", "5", " [1].", " More"]]
+    assert stops == [False] * 8 + [True] and guard.text == "3.5 [1]. Answer: 3.5 [1]."
 
 
 def test_an_answer_stating_what_its_evidence_lacks_is_replaced_by_the_evidence():

@@ -7,7 +7,7 @@ import pytest
 from conftest import make_tiny_model
 from vertical.evidence import LoopGuard
 from vertical.generation import (SPEED_PROMPT, chat_prompt_ids, decode_speeds, generate_batch, greedy_ids,
-                                 stop_when_answered, time_decoding)
+                                 greedy_rows, stop_when_answered, time_decoding)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +48,14 @@ def test_the_speed_loop_writes_the_greedy_tokens(tiny):
     prompt = chat_prompt_ids(tokenizer, SPEED_PROMPT)
     assert list(greedy_ids(model, prompt, 8)) == generate_batch(model, [prompt], tokenizer.pad_token_id, 8,
                                                                  min_new_tokens=8)[0]
+
+
+def test_greedy_rows_are_each_prompts_greedy_tokens_end_of_text_included(tiny):
+    model, tokenizer = tiny
+    prompts = [chat_prompt_ids(tokenizer, [{"role": "user", "content": q}])
+               for q in ["What is the dose?", "Which clause applies to a late payment by the tenant?"]]
+    assert len(set(map(len, prompts))) == 2  # the shorter prompt is padded
+    assert greedy_rows(model, prompts, tokenizer.pad_token_id, 12) == [list(greedy_ids(model, p, 12)) for p in prompts]
 
 
 def test_decode_speed_counts_the_tokens_after_the_first():

@@ -207,7 +207,8 @@ def cut_answer(raw: str, max_sentences: int = MAX_ANSWER_SENTENCES, ngram: int =
     """(the answer up to where it starts repeating itself or has said enough, whether it was cut).
     With `final=False` the last sentence may still be growing, so it does not count yet."""
     sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n+", raw.strip()) if s.strip()]
-    complete = sentences if final or re.search(r"[.!?\n]\s*$", raw) else sentences[:-1]
+    # while streaming, a sentence is complete once a space or line follows its stop: "3." may be "3.5"
+    complete = sentences if final or re.search(r"[.!?]\s+$|\n\s*$", raw) else sentences[:-1]
     kept: list[str] = []
     seen_sentences: set[str] = set()
     seen_grams: set[tuple[str, ...]] = set()

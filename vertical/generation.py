@@ -330,6 +330,25 @@ def median_speeds(decoders: dict[str, Callable[[Any], Iterable[Any]]], prompts: 
                    statistics.median(p[name].first_token_ms for p in per_prompt)) for name in decoders}
 
 
+def greedy_rows(model, prompts: list[list[int]], pad: int, new_tokens: int) -> list[list[int]]:
+    """greedy_ids for several prompts in one left-padded batch, the decoding steps shared: each
+    row's `new_tokens` greedy tokens, an end-of-text token taken like any other."""
+    import torch
+
+    ids, mask = left_padded(prompts, pad)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    columns = []
+    with torch.inference_mode():
+        out = model(ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        for _ in range(new_tokens):
+            tokens = out.logits[:, -1].argmax(-1)
+            columns.append(tokens)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            out = model(tokens[:, None], attention_mask=mask, position_ids=positions, cache=out.cache, use_cache=True)
+    return torch.stack(columns, dim=1).tolist()
+
+
 def greedy_ids(model, prompt_ids: list[int], new_tokens: int) -> Iterator[int]:
     """A torch model's greedy tokens after a prompt, `new_tokens` of them whatever they are (no
     stop at end of text): the loop whose speed is comparable with onnxruntime-genai's."""

@@ -169,7 +169,9 @@ class EvalSettings(Strict):
     questions: int = Field(40, ge=0, description="QA items scored per model, a seeded sample keeping the mix of "
                                                  "choice and short-answer items (0: all); 40 keeps the stage near "
                                                  "5 min on 2 CPU cores")
-    answer_tokens: int = Field(32, ge=4, le=512, description="longest generated answer for short-answer items")
+    answer_tokens: int = Field(64, ge=4, le=512, description="longest generated answer for short-answer items; an "
+                               "answer ends sooner where `vertical ask` stops it (a repeat, or two sentences), so "
+                               "this cap binds only an answer that runs on")
     seed: int = 0
 
 
