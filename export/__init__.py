@@ -145,7 +145,7 @@ def vocabulary_agreement(full_dir: Path, trimmed_dir: Path, kept: list[int], pro
     trimmed_id = {token: i for i, token in enumerate(kept)}
     # the whole model's greedy tokens for all prompts in one batch: the decoding steps are shared
     greedy = greedy_rows(full_model, [chat_prompt_ids(full_tokenizer, m) for m in prompts],
-                         full_tokenizer.pad_token_id, AGREEMENT_TOKENS)
+                         full_tokenizer.pad_token_id, AGREEMENT_TOKENS) if prompts else []
     scores = []
     for messages, full in zip(prompts, greedy):
         prompt = chat_prompt_ids(trimmed_tokenizer, messages)

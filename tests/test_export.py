@@ -687,3 +687,5 @@ def test_the_vocabulary_check_read_in_one_pass_finds_the_first_difference_genera
     assert 0 < max(generated) and min(generated) < 1  # differences to find, some after agreeing a while
     expected = round(sum(generated) / len(generated), 4)
     assert vocabulary_agreement(full_dir, tmp_path / "cut", trimmed.kept, prompts) == expected
+    # a pack without questions to check on (documents alone) has nothing agreed: the cut is not shipped
+    assert vocabulary_agreement(full_dir, tmp_path / "cut", trimmed.kept, []) == 0.0
