@@ -689,3 +689,23 @@ def test_the_vocabulary_check_read_in_one_pass_finds_the_first_difference_genera
     assert vocabulary_agreement(full_dir, tmp_path / "cut", trimmed.kept, prompts) == expected
     # a pack without questions to check on (documents alone) has nothing agreed: the cut is not shipped
     assert vocabulary_agreement(full_dir, tmp_path / "cut", trimmed.kept, []) == 0.0
+
+
+@pytest.mark.slow
+def test_a_pack_of_documents_alone_builds_a_bundle(cli, tmp_path, tiny_model_dir):
+    """What a customer with a folder of documents does: `packs init --docs`, then a build through
+    export. Such a pack has no questions of its own, so the export's checks run on none."""
+    from vertical import pipeline
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for number in range(4):
+        (docs / f"policy-{number}.md").write_text(
+            f"# Policy {number}\n\nStaff in team {number} get {20 + number} days of leave a year. "
+            f"Requests go to the team {number} manager at least {number + 2} weeks ahead.\n", encoding="utf-8")
+    code, output = cli("packs", "init", "acme", "--docs", docs, "--dir", tmp_path / "acme")
+    assert code == 0, output
+    pipeline.build(tmp_path / "acme", out=tmp_path / "build", steps=["export"], base_model=str(tiny_model_dir))
+    verify(tmp_path / "build" / "export")
+    metrics = json.loads((tmp_path / "build" / "export" / "metrics.json").read_text())
+    assert metrics["vocabulary_size"] == metrics["vocabulary_full_size"]  # nothing checked, nothing cut
