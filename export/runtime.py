@@ -157,7 +157,7 @@ class OnnxChatModel:
 
     def prefill(self, ids: list[int]) -> "OnnxPrefilled":
         """The prompt read once, for extractive answers (vertical.reader)."""
-        return OnnxPrefilled(self, ids)
+        return OnnxPrefilled.read(self, ids)
 
     @property
     def number_vocabulary(self) -> NumberVocabulary:
@@ -187,24 +187,30 @@ class OnnxChatModel:
 
 
 class OnnxPrefilled:
-    """An onnxruntime-genai generator after one pass over a prompt (vertical.reader.Prefilled).
-    Each path is appended token by token and the generator rewound to the prompt after it."""
+    """An onnxruntime-genai generator after one pass over a prompt (vertical.reader.Prefilled)."""
 
-    def __init__(self, chat: OnnxChatModel, ids: list[int], longest: int = 64):
+    def __init__(self, generator, prompt_length: int):
+        """`generator` has read the prompt's `prompt_length` tokens and nothing after them."""
+        self._generator, self._prompt_length = generator, prompt_length
+        self.first = log_softmax(generator.get_logits())
+        self._every_position = True  # whether the graph returns the logits of every appended token
+
+    @classmethod
+    def read(cls, chat: OnnxChatModel, ids: list[int], longest: int = 64) -> "OnnxPrefilled":
+        """A new generator of `chat`'s model that reads `ids`, with room for paths of `longest` tokens."""
         og = chat._og
         if len(ids) + longest > chat.context_length:
             raise PromptTooLong(f"the prompt is {len(ids)} tokens; the model's context is {chat.context_length}")
         params = og.GeneratorParams(chat.model)
         params.set_search_options(max_length=len(ids) + longest)
-        self._generator = og.Generator(chat.model, params)
-        self._generator.append_tokens(ids)
-        self._prompt_length = len(ids)
-        self.first = log_softmax(self._generator.get_logits())
+        generator = og.Generator(chat.model, params)
+        generator.append_tokens(ids)
+        return cls(generator, len(ids))
 
     def follow(self, paths: list[list[int]]) -> list[list[float]]:
         # Paths in sorted order share their longest prefixes with their neighbours, so the generator
-        # is rewound only to where the next path departs (a trie walked depth first): the spans
-        # "5 mg [1]" and "5 mg twice daily [1]" read "5 mg" once.
+        # is rewound only to where the next path departs (a trie walked depth first) and the rest of
+        # the path is appended in one step: "5 mg [1]" and "5 mg twice daily [1]" read "5 mg" once.
         appended: list[int] = []
         after: list[np.ndarray] = []  # log P of the next token after each appended token
         rows: list[list[float]] = [[] for _ in paths]
@@ -216,12 +222,30 @@ class OnnxPrefilled:
             if keep < len(appended):
                 self._generator.rewind_to(self._prompt_length + keep)
                 del appended[keep:], after[keep:]
-            for token in path[keep:-1]:
-                self._generator.append_tokens([token])
-                appended.append(token)
-                after.append(log_softmax(self._generator.get_logits()))
+            after += self._append(path[keep:-1])
+            appended += path[keep:-1]
             rows[index] = [float(self.first[path[0]])] + [float(after[j][path[j + 1]]) for j in range(len(path) - 1)]
         return rows
+
+    def _append(self, tokens: list[int]) -> list[np.ndarray]:
+        """Append `tokens` to the generator: log P of the next token after each of them."""
+        if not tokens:
+            return []
+        if self._every_position:
+            self._generator.append_tokens(tokens)
+            logits = np.asarray(self._generator.get_output("logits"))
+            logits = logits.reshape(-1, logits.shape[-1])
+            if len(logits) == len(tokens):
+                return [log_softmax(row) for row in logits]
+            # a bundle exported with the last position's logits only (the builder's prune_lm_head,
+            # as vertical once set it): the same scores, one token at a time
+            self._every_position = False
+            self._generator.rewind_to(self._generator.get_sequence(0).shape[0] - len(tokens))
+        steps = []
+        for token in tokens:
+            self._generator.append_tokens([token])
+            steps.append(log_softmax(self._generator.get_logits()))
+        return steps
 
 
 def _installed(package: str) -> str:

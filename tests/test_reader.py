@@ -115,6 +115,57 @@ def test_torch_prefill_scores_paths_as_a_full_forward_pass(tiny_model_dir):
         assert row == pytest.approx(expected, abs=1e-4)
 
 
+class FakeGenerator:
+    """onnxruntime-genai's Generator as OnnxPrefilled uses it, over a made-up model whose next-token
+    logits depend on the whole sequence; `every_position=False` is a graph that keeps the last
+    position's logits only (the builder's prune_lm_head)."""
+
+    def __init__(self, every_position: bool, vocabulary: int = 50):
+        self.every_position, self.vocabulary, self.sequence, self.appends = every_position, vocabulary, [], 0
+
+    def logits_after(self, sequence: list[int]) -> np.ndarray:
+        return np.random.default_rng(abs(hash(tuple(sequence))) % 2**32).normal(size=self.vocabulary)
+
+    def append_tokens(self, tokens: list[int]) -> None:
+        self.appends += 1
+        start = len(self.sequence)
+        self.sequence += tokens
+        positions = range(start + 1, len(self.sequence) + 1) if self.every_position else [len(self.sequence)]
+        self.output = np.stack([self.logits_after(self.sequence[:end]) for end in positions])[None]
+
+    def get_output(self, name: str) -> np.ndarray:
+        assert name == "logits"
+        return self.output
+
+    def get_logits(self) -> np.ndarray:
+        return self.output[:, -1:]
+
+    def rewind_to(self, length: int) -> None:
+        del self.sequence[length:]
+
+    def get_sequence(self, row: int) -> np.ndarray:
+        return np.array(self.sequence)
+
+
+@pytest.mark.parametrize("every_position", [True, False])
+def test_the_bundles_reading_scores_each_path_token_by_token(every_position):
+    from vertical.export.runtime import OnnxPrefilled
+    from vertical.reader import log_softmax
+
+    prompt = [5, 9, 13, 2, 7]
+    paths = [[4, 8, 15], [4], [16, 23], [4, 8, 15, 16, 23, 42, 7, 3], [4, 8, 30]]
+    generator = FakeGenerator(every_position)
+    generator.append_tokens(prompt)
+    scored = OnnxPrefilled(generator, len(prompt)).follow(paths)
+    for path, row in zip(paths, scored):
+        expected = [float(log_softmax(generator.logits_after(prompt + path[:j]))[token]) for j, token in enumerate(path)]
+        assert row == pytest.approx(expected, abs=1e-9)
+    # the shared "4 8" is read once; a path's new tokens take one step where the graph gives every
+    # position's logits (the prompt, then "4 8", "15 16 23 42 7", "16"), else one step a token
+    # (after the one that finds out)
+    assert generator.appends == (4 if every_position else 1 + 1 + 2 + 5 + 1)
+
+
 def test_the_span_among_the_questions_own_words_wins_when_the_model_cannot_tell():
     evidence = [source(3, "Most adults are given blood when haemoglobin falls below 70 g/L.",
                        "Patients with acute coronary syndrome have a threshold of 80 g/L.")]
