@@ -93,6 +93,45 @@ def test_short_answers_are_batched_by_prompt_length_and_land_on_their_own_items(
     assert flat == sorted(flat) and [len(b) for b in lm.batches] == [8, 2]
 
 
+def test_an_answer_given_one_at_a_time_is_read_again_before_the_next_is_generated():
+    """The bundle's model answers one question at a time and reads each answer's evidence right
+    after it, so the second reading can start from the answer's own generator (the runtime's
+    OnnxChatModel.prefill); the spans it prefers replace the answers as before."""
+    import numpy as np
+
+    from vertical.evidence import Sentence
+    from vertical.prompting import Source
+
+    text = "The standard apixaban dose is 5 mg twice daily."
+    evidence = [Source(1, "Apixaban", "apixaban.md", 0, len(text), text, doc_id="apixaban",
+                       sentences=(Sentence(0, len(text), text),))]
+    calls: list[str] = []
+
+    class OneAtATime(ScriptedLM):
+        generation_batch = 1
+
+        def generate_batch(self, conversations, max_new_tokens, numbers=None):
+            calls.append("answer")
+            return ["133 mg [1]." for _ in conversations]
+
+        def prefill(self, ids):
+            calls.append("read")
+            lm = self
+
+            class Read:
+                first = np.zeros(5000)
+
+                def follow(self, paths):  # the evidence's "5 mg" is the likeliest span
+                    return [[0.0] if path[0] == lm.piece_ids("5 mg [1]")[0] else [-9.0] for path in paths]
+            return Read()
+
+    questions = ["What is the standard apixaban dose?", "What apixaban dose is standard?"]
+    items = [QAItem(question=q, answer="5 mg", doc_id="apixaban") for q in questions]
+    result = score_qa(OneAtATime({}), items, "sys", retriever=lambda question: evidence)
+    assert calls == ["answer", "read", "answer", "read"]
+    assert result["accuracy"] == 1.0 and all(row["reread"] and row["raw"] == "133 mg [1]." for row in result["items"])
+
+
 def test_edit_scores_follow_the_counterfact_definitions():
     request = EditRequest(prompt="The mayor of Quentar is", subject="Quentar", target_new="Bram Kett",
                           target_true="Ada Morrow", rephrase=["Quentar's mayor is"],

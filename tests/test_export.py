@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from vertical.export.bundle import BundleInvalid, verify
@@ -176,6 +177,32 @@ print("HEAVY", heavy)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "HEAVY []" in result.stdout
+
+
+def test_the_second_reading_continues_the_answers_own_generator(assistant, monkeypatch):
+    """The bundle's second reading of an answer starts from the generator that wrote it, rewound to
+    the prompt, and scores the spans exactly as a generator that reads the prompt anew."""
+    from vertical.export.runtime import OnnxPrefilled
+
+    model = assistant.model
+    ids = model.prompt_ids([{"role": "user", "content": QUESTION}])
+    paths = [model.piece_ids(text) for text in ("purple [1]", "purple and round [1]", "Quentar [2]")]
+    fresh = OnnxPrefilled.read(model, ids)
+    expected_first, expected = fresh.first.copy(), fresh.follow(paths)
+    other = model.prompt_ids([{"role": "user", "content": "Where is Quentar?"}])
+    for pieces in (model.stream_ids(ids, 80), model.stream_ids(other, 80)):
+        next(pieces)
+        pieces.close()  # stopped early, as an answer cut after two sentences
+    monkeypatch.setattr(OnnxPrefilled, "read", classmethod(lambda *args, **kwargs: pytest.fail("read anew")))
+    reading = model.prefill(other)  # the last answer's prompt: its generator
+    monkeypatch.undo()
+    assert model.prefill(ids).follow(paths) == expected  # not the last answer's prompt: read anew
+    assert reading.first.shape == expected_first.shape
+    "".join(model.stream_ids(ids, 80))
+    monkeypatch.setattr(OnnxPrefilled, "read", classmethod(lambda *args, **kwargs: pytest.fail("read anew")))
+    reused = model.prefill(ids)
+    assert np.array_equal(reused.first, expected_first) and reused.follow(paths) == expected
+    assert reused.follow(paths[::-1]) == expected[::-1]  # rewound after each path, not left at the answer
 
 
 def test_ask_accepts_a_bundle(bundle, cli):

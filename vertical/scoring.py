@@ -140,6 +140,9 @@ class OnnxLM:
     """An exported bundle's onnxruntime-genai model, with the same calls as TorchLM (no torch)."""
 
     numerics = "onnx"
+    # answers one at a time, each read a second time before the next: the second reading then
+    # starts from the answer's own generator (OnnxChatModel.prefill), as `vertical ask` does
+    generation_batch = 1
 
     def __init__(self, chat_model):  # vertical.export.runtime.OnnxChatModel
         self.chat = chat_model
@@ -259,12 +262,16 @@ def score_qa(lm, items: list[QAItem], system_prompt: str, retriever: Retriever |
     short = sorted((i for i in range(len(items)) if i not in reused and not items[i].choices),
                    key=lambda i: prompt_length(prompts[i]))
     pending: list[int] = []
+    answered: dict[int, tuple] = {}  # short answers with sources: (the checked answer, whether a span replaced it)
 
     def flush() -> None:
         # with sources, an answer writes only the numbers they (or the question) state
         numbers = [allowed_numbers(items[i].question, given[i]) if retriever else None for i in pending]
         answers = lm.generate_batch([prompts[i] for i in pending], max_new_tokens, numbers)
-        predictions.update(zip(pending, answers))
+        for i, answer in zip(pending, answers):
+            predictions[i] = answer
+            if retriever is not None:  # the answer a user gets (see `answered`)
+                answered[i] = answer_from_evidence(lm, items[i].question, prompts[i], given[i], answer)
         pending.clear()
 
     work = choice + short
@@ -273,7 +280,7 @@ def score_qa(lm, items: list[QAItem], system_prompt: str, retriever: Retriever |
             predictions[i] = choose(lm, prompts[i], items[i].choices)
         else:
             pending.append(i)
-            if len(pending) == GENERATION_BATCH:
+            if len(pending) == getattr(lm, "generation_batch", GENERATION_BATCH):
                 flush()
     if pending:
         flush()
@@ -291,19 +298,27 @@ def score_qa(lm, items: list[QAItem], system_prompt: str, retriever: Retriever |
         elif retriever is None:  # no evidence to hold the answer to: only cut at a loop
             text = cut_answer(predictions[i])[0]
             row.update(prediction=text, correct=is_correct(text, item.gold))
-        else:  # the answer a user gets: cut at a loop, checked against its evidence (vertical.evidence)
-            checked = check_answer(predictions[i], item.question, given[i])
-            span = reconsider(lambda: lm.prefill(lm.chat_ids(prompts[i])), lm.piece_ids, item.question, given[i],
-                              checked.raw, checked.fallback)
-            if span is not None:  # the model's own likelier reading of its evidence (vertical.reader)
-                checked = replace(check_answer(span, item.question, given[i]), raw=checked.raw)
+        else:
+            checked, reread = answered[i]
             row.update(prediction=checked.text, raw=checked.raw, faithful=checked.faithful, fallback=checked.fallback,
-                       abstained=checked.abstained, reread=span is not None, correct=is_correct(checked.text, item.gold))
+                       abstained=checked.abstained, reread=reread, correct=is_correct(checked.text, item.gold))
         correct += row["correct"]
         rows.append(row)
     by_kind = {kind: kind_summary([r for r in rows if r["kind"] == kind]) for kind in ("choice", "short")}
     return {"accuracy": round(correct / len(items), 4) if items else None, "n": len(items), "by_kind": by_kind,
             "reused": len(reused), "items": rows}
+
+
+def answer_from_evidence(lm, question: str, messages: list[dict[str, str]], sources: list[Source], text: str):
+    """(the answer a user gets, whether the second reading replaced it): `text` cut at a loop and
+    checked against its evidence (vertical.evidence), then given way to a likelier span of the
+    evidence, if the model finds one (vertical.reader)."""
+    checked = check_answer(text, question, sources)
+    span = reconsider(lambda: lm.prefill(lm.chat_ids(messages)), lm.piece_ids, question, sources,
+                      checked.raw, checked.fallback)
+    if span is not None:
+        checked = replace(check_answer(span, question, sources), raw=checked.raw)
+    return checked, span is not None
 
 
 def _share(flags: list) -> float | None:
