@@ -231,6 +231,7 @@ class OnnxPrefilled:
         # Paths in sorted order share their longest prefixes with their neighbours, so the generator
         # is rewound only to where the next path departs (a trie walked depth first) and the rest of
         # the path is appended in one step: "5 mg [1]" and "5 mg twice daily [1]" read "5 mg" once.
+        self._generator.rewind_to(self._prompt_length)  # what an earlier call appended goes
         appended: list[int] = []
         after: list[np.ndarray] = []  # log P of the next token after each appended token
         rows: list[list[float]] = [[] for _ in paths]

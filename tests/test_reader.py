@@ -156,14 +156,17 @@ def test_the_bundles_reading_scores_each_path_token_by_token(every_position):
     paths = [[4, 8, 15], [4], [16, 23], [4, 8, 15, 16, 23, 42, 7, 3], [4, 8, 30]]
     generator = FakeGenerator(every_position)
     generator.append_tokens(prompt)
-    scored = OnnxPrefilled(generator, len(prompt)).follow(paths)
+    reading = OnnxPrefilled(generator, len(prompt))
+    scored = reading.follow(paths)
+    appends = generator.appends
     for path, row in zip(paths, scored):
         expected = [float(log_softmax(generator.logits_after(prompt + path[:j]))[token]) for j, token in enumerate(path)]
         assert row == pytest.approx(expected, abs=1e-9)
     # the shared "4 8" is read once; a path's new tokens take one step where the graph gives every
     # position's logits (the prompt, then "4 8", "15 16 23 42 7", "16"), else one step a token
     # (after the one that finds out)
-    assert generator.appends == (4 if every_position else 1 + 1 + 2 + 5 + 1)
+    assert appends == (4 if every_position else 1 + 1 + 2 + 5 + 1)
+    assert reading.follow(paths[::-1])[::-1] == scored  # a second call starts from the prompt again
 
 
 def test_the_span_among_the_questions_own_words_wins_when_the_model_cannot_tell():
