@@ -59,7 +59,6 @@ def main() -> None:
     from vertical.answer import open_bundle
     from vertical.evidence import check_answer, is_abstention
     from vertical.export.runtime import OnnxChatModel, OnnxPrefilled
-    from vertical.prompting import build_messages
     from vertical.reader import is_factoid, read
 
     bundle = args.build / "export"

@@ -30,8 +30,8 @@ def export_language_model(model_dir: Path, out: Path, quant: str, scratch: Path)
                "-p", quant, "-e", "cpu", "-c", str(cache)]
     # The graph keeps every position's logits (the builder's default, not prune_lm_head): the
     # reader then scores a whole candidate span in one step of the generator instead of one step
-    # per token (vertical.export.runtime.OnnxPrefilled); the vocabulary projection of a prompt's
-    # positions costs its prefill about 7%.
+    # per token (vertical.export.runtime.OnnxPrefilled), for a prefill up to a fifth slower
+    # (the vocabulary projection of every prompt position; benchmarks/bundle_reading.py).
     log.info("export: %s", " ".join(command))
     result = subprocess.run(command, capture_output=True, text=True)
     shutil.rmtree(cache, ignore_errors=True)

@@ -169,8 +169,8 @@ class OnnxChatModel:
     def prefill(self, ids: list[int]) -> "OnnxPrefilled":
         """The prompt read once, for extractive answers (vertical.reader): where the last answer
         this thread streamed had the same prompt, its generator rewound to the prompt (the same
-        state, without a second prefill of the prompt: about 0.6 s of a retrieval prompt on two
-        cores), else a new generator that reads it."""
+        state, without a second prefill: about 0.7 s of a retrieval prompt on two cores), else a
+        new generator that reads it."""
         recent, self._recent.reading = getattr(self._recent, "reading", None), None
         if recent is not None and recent[0] == tuple(ids):
             _, generator, first = recent
@@ -258,8 +258,8 @@ class OnnxPrefilled:
             logits = logits.reshape(-1, logits.shape[-1])
             if len(logits) == len(tokens):
                 return [log_softmax(row) for row in logits]
-            # a bundle exported with the last position's logits only (the builder's prune_lm_head,
-            # as vertical once set it): the same scores, one token at a time
+            # a graph that keeps the last position's logits only (exported with the builder's
+            # prune_lm_head): the same scores, one token at a time
             self._every_position = False
             self._generator.rewind_to(self._generator.get_sequence(0).shape[0] - len(tokens))
         steps = []

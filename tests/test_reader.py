@@ -148,7 +148,7 @@ class FakeGenerator:
 
 
 @pytest.mark.parametrize("every_position", [True, False])
-def test_the_bundles_reading_scores_each_path_token_by_token(every_position):
+def test_the_bundles_reading_scores_every_token_of_each_path(every_position):
     from vertical.export.runtime import OnnxPrefilled
     from vertical.reader import log_softmax
 

@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vertical.evidence import CITATION, LoopGuard, allowed_numbers, check_answer, cut_answer, digits
+from vertical.evidence import CITATION, Checked, LoopGuard, allowed_numbers, check_answer, cut_answer, digits
 from vertical.pack.schema import QAItem
 from vertical.prompting import Source, build_messages, prompt_length
 from vertical.reader import log_softmax, reconsider
@@ -309,7 +309,8 @@ def score_qa(lm, items: list[QAItem], system_prompt: str, retriever: Retriever |
             "reused": len(reused), "items": rows}
 
 
-def answer_from_evidence(lm, question: str, messages: list[dict[str, str]], sources: list[Source], text: str):
+def answer_from_evidence(lm, question: str, messages: list[dict[str, str]], sources: list[Source],
+                         text: str) -> tuple[Checked, bool]:
     """(the answer a user gets, whether the second reading replaced it): `text` cut at a loop and
     checked against its evidence (vertical.evidence), then given way to a likelier span of the
     evidence, if the model finds one (vertical.reader)."""
